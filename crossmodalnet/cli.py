@@ -1,0 +1,155 @@
+"""Command line: parses arguments and delegates; no logic lives here.
+
+Every user-facing error is a `CrossModalNetError`: printed as one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from crossmodalnet.errors import CrossModalNetError
+
+__all__ = ["main", "build_parser"]
+
+_EPILOG = """\
+The flow:
+  crossmodalnet synth data/phantoms --cases 20 --size 96      # paired CT/MR phantoms, no download
+  crossmodalnet train data/phantoms --out runs/cmn             # CPU default model
+  crossmodalnet predict runs/cmn data/phantoms --out runs/cmn/pred
+  crossmodalnet evaluate runs/cmn/pred data/phantoms/labelsTs --out runs/cmn/eval
+  crossmodalnet demo                                           # all of the above, small, in minutes
+"""
+
+
+def _cmd_synth(a: argparse.Namespace) -> None:
+    from crossmodalnet.data.phantom import synthesize
+
+    synthesize(a.out, cases=a.cases, size=a.size, seed=a.seed, domain=a.domain, layout=a.layout,
+               preview=a.preview)
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> None:
+    from crossmodalnet.evaluate import evaluate_paths
+
+    evaluate_paths(a.pred, a.ref, a.out, hd95=a.hd95, topology=a.topology)
+
+
+def _cmd_models(a: argparse.Namespace) -> None:
+    from crossmodalnet.models.registry import print_models_table
+
+    print_models_table(size=a.size, roi=a.roi)
+
+
+def _cmd_train(a: argparse.Namespace) -> None:
+    from crossmodalnet.train.trainer import train_from_cli
+
+    train_from_cli(a)
+
+
+def _cmd_predict(a: argparse.Namespace) -> None:
+    from crossmodalnet.infer import predict_from_cli
+
+    predict_from_cli(a)
+
+
+def _cmd_demo(a: argparse.Namespace) -> None:
+    from crossmodalnet.demo import run_demo
+
+    run_demo(out=a.out, minutes=a.minutes, seed=a.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="crossmodalnet",
+        description="3D multimodal (CT + MR) whole-heart segmentation with a cross-modal transformer.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="write paired CT/MR heart phantoms (no download needed)",
+                       description="Synthesize paired CT/MR whole-heart phantoms with labels.")
+    s.add_argument("out", type=Path, help="output folder")
+    s.add_argument("--cases", type=int, default=20, help="number of cases (default 20)")
+    s.add_argument("--size", type=int, default=96, help="edge length of the CT grid in voxels (default 96)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    s.add_argument("--domain", choices=["source", "target"], default="source",
+                   help="rendering preset: scanner/protocol of the data (default source)")
+    s.add_argument("--layout", choices=["dataset", "mmwhs"], default="dataset",
+                   help="dataset: registered pairs + dataset.json; mmwhs: raw MM-WHS naming, unregistered")
+    s.add_argument("--preview", action="store_true", help="also write preview.png (mid slices, overlays)")
+    s.set_defaults(func=_cmd_synth)
+
+    e = sub.add_parser("evaluate", help="Dice, IoU and HD95 per structure and case",
+                       description="Compare predicted label maps with references (files or folders "
+                                   "matched by file name). Labels may be indices 0-7 or MM-WHS codes.")
+    e.add_argument("pred", type=Path, help="predicted label map, or a folder of them")
+    e.add_argument("ref", type=Path, help="reference label map, or a folder of them")
+    e.add_argument("--out", type=Path, required=True, help="folder for metrics.csv, summary.json, plots")
+    e.add_argument("--hd95", choices=["monai", "pooled"], default="monai",
+                   help="monai: max of the two directed 95th percentiles (default); "
+                        "pooled: 95th percentile of both directions together (medpy)")
+    e.add_argument("--topology", action="store_true", help="also report Betti-number errors per structure")
+    e.set_defaults(func=_cmd_evaluate)
+
+    m = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
+    m.add_argument("--size", default="small", help="model size: tiny, small or base (default small)")
+    m.add_argument("--roi", type=int, default=96, help="input edge length for GFLOPs (default 96)")
+    m.set_defaults(func=_cmd_models)
+
+    t = sub.add_parser("train", help="train a model on a dataset folder",
+                       description="Train CrossModalNet (or a baseline) on a dataset folder. The run "
+                                   "folder holds config.yaml, model.safetensors (best by validation "
+                                   "Dice), last/ (resume state), metrics.csv and curves.png.")
+    t.add_argument("data", type=Path, help="dataset folder with dataset.json")
+    t.add_argument("--out", type=Path, required=True, help="run folder")
+    t.add_argument("--model", default=None, help="registered model name (default crossmodalnet)")
+    t.add_argument("--size", default=None, help="tiny | small | base (default small)")
+    t.add_argument("--config", type=Path, default=None, help="YAML TrainConfig (e.g. configs/paper.yaml)")
+    t.add_argument("--epochs", type=int, default=None, help="number of epochs")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time, saving")
+    t.add_argument("--seed", type=int, default=None, help="random seed")
+    t.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from last/")
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("predict", help="segment whole volumes into NIfTI label maps",
+                       description="Predict with a trained run. INPUT is a dataset folder (its test "
+                                   "split) or give --ct/--mr files. Label maps keep the input geometry.")
+    r.add_argument("run", type=Path, help="run folder (config.yaml + model.safetensors)")
+    r.add_argument("input", type=Path, nargs="?", default=None, help="dataset folder (test split)")
+    r.add_argument("--ct", type=Path, default=None, help="CT volume (NIfTI)")
+    r.add_argument("--mr", type=Path, default=None, help="MR volume (NIfTI), on the CT's grid")
+    r.add_argument("--out", type=Path, required=True, help="output folder or .nii.gz file")
+    r.add_argument("--split", default="test", help="dataset split to predict (default test)")
+    r.add_argument("--labels", choices=["codes", "indices"], default="codes",
+                   help="write MM-WHS codes (default) or class indices 0-7")
+    r.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (4D)")
+    r.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    r.set_defaults(func=_cmd_predict)
+
+    d = sub.add_parser("demo", help="synthesize, train, predict and evaluate on phantoms, in minutes")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
+    d.add_argument("--minutes", type=float, default=None, help="training time budget in minutes")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CrossModalNetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Configuration: dataclasses serialised to YAML, with unknown keys refused.
+
+`ModelConfig` describes any registered model (CrossModalNet fields are ignored by baselines,
+which take their sizes from `models.registry`). `TrainConfig` is everything a run needs; a
+run folder's `config.yaml` is `TrainConfig` dumped after resolution, so a run can be re-made
+from it. The paper's recipe is `configs/paper.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crossmodalnet.errors import CrossModalNetError
+
+__all__ = [
+    "ModelConfig",
+    "TrainConfig",
+    "CROSSMODALNET_SIZES",
+    "to_dict",
+    "from_dict",
+    "load_yaml",
+    "dump_yaml",
+]
+
+# Named sizes of CrossModalNet: the one source of truth. `small` is the CPU default.
+CROSSMODALNET_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(feature_size=12, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4, patch_size=2),
+    "small": dict(feature_size=24, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4, patch_size=2),
+    "base": dict(feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7, patch_size=2),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which model and how big. Shapes: inputs (B, in_channels, D, H, W) per modality."""
+
+    name: str = "crossmodalnet"
+    size: str = "small"
+    in_channels: int = 1  # per modality stream
+    out_channels: int = 8  # background + 7 structures
+    feature_size: int = 24  # channels after patch embedding; doubles at each stage
+    depths: tuple[int, ...] = (2, 2, 2)  # Swin blocks per encoder stage
+    num_heads: tuple[int, ...] = (2, 4, 8)
+    window_size: int = 4
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    cross_attention: str = "standard"  # "standard" | "paper" (Def. 2 literally)
+    cross_blocks: bool = True  # Cross Transformer block after each stage (off: decoder-only fusion)
+    deformable: bool = True  # resample the other stream with the deformable operator first
+    deformable_points: int = 4  # K in Def. 3
+    max_offset: float = 2.0  # bound on offsets, in voxels of the stage's grid
+    deep_supervision: bool = False
+    modality_dropout: float = 0.0  # probability, per sample in training, of dropping one modality
+    img_size: int = 64  # fixed input edge for models with absolute position embeddings (UNETR)
+
+    @classmethod
+    def from_size(cls, name: str = "crossmodalnet", size: str = "small", **overrides: Any) -> ModelConfig:
+        """Config of a named size; for CrossModalNet the size fills the architecture fields."""
+        base: dict[str, Any] = {"name": name, "size": size}
+        if name == "crossmodalnet":
+            if size not in CROSSMODALNET_SIZES:
+                raise CrossModalNetError(f"unknown size {size!r}; choose from {sorted(CROSSMODALNET_SIZES)}")
+            base.update(CROSSMODALNET_SIZES[size])
+        base.update(overrides)
+        return from_dict(cls, base)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. CPU defaults; the paper's recipe is configs/paper.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 0
+    epochs: int = 50
+    iterations_per_epoch: int = 20  # optimizer steps per epoch (patch-based, so epochs are nominal)
+    max_minutes: float | None = None  # stop (and save) after this wall time
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    foreground_ratio: float = 0.67  # share of patches centred on a structure voxel
+    optimizer: str = "adamw"  # "adam" | "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 2
+    scheduler: str = "cosine"  # "cosine" | "constant"
+    grad_clip: float = 1.0
+    amp: bool = True  # mixed precision, CUDA only
+    loss_balancing: bool = False  # Def. 4 over the Dice and CE terms
+    balancing_alpha: float = 1.0  # may be negative (favours the larger loss)
+    val_every: int = 5  # epochs between whole-volume validations
+    sw_batch_size: int = 2
+    sw_overlap: float = 0.25
+    num_workers: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    augment: bool = True
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Dataclass -> plain dict with tuples turned into lists (YAML friendly)."""
+
+    def convert(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+
+    return convert(dataclasses.asdict(obj))
+
+
+def from_dict(cls: type, data: dict[str, Any], source: str = "config") -> Any:
+    """Build dataclass `cls` from a dict, refusing unknown keys and converting lists to tuples."""
+    if not isinstance(data, dict):
+        raise CrossModalNetError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CrossModalNetError(f"{source}: unknown {cls.__name__} key(s) {unknown}; known: {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value or {}, source)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def dump_yaml(obj: Any, path: str | os.PathLike) -> Path:
+    """Write a dataclass as YAML, atomically."""
+    from crossmodalnet.data.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    return Path(path)
+
+
+def load_yaml(cls: type, path: str | os.PathLike) -> Any:
+    """Read a YAML file into dataclass `cls`, with one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CrossModalNetError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CrossModalNetError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    return from_dict(cls, data, str(path))

@@ -1,0 +1,5 @@
+"""Models: CrossModalNet and the baselines, all called `model(ct, mr)`; see `registry`."""
+
+from crossmodalnet.models.registry import MODEL_NAMES, build_model
+
+__all__ = ["MODEL_NAMES", "build_model"]

@@ -1,0 +1,105 @@
+"""Baselines from MONAI under the common two-modality call, by early fusion.
+
+Every model here is called `model(ct, mr)` with `(B, 1, D, H, W)` tensors (either may be None,
+replaced by zeros) and returns logits `(B, out_channels, D, H, W)` at the input size. CT and MR
+are concatenated on the channel axis (early fusion), the way these networks are used on
+multimodal data. Inputs are padded to the multiple each network needs and cropped back, so any
+input size works (SwinUNETR needs multiples of 32, MedNeXt of 16).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossmodalnet.config import ModelConfig
+from crossmodalnet.errors import CrossModalNetError
+
+__all__ = ["EarlyFusion", "BASELINE_SIZES", "build_baseline"]
+
+# Sizes of the baselines: the one source of truth. `small` is chosen so that forward GFLOPs are
+# comparable with CrossModalNet `small` (see `crossmodalnet models`); `base` is the published size.
+BASELINE_SIZES: dict[str, dict[str, dict]] = {
+    "swinunetr": {
+        "tiny": dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)),
+        "small": dict(feature_size=12),
+        "base": dict(feature_size=48),
+    },
+    "mednext": {
+        "tiny": dict(init_filters=4, blocks_down=(1, 1, 1, 1), blocks_bottleneck=1, blocks_up=(1, 1, 1, 1),
+                     kernel_size=3),
+        "small": dict(init_filters=8, kernel_size=3),
+        "base": dict(init_filters=32, kernel_size=3),  # MedNeXt-S, k=3
+    },
+    "unetr": {
+        "tiny": dict(feature_size=8, hidden_size=96, mlp_dim=192, num_heads=4),
+        "small": dict(feature_size=16, hidden_size=384, mlp_dim=1536, num_heads=6),
+        "base": dict(feature_size=16, hidden_size=768, mlp_dim=3072, num_heads=12),
+    },
+    "unet": {
+        "tiny": dict(channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1),
+        "small": dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2),
+        "base": dict(channels=(32, 64, 128, 256, 512), strides=(2, 2, 2, 2), num_res_units=2),
+    },
+}
+
+# Input edge multiple each network needs.
+_MULTIPLE = {"swinunetr": 32, "mednext": 16, "unetr": 16, "unet": 16}
+
+
+class EarlyFusion(nn.Module):
+    """Wrap a single-input network: concatenate CT and MR as channels, pad, run, crop back."""
+
+    def __init__(self, net: nn.Module, multiple: int, config: ModelConfig, fixed_size: int | None = None):
+        super().__init__()
+        self.net = net
+        self.multiple = multiple
+        self.fixed_size = fixed_size  # UNETR: absolute position embedding for one input size
+        self.config = config
+
+    def forward(self, ct: torch.Tensor | None, mr: torch.Tensor | None) -> torch.Tensor:
+        """ct, mr: (B, C, D, H, W) or None -> logits (B, out_channels, D, H, W)."""
+        if ct is None and mr is None:
+            raise ValueError("at least one of ct and mr is needed")
+        ref = ct if ct is not None else mr
+        x = torch.cat([ct if ct is not None else torch.zeros_like(ref),
+                       mr if mr is not None else torch.zeros_like(ref)], dim=1)
+        size = x.shape[2:]
+        if self.fixed_size is not None:
+            if any(s > self.fixed_size for s in size):
+                raise ValueError(f"input {tuple(size)} larger than this model's img_size {self.fixed_size}")
+            target = [self.fixed_size] * 3
+        else:
+            target = [-(-s // self.multiple) * self.multiple for s in size]
+        pad = []
+        for s, t in zip(reversed(size), reversed(target), strict=True):
+            pad += [0, t - s]
+        y = self.net(F.pad(x, pad) if any(pad) else x)
+        if isinstance(y, list | tuple):  # MedNeXt with deep supervision in training
+            y = y[0]
+        return y[..., : size[0], : size[1], : size[2]]
+
+
+def build_baseline(config: ModelConfig) -> nn.Module:
+    """Build the MONAI baseline `config.name` at `config.size` with 2 input channels (CT, MR)."""
+    from monai.networks import nets
+
+    name, size = config.name, config.size
+    if name not in BASELINE_SIZES:
+        raise CrossModalNetError(f"unknown baseline {name!r}; known: {sorted(BASELINE_SIZES)}")
+    if size not in BASELINE_SIZES[name]:
+        raise CrossModalNetError(f"unknown size {size!r} for {name}; choose from {sorted(BASELINE_SIZES[name])}")
+    kw = dict(BASELINE_SIZES[name][size])
+    c_in, c_out = 2 * config.in_channels, config.out_channels
+    fixed = None
+    if name == "swinunetr":
+        net = nets.SwinUNETR(in_channels=c_in, out_channels=c_out, spatial_dims=3, use_v2=True, **kw)
+    elif name == "mednext":
+        net = nets.MedNeXt(spatial_dims=3, in_channels=c_in, out_channels=c_out, **kw)
+    elif name == "unetr":
+        fixed = config.img_size
+        net = nets.UNETR(in_channels=c_in, out_channels=c_out, img_size=(fixed,) * 3, spatial_dims=3, **kw)
+    else:
+        net = nets.UNet(spatial_dims=3, in_channels=c_in, out_channels=c_out, **kw)
+    return EarlyFusion(net, _MULTIPLE[name], config, fixed_size=fixed)
