@@ -31,9 +31,12 @@ __all__ = [
 
 # Named sizes of CrossModalNet: the one source of truth. `small` is the CPU default.
 CROSSMODALNET_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(feature_size=12, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4, patch_size=2),
-    "small": dict(feature_size=24, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4, patch_size=2),
-    "base": dict(feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7, patch_size=2),
+    # Tests: the smallest model that still has every mechanism.
+    "tiny": dict(feature_size=12, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4, patch_size=4),
+    # CPU default (demo, benchmark): tokens at stride 4, three stages; ~0.5 s per 96^3 pair on 2 cores.
+    "small": dict(feature_size=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4, patch_size=4),
+    # GPU: tokens at stride 2, four stages, as Swin-UNETR's published configuration.
+    "base": dict(feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=4, patch_size=2),
 }
 
 
@@ -45,11 +48,11 @@ class ModelConfig:
     size: str = "small"
     in_channels: int = 1  # per modality stream
     out_channels: int = 8  # background + 7 structures
-    feature_size: int = 24  # channels after patch embedding; doubles at each stage
+    feature_size: int = 32  # channels of the token grid; doubles at each stage
     depths: tuple[int, ...] = (2, 2, 2)  # Swin blocks per encoder stage
     num_heads: tuple[int, ...] = (2, 4, 8)
-    window_size: int = 4
-    patch_size: int = 2
+    window_size: int = 4  # tokens per window edge
+    patch_size: int = 4  # stride of the token grid (conv stem of log2(patch_size) stride-2 convs)
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
     cross_attention: str = "standard"  # "standard" | "paper" (Def. 2 literally)
@@ -75,31 +78,48 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. CPU defaults; the paper's recipe is configs/paper.yaml."""
+    """Everything a training run needs. CPU defaults; the paper's recipe is configs/paper.yaml.
+
+    `batch_size` is the global batch: under DDP each of N processes takes batch_size / N, so a
+    recipe means the same thing on any number of GPUs. An epoch is `iterations_per_epoch`
+    optimizer steps on random patches (patch-based training has no natural epoch).
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
     epochs: int = 50
     iterations_per_epoch: int = 20  # optimizer steps per epoch (patch-based, so epochs are nominal)
     max_minutes: float | None = None  # stop (and save) after this wall time
-    batch_size: int = 2
-    patch_size: tuple[int, int, int] = (64, 64, 64)
+    batch_size: int = 2  # global; divided between DDP processes
+    patch_size: tuple[int, int, int] = (64, 64, 64)  # also the sliding-window roi at validation/prediction
     foreground_ratio: float = 0.67  # share of patches centred on a structure voxel
     optimizer: str = "adamw"  # "adam" | "adamw"
     lr: float = 2e-3
     weight_decay: float = 1e-5
-    warmup_epochs: int = 2
-    scheduler: str = "cosine"  # "cosine" | "constant"
-    grad_clip: float = 1.0
+    warmup_epochs: int = 2  # linear warm-up from lr / warmup_steps to lr
+    scheduler: str = "cosine"  # "cosine" (to 0 at the last step) | "constant"
+    grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
     amp: bool = True  # mixed precision, CUDA only
     loss_balancing: bool = False  # Def. 4 over the Dice and CE terms
     balancing_alpha: float = 1.0  # may be negative (favours the larger loss)
-    val_every: int = 5  # epochs between whole-volume validations
+    val_every: int = 5  # epochs between whole-volume validations (the last epoch always validates)
+    val_fraction: float = 0.2  # share of training cases held out when dataset.json has no validation split
     sw_batch_size: int = 2
     sw_overlap: float = 0.25
     num_workers: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     augment: bool = True
+    # Augmentation (when `augment`). No mirroring by default: a mirrored heart is situs inversus,
+    # which the anatomy of MM-WHS never shows, and left/right structures (LA/RA, LV/RV) would swap
+    # sides. Axes (0, 1, 2) of the canonical (RAS) array may be listed to flip anyway.
+    flip_axes: tuple[int, ...] = ()
+    spatial_prob: float = 0.3  # per patch: rotation + isotropic scaling, resampled
+    rotation_degrees: float = 15.0  # uniform in +-this, about each axis
+    scale_range: float = 0.1  # zoom uniform in 1 +- this
+    intensity_prob: float = 0.5  # per patch and channel: x * U(1 +- scale) + U(+-shift)
+    intensity_shift: float = 0.1  # in units of the normalised intensity (about one std)
+    intensity_scale: float = 0.1
+    target_spacing: tuple[float, float, float] | None = None  # mm; None: median of the training cases
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""CrossModalNet end to end: shapes, gradients, determinism, modality handling, variants."""
+
+import pytest
+import torch
+
+from crossmodalnet.config import ModelConfig
+from crossmodalnet.models import build_model
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return build_model("crossmodalnet", ModelConfig.from_size("crossmodalnet", "tiny", **overrides))
+
+
+def _pair(shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 1, *shape, generator=g), torch.randn(1, 1, *shape, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 32), (37, 41, 29), (16, 48, 20), (17, 33, 20)])
+def test_output_shape_any_size(shape):
+    model = _model().eval()
+    ct, mr = _pair(shape)
+    with torch.no_grad():
+        out = model(ct, mr)
+    assert out.shape == (1, 8, *shape) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("patch_size", [2, 4])
+def test_every_parameter_receives_a_gradient(patch_size):
+    model = _model(patch_size=patch_size, modality_dropout=0.5, deep_supervision=True).train()
+    # Move the deformable offsets off zero (as after the first step): at exactly zero offsets the
+    # K samples coincide and their mixing weights have no gradient (test_deformable shows why).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".deform.offsets." in name:
+                p.normal_(std=0.3)
+    ct, mr = _pair((24, 24, 24))
+    torch.manual_seed(0)
+    outs = model(ct.repeat(4, 1, 1, 1, 1), mr.repeat(4, 1, 1, 1, 1))  # dropout hits some samples
+    loss = sum(o.square().mean() for o in outs)
+    loss = loss + model(ct, None)[0].square().mean() + model(None, mr)[0].square().mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_deep_supervision_shapes():
+    model = _model(deep_supervision=True).train()
+    outs = model(*_pair((32, 30, 28)))
+    assert [tuple(o.shape[2:]) for o in outs] == [(32, 30, 28), (16, 15, 14), (8, 8, 7)]
+    model.eval()
+    assert model(*_pair((32, 30, 28))).shape == (1, 8, 32, 30, 28)
+
+
+def test_swapping_ct_and_mr_changes_the_output():
+    model = _model().eval()
+    ct, mr = _pair((32, 32, 32))
+    with torch.no_grad():
+        assert (model(ct, mr) - model(mr, ct)).abs().max() > 1e-3
+
+
+def test_single_modality_forward():
+    model = _model(modality_dropout=0.3).eval()
+    ct, mr = _pair((32, 28, 24))
+    with torch.no_grad():
+        both, only_ct, only_mr = model(ct, mr), model(ct, None), model(None, mr)
+    assert only_ct.shape == only_mr.shape == both.shape
+    assert (only_ct - both).abs().max() > 1e-4 and (only_mr - both).abs().max() > 1e-4
+    assert model.supports_missing_modality and not _model().supports_missing_modality
+    with pytest.raises(ValueError, match="at least one"):
+        model(None, None)
+
+
+def test_same_seed_same_output_and_different_seed_differs():
+    ct, mr = _pair((32, 32, 32))
+    with torch.no_grad():
+        a, b, c = _model(0).eval()(ct, mr), _model(0).eval()(ct, mr), _model(1).eval()(ct, mr)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(cross_attention="paper"), dict(deformable=False), dict(cross_blocks=False), dict(patch_size=2)],
+)
+def test_variants_run(overrides):
+    model = _model(**overrides).eval()
+    with torch.no_grad():
+        out = model(*_pair((20, 24, 28)))
+    assert out.shape == (1, 8, 20, 24, 28) and torch.isfinite(out).all()
+
+
+def test_ablation_without_cross_blocks_has_no_cross_parameters():
+    full = sum(p.numel() for p in _model().parameters())
+    without = sum(p.numel() for p in _model(cross_blocks=False).parameters())
+    no_deform = sum(p.numel() for p in _model(deformable=False).parameters())
+    assert without < no_deform < full
+
+
+def test_encode_exposes_every_layer_for_analysis():
+    model = _model().eval()
+    with torch.no_grad():
+        *_, layers = model.encode(*_pair((32, 32, 32)), keep_layers=True)
+    assert [n for n, _, _ in layers] == ["stage1", "cross1", "stage2", "cross2", "stage3", "cross3"]
+    assert layers[0][1].shape == (1, 8, 8, 8, 12)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="same length"):
+        _model(num_heads=(1, 2))
+    with pytest.raises(ValueError, match="cross_attention"):
+        _model(cross_attention="sideways")
+    ct, _ = _pair((16, 16, 16))
+    with pytest.raises(ValueError, match="same shape"):
+        _model()(ct, torch.randn(1, 1, 16, 16, 8))

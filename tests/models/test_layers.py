@@ -1,0 +1,98 @@
+"""Swin building blocks: window partition, shifted-window masks, padding, patch merging, upsampling."""
+
+import pytest
+import torch
+
+from crossmodalnet.models.layers import (
+    PatchMerging,
+    RelativePositionBias,
+    SwinBlock,
+    UpSample,
+    window_mask,
+    window_partition,
+    window_reverse,
+)
+
+
+def test_window_partition_round_trip():
+    x = torch.randn(2, 8, 12, 4, 5)
+    w = window_partition(x, 4)
+    assert w.shape == (2 * 2 * 3 * 1, 64, 5)
+    assert torch.equal(window_reverse(w, 4, (2, 8, 12, 4)), x)
+    # The first window holds exactly the first 4x4x4 corner, in raster order.
+    assert torch.equal(w[0], x[0, :4, :4, :4].reshape(64, 5))
+
+
+def _block(shift: bool) -> SwinBlock:
+    torch.manual_seed(0)
+    return SwinBlock(dim=8, num_heads=2, window_size=4, shift=shift).eval()
+
+
+def _changed(block, size, poke, where) -> bool:
+    """Does perturbing token `poke` change the block's output at token `where`?"""
+    torch.manual_seed(1)
+    x = torch.randn(1, *size, 8)
+    y = x.clone()
+    y[(0, *poke)] += 5.0 * torch.randn(8)  # not a constant: LayerNorm would remove it
+    with torch.no_grad():
+        a, b = block(x), block(y)
+    return not torch.allclose(a[(0, *where)], b[(0, *where)], atol=1e-6)
+
+
+def test_window_attention_stays_inside_windows():
+    block = _block(shift=False)
+    assert not _changed(block, (8, 8, 8), poke=(5, 5, 5), where=(1, 1, 1))  # other window
+    assert _changed(block, (8, 8, 8), poke=(3, 2, 0), where=(1, 1, 1))  # same window: positive control
+
+
+def test_shifted_window_mask_stops_attention_across_borders():
+    block = _block(shift=True)  # shift 2: windows cover [2, 6) in each axis, and the wrapped corners
+    assert _changed(block, (8, 8, 8), poke=(5, 5, 5), where=(2, 2, 2))  # inside one shifted window
+    assert not _changed(block, (8, 8, 8), poke=(1, 1, 1), where=(2, 2, 2))  # neighbouring shifted window
+    # 7 and 0 share a rolled window but are far apart in the volume: the mask must separate them.
+    assert not _changed(block, (8, 8, 8), poke=(0, 0, 0), where=(7, 7, 7))
+    assert _changed(block, (8, 8, 8), poke=(6, 6, 6), where=(7, 7, 7))
+
+
+def test_padding_tokens_are_masked_as_keys():
+    # 6^3 is padded to 8^3; the mask covers padded keys so real outputs do not see the zeros.
+    mask = window_mask((6, 6, 6), (8, 8, 8), ws=4, shift=0, device=torch.device("cpu"))
+    assert mask.shape == (8, 64, 64)
+    # In the first window (all real tokens) nothing is masked; the last window keys at index >= 2 are pads.
+    assert mask[0].max() == 0
+    assert (mask[-1][:, 0] == 0).all() and (mask[-1][:, -1] < -1e3).all()
+    assert window_mask((8, 8, 8), (8, 8, 8), ws=4, shift=0, device=torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("size", [(5, 7, 9), (4, 4, 4), (3, 11, 6)])
+def test_swin_block_any_size(size):
+    block = _block(shift=True)
+    x = torch.randn(2, *size, 8)
+    y = block(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_relative_position_bias_shape_and_symmetry_of_index():
+    rpb = RelativePositionBias(window_size=3, num_heads=2)
+    bias = rpb()
+    assert bias.shape == (2, 27, 27)
+    # Same relative offset -> same table entry: (0 -> 1) along the last axis equals (1 -> 2).
+    assert rpb.index[0, 1] == rpb.index[1, 2] and rpb.index[0, 1] != rpb.index[1, 0]
+
+
+def test_patch_merging_halves_grid_and_doubles_channels():
+    pm = PatchMerging(6)
+    assert pm(torch.randn(2, 5, 8, 3, 6)).shape == (2, 3, 4, 2, 12)
+
+
+def test_upsample_equals_transposed_convolution():
+    """UpSample is ConvTranspose3d(k=2, s=2) written as 1x1 conv + voxel shuffle: same function."""
+    torch.manual_seed(0)
+    up = UpSample(5, 3)
+    tconv = torch.nn.ConvTranspose3d(5, 3, 2, stride=2, bias=False)
+    with torch.no_grad():
+        # proj weight (3*8, 5, 1, 1, 1) with channel index c*8 + p*4 + q*2 + r; tconv weight (5, 3, 2, 2, 2).
+        tconv.weight.copy_(up.proj.weight.view(3, 2, 2, 2, 5).permute(4, 0, 1, 2, 3))
+        up.proj.bias.zero_()
+    x = torch.randn(2, 5, 3, 4, 2)
+    assert torch.allclose(up(x), tconv(x), atol=1e-5)
