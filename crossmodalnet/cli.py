@@ -39,7 +39,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 def _cmd_models(a: argparse.Namespace) -> None:
     from crossmodalnet.models.registry import print_models_table
 
-    print_models_table(size=a.size, roi=a.roi)
+    print_models_table(model_size=a.model_size, edge=a.size)
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
@@ -94,9 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--topology", action="store_true", help="also report Betti-number errors per structure")
     e.set_defaults(func=_cmd_evaluate)
 
-    m = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
-    m.add_argument("--size", default="small", help="model size: tiny, small or base (default small)")
-    m.add_argument("--roi", type=int, default=96, help="input edge length for GFLOPs (default 96)")
+    m = sub.add_parser("models", help="list registered models with parameters and GFLOPs",
+                       description="Every registered model with its parameters and forward GFLOPs on a "
+                                   "CT+MR pair of S³ voxels (PyTorch's FlopCounterMode).")
+    m.add_argument("--size", type=int, default=96, metavar="S", help="input edge length S (default 96)")
+    m.add_argument("--model-size", default="small", choices=["tiny", "small", "base"],
+                   help="named model size (default small, the CPU default)")
     m.set_defaults(func=_cmd_models)
 
     t = sub.add_parser("train", help="train a model on a dataset folder",

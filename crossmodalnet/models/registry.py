@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from crossmodalnet.config import ModelConfig
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.baselines import BASELINE_SIZES, build_baseline
 
-__all__ = ["MODEL_NAMES", "build_model", "count_parameters"]
+__all__ = ["MODEL_NAMES", "build_model", "count_parameters", "forward_flops", "print_models_table"]
 
 MODEL_NAMES: tuple[str, ...] = ("crossmodalnet", *BASELINE_SIZES)
 
@@ -34,3 +35,29 @@ def build_model(name: str, config: ModelConfig | None = None, size: str = "small
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def forward_flops(model: nn.Module, edge: int, batch: int = 1) -> int:
+    """FLOPs of one forward pass on a (batch, 1, edge, edge, edge) CT + MR pair (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(batch, 1, edge, edge, edge)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, x)
+    return int(counter.get_total_flops())
+
+
+def print_models_table(model_size: str = "small", edge: int = 96) -> list[dict]:
+    """Print (markdown) every registered model at `model_size`: parameters (M) and GFLOPs at edge³."""
+    rows = []
+    for name in MODEL_NAMES:
+        cfg = ModelConfig.from_size(name, model_size, img_size=edge)
+        model = build_model(name, cfg)
+        rows.append({"model": name, "size": model_size, "params_m": count_parameters(model) / 1e6,
+                     "gflops": forward_flops(model, edge) / 1e9})
+    print(f"| model | size | parameters (M) | forward GFLOPs at {edge}³ (CT+MR, batch 1) |")
+    print("|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['size']} | {r['params_m']:.2f} | {r['gflops']:.1f} |")
+    return rows
