@@ -68,6 +68,8 @@ def load_dataset(root: str | os.PathLike, check_files: bool = True) -> Dataset:
         meta = json.loads(json_path.read_text())
     except json.JSONDecodeError as exc:
         raise CrossModalNetError(f"{json_path}: invalid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CrossModalNetError(f"{json_path}: expected a JSON object at the top, got {type(meta).__name__}")
     modality = {str(k): str(v).upper() for k, v in meta.get("modality", {}).items()}
     if modality and modality != CHANNELS:
         raise CrossModalNetError(f"{json_path}: modality must be {CHANNELS}, got {meta.get('modality')}")

@@ -1,0 +1,1 @@
+"""Analysis: topology of segmentations (Betti numbers); CMIF and the audit come later."""

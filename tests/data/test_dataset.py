@@ -1,0 +1,152 @@
+"""dataset.json: round trip, files checked before work, paths kept inside, grids checked per case."""
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+
+from crossmodalnet.data.dataset import CHANNELS, check_case, load_case, load_dataset, write_dataset_json
+from crossmodalnet.data.io import Geometry, write_image, write_label
+from crossmodalnet.data.labels import NUM_CLASSES, to_codes
+from crossmodalnet.errors import CrossModalNetError
+
+SHAPE = (6, 7, 8)
+GEOM = Geometry.from_spacing(SHAPE, (1.0, 1.0, 2.0), origin=(-3.0, 4.0, 5.0))
+
+
+def _write_case(root, cid, geom=GEOM, mr_geom=None, label=None, ct=None):
+    rng = np.random.default_rng(zlib.crc32(cid.encode()))  # fixed per case, not per process
+    ct = rng.normal(size=SHAPE).astype(np.float32) if ct is None else ct
+    label = rng.integers(0, NUM_CLASSES, size=SHAPE) if label is None else label
+    mr_geom = geom if mr_geom is None else mr_geom
+    write_image(root / "imagesTr" / f"{cid}_ct.nii.gz", ct, geom)
+    write_image(root / "imagesTr" / f"{cid}_mr.nii.gz", rng.normal(size=mr_geom.shape), mr_geom)
+    write_label(root / "labelsTr" / f"{cid}.nii.gz", label, geom)
+    return {"id": cid, "ct": f"imagesTr/{cid}_ct.nii.gz", "mr": f"imagesTr/{cid}_mr.nii.gz",
+            "label": f"labelsTr/{cid}.nii.gz"}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "data"
+    entries = [_write_case(root, f"case_{i}") for i in range(3)]
+    write_dataset_json(root, {"training": entries[:2], "test": entries[2:]}, name="tiny")
+    return root
+
+
+def _edit_json(root, **changes):
+    meta = json.loads((root / "dataset.json").read_text())
+    meta.update(changes)
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def test_round_trip(folder):
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["modality"] == CHANNELS == {"0": "CT", "1": "MR"}
+    assert meta["labels"]["1"] == "MYO" and meta["label_codes"]["7"] == 850
+    ds = load_dataset(folder)
+    assert ds.name == "tiny"
+    assert [c.id for c in ds["training"]] == ["case_0", "case_1"]
+    assert [c.id for c in ds["test"]] == ["case_2"]
+    assert ds["validation"] == []
+    case = ds["training"][1]
+    assert case.ct == (folder / "imagesTr" / "case_1_ct.nii.gz").resolve()
+    assert case.label.is_absolute()
+
+
+def test_load_case_reads_arrays_on_one_grid(folder):
+    case = load_dataset(folder)["training"][0]
+    assert check_case(case).same_grid(GEOM)
+    data = load_case(case)
+    assert data["ct"].shape == data["mr"].shape == data["label"].shape == SHAPE
+    assert data["ct"].dtype == np.float32 and data["label"].dtype == np.uint8
+    assert data["geometry"].same_grid(GEOM)
+    assert load_case(case, with_label=False)["label"] is None
+
+
+def test_labels_in_codes_are_read_as_indices(tmp_path):
+    root = tmp_path / "d"
+    indices = np.random.default_rng(1).integers(0, NUM_CLASSES, size=SHAPE).astype(np.uint8)
+    entry = _write_case(root, "c", label=to_codes(indices))
+    write_dataset_json(root, {"training": [entry]}, name="codes")
+    np.testing.assert_array_equal(load_case(load_dataset(root)["training"][0])["label"], indices)
+
+
+def test_missing_file_is_found_before_any_work(folder):
+    (folder / "imagesTr" / "case_2_mr.nii.gz").unlink()
+    with pytest.raises(CrossModalNetError, match=r"dataset.json: listed file 'imagesTr/case_2_mr.nii.gz'"):
+        load_dataset(folder)
+    assert load_dataset(folder, check_files=False)["test"][0].id == "case_2"
+
+
+@pytest.mark.parametrize("bad", ["../outside.nii.gz", "imagesTr/../../outside.nii.gz", "/etc/passwd"])
+def test_paths_may_not_leave_the_folder(folder, bad):
+    (folder.parent / "outside.nii.gz").write_bytes(b"x")
+    _edit_json(folder, training=[{"ct": bad, "mr": "imagesTr/case_0_mr.nii.gz"}])
+    with pytest.raises(CrossModalNetError, match="leaves the dataset folder") as exc:
+        load_dataset(folder)
+    assert str(folder / "dataset.json") in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"training": [', "invalid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"training": {}}', "'training' must be a list"),
+        ('{"training": [{"label": "x.nii.gz"}]}', r"training\[0\] needs at least one of"),
+        ('{"modality": {"0": "MR", "1": "CT"}, "training": []}', "modality must be"),
+        ('{"training": []}', "lists no cases"),
+        ('{"labels": {"0": "background"}, "training": []}', "expected 8 labels"),
+    ],
+)
+def test_invalid_dataset_json(tmp_path, text, match):
+    (tmp_path / "dataset.json").write_text(text)
+    with pytest.raises(CrossModalNetError, match=match) as exc:
+        load_dataset(tmp_path)
+    assert str(tmp_path / "dataset.json") in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_no_dataset_json(tmp_path):
+    with pytest.raises(CrossModalNetError, match="dataset.json: not found"):
+        load_dataset(tmp_path)
+
+
+def test_ct_mr_label_grids_that_disagree(tmp_path):
+    root = tmp_path / "d"
+    shifted = Geometry(GEOM.affine + np.pad(np.full((3, 1), 0.5), ((0, 1), (3, 0))), SHAPE)
+    other_shape = Geometry.from_spacing((6, 7, 9), (1.0, 1.0, 2.0), origin=(-3.0, 4.0, 5.0))
+    entries = [_write_case(root, "moved", mr_geom=shifted), _write_case(root, "resized", mr_geom=other_shape)]
+    write_dataset_json(root, {"training": entries}, name="bad grids")
+    moved, resized = load_dataset(root)["training"]
+    for reader in (check_case, load_case):
+        with pytest.raises(CrossModalNetError, match=r"moved_mr.nii.gz: affine differs .* by up to 0.5 mm"):
+            reader(moved)
+        with pytest.raises(CrossModalNetError, match=r"resized_mr.nii.gz: shape \(6, 7, 9\) differs"):
+            reader(resized)
+
+
+def test_bad_voxels_name_the_file(tmp_path):
+    root = tmp_path / "d"
+    ct = np.zeros(SHAPE, dtype=np.float32)
+    ct[1, 1, 1] = np.nan
+    label = np.zeros(SHAPE, dtype=np.int16)
+    label[0, 0, 0] = 9
+    entries = [_write_case(root, "nan_ct", ct=ct), _write_case(root, "bad_label", label=label)]
+    write_dataset_json(root, {"training": entries}, name="bad voxels")
+    nan_case, label_case = load_dataset(root)["training"]
+    with pytest.raises(CrossModalNetError, match=r"nan_ct_ct.nii.gz: 1 voxels are NaN or Inf"):
+        load_case(nan_case)
+    with pytest.raises(CrossModalNetError, match=r"bad_label.nii.gz: label values \[9\]"):
+        load_case(label_case)
+
+
+def test_corrupt_file_in_check_case(folder):
+    (folder / "imagesTr" / "case_0_mr.nii.gz").write_bytes(np.random.default_rng(0).bytes(512))
+    case = load_dataset(folder)["training"][0]
+    with pytest.raises(CrossModalNetError, match=r"case_0_mr.nii.gz: cannot read as NIfTI"):
+        check_case(case)
+    with pytest.raises(CrossModalNetError, match=r"case_0_mr.nii.gz: cannot read as NIfTI"):
+        load_case(case)

@@ -1,0 +1,241 @@
+"""NIfTI I/O: geometry round trip, atomic writes, and a one-line error naming the file per bad input."""
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from crossmodalnet.data.io import (
+    GRID_ATOL_MM,
+    Geometry,
+    atomic_path,
+    check_same_grid,
+    read_image,
+    read_label,
+    write_image,
+    write_label,
+)
+from crossmodalnet.data.labels import to_codes
+from crossmodalnet.errors import CrossModalNetError
+
+SPACING = (0.7, 1.3, 2.5)
+
+
+def _oblique_affine() -> np.ndarray:
+    """Rotation about a non-axis direction, anisotropic voxels, an off-grid origin."""
+    axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)
+    angle = 0.4
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rot = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k  # Rodrigues
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(SPACING)
+    affine[:3, 3] = (-90.5, 12.25, 33.0)
+    return affine
+
+
+def _labels(shape=(7, 9, 11), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 8, size=shape).astype(np.uint8)
+
+
+def _save_raw(path, data, affine=None) -> None:
+    """Write with nibabel directly, to make files our writer refuses to make."""
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+
+
+def _assert_one_line_naming(exc: pytest.ExceptionInfo, path) -> None:
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert "\n" not in msg
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+def test_image_round_trip_keeps_data_and_oblique_affine(tmp_path):
+    affine = _oblique_affine()
+    data = np.random.default_rng(0).normal(size=(7, 9, 11)).astype(np.float32)
+    path = write_image(tmp_path / "ct.nii.gz", data, Geometry(affine, data.shape))
+    back, geom = read_image(path)
+    np.testing.assert_array_equal(back, data)
+    assert back.dtype == np.float32
+    assert geom.shape == (7, 9, 11)
+    # The header stores the affine in float32: the round trip is exact up to that rounding.
+    np.testing.assert_array_equal(geom.affine, affine.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(geom.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(geom.spacing, SPACING, rtol=1e-6)
+    # qform and sform agree, so Slicer / ITK-SNAP (qform) and nibabel (sform) see one grid.
+    img = nib.load(str(path))
+    np.testing.assert_allclose(img.get_qform(), img.get_sform(), atol=1e-4)
+    assert img.header.get_xyzt_units()[0] == "mm"
+
+
+def test_label_round_trip_with_codes_on_oblique_grid(tmp_path):
+    indices = _labels()
+    geom = Geometry(_oblique_affine(), indices.shape)
+    write_label(tmp_path / "codes.nii.gz", to_codes(indices), geom)
+    write_label(tmp_path / "indices.nii", indices, geom)
+    for name, encoding in (("codes.nii.gz", "codes"), ("indices.nii", "indices")):
+        back, g, enc = read_label(tmp_path / name)
+        assert enc == encoding
+        np.testing.assert_array_equal(back, indices)
+        assert back.dtype == np.uint8
+        assert g.same_grid(geom)
+
+
+def test_geometry_from_spacing_and_same_grid():
+    g = Geometry.from_spacing((4, 5, 6), (0.5, 1.0, 3.0), origin=(1.0, 2.0, 3.0))
+    assert g.spacing == (0.5, 1.0, 3.0)
+    assert g.shape == (4, 5, 6)
+    np.testing.assert_array_equal(g.affine[:3, 3], [1.0, 2.0, 3.0])
+    moved = Geometry(g.affine + np.pad(np.full((3, 1), GRID_ATOL_MM / 2), ((0, 1), (3, 0))), g.shape)
+    assert g.same_grid(moved)
+    far = Geometry(g.affine + np.pad(np.full((3, 1), 10 * GRID_ATOL_MM), ((0, 1), (3, 0))), g.shape)
+    assert not g.same_grid(far)
+    assert not g.same_grid(Geometry(g.affine, (4, 5, 7)))
+
+
+# --- atomic writes ----------------------------------------------------------------------------
+
+
+def test_atomic_path_leaves_only_the_final_file(tmp_path):
+    target = tmp_path / "sub" / "table.csv"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_text("a,b\n")
+        assert not target.exists()  # nothing visible before the block succeeds
+    assert target.read_text() == "a,b\n"
+    assert os.listdir(target.parent) == ["table.csv"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_atomic_path_failure_mid_write_leaves_no_file(tmp_path):
+    target = tmp_path / "volume.nii.gz"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a volume")
+            raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == []
+    # An existing file survives a failed rewrite untouched.
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("new")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["volume.nii.gz"]
+
+
+def test_write_image_refuses_a_shape_that_does_not_match_the_geometry(tmp_path):
+    path = tmp_path / "x.nii.gz"
+    with pytest.raises(CrossModalNetError) as exc:
+        write_image(path, np.zeros((4, 4, 4)), Geometry.from_spacing((4, 4, 5), (1, 1, 1)))
+    _assert_one_line_naming(exc, path)
+    assert os.listdir(tmp_path) == []
+
+
+# --- bad inputs: each one a CrossModalNetError naming the file ----------------------------------
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.nii.gz"
+    for reader in (read_image, read_label):
+        with pytest.raises(CrossModalNetError, match="not found") as exc:
+            reader(path)
+        _assert_one_line_naming(exc, path)
+
+
+def test_corrupt_files(tmp_path):
+    noise = tmp_path / "noise.nii.gz"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    # A valid header followed by truncated voxel data: fails only when the data are read.
+    good = tmp_path / "good.nii"
+    _save_raw(good, np.arange(4096, dtype=np.float32).reshape(16, 16, 16))
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(gzip.compress(good.read_bytes()[:2000]))
+    for path in (noise, truncated):
+        for reader in (read_image, read_label):
+            with pytest.raises(CrossModalNetError, match="cannot read as NIfTI") as exc:
+                reader(path)
+            _assert_one_line_naming(exc, path)
+
+
+def test_not_3d(tmp_path):
+    path = tmp_path / "four_d.nii.gz"
+    _save_raw(path, np.zeros((4, 4, 4, 2), dtype=np.float32))
+    for reader in (read_image, read_label):
+        with pytest.raises(CrossModalNetError, match=r"3D volume.*\(4, 4, 4, 2\)") as exc:
+            reader(path)
+        _assert_one_line_naming(exc, path)
+    # A trailing singleton axis, as some converters write, is accepted.
+    single = tmp_path / "singleton.nii.gz"
+    _save_raw(single, np.ones((4, 4, 4, 1), dtype=np.float32))
+    assert read_image(single)[0].shape == (4, 4, 4)
+
+
+def test_nan_and_inf_voxels(tmp_path):
+    data = np.zeros((4, 4, 4), dtype=np.float32)
+    data[0, 0, 0], data[1, 2, 3] = np.nan, np.inf
+    path = tmp_path / "nan.nii.gz"
+    _save_raw(path, data)
+    with pytest.raises(CrossModalNetError, match="2 voxels are NaN or Inf") as exc:
+        read_image(path)
+    _assert_one_line_naming(exc, path)
+    with pytest.raises(CrossModalNetError, match="NaN or Inf") as exc:
+        read_label(path)
+    _assert_one_line_naming(exc, path)
+
+
+def test_singular_affine(tmp_path):
+    path = tmp_path / "flat.nii"
+    _save_raw(path, np.zeros((4, 4, 4), dtype=np.float32))
+    raw = bytearray(path.read_bytes())
+    raw[296:312] = bytes(16)  # zero the sform's second row (srow_y): a flat, singular affine
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CrossModalNetError, match="affine") as exc:
+        read_image(path)
+    _assert_one_line_naming(exc, path)
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ([0, 1, 9], r"\[9\]"),  # an index past the table
+        ([0, 205, 300], r"\[300\]"),  # a code not in the table
+        ([0, 3, -1], r"\[-1\]"),
+        ([0, 1, 205], r"neither class indices"),  # indices and codes mixed
+    ],
+)
+def test_label_values_outside_the_table(tmp_path, values, match):
+    data = np.zeros((4, 4, 4), dtype=np.int16)
+    data.flat[: len(values)] = values
+    path = tmp_path / "bad_label.nii.gz"
+    _save_raw(path, data)
+    with pytest.raises(CrossModalNetError, match=match) as exc:
+        read_label(path)
+    _assert_one_line_naming(exc, path)
+
+
+def test_float_labels(tmp_path):
+    whole = tmp_path / "whole.nii.gz"
+    _save_raw(whole, np.full((4, 4, 4), 3.0, dtype=np.float32))
+    assert read_label(whole)[0].max() == 3
+    frac = tmp_path / "fractional.nii.gz"
+    _save_raw(frac, np.full((4, 4, 4), 2.5, dtype=np.float32))
+    with pytest.raises(CrossModalNetError, match="non-integer") as exc:
+        read_label(frac)
+    _assert_one_line_naming(exc, frac)
+
+
+def test_check_same_grid_names_both_files():
+    g = Geometry.from_spacing((8, 8, 8), (1.0, 1.0, 2.0))
+    check_same_grid({"ct.nii.gz": g, "mr.nii.gz": Geometry(g.affine + 1e-4, g.shape)})  # within tolerance
+    with pytest.raises(CrossModalNetError, match=r"mr.nii.gz: shape \(8, 8, 9\) differs from ct.nii.gz"):
+        check_same_grid({"ct.nii.gz": g, "mr.nii.gz": Geometry(g.affine, (8, 8, 9))})
+    shifted = g.affine.copy()
+    shifted[0, 3] += 0.5
+    with pytest.raises(CrossModalNetError, match=r"label.nii.gz: affine differs from ct.nii.gz by up to 0.5 mm"):
+        check_same_grid({"ct.nii.gz": g, "mr.nii.gz": g, "label.nii.gz": Geometry(shifted, g.shape)})
