@@ -79,7 +79,7 @@ def run_all(entries: list[tuple[str, str]], edge: int, runs: int) -> list[dict]:
 
 def table(rows: list[dict], rate: float, edge: int) -> str:
     lines = [
-        f"| model | size | params (M) | GFLOPs | median latency (s) | peak memory (MiB) | GFLOP/s | % of matmul |",
+        "| model | size | params (M) | GFLOPs | median latency (s) | peak memory (MiB) | GFLOP/s | % of matmul |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -87,7 +87,8 @@ def table(rows: list[dict], rate: float, edge: int) -> str:
             f"| {r['model']} | {r['size']} | {r['params_m']:.2f} | {r['gflops']:.1f} | {r['latency_s']:.2f} | "
             f"{r['peak_mib']:.0f} | {r['gflop_per_s']:.1f} | {100 * r['gflop_per_s'] / rate:.0f}% |"
         )
-    return "\n".join(lines) + f"\n\nfp32 matrix multiply (2048², same run): {rate:.1f} GFLOP/s. Input: one CT + MR pair of {edge}³."
+    note = f"fp32 matrix multiply (2048², same run): {rate:.1f} GFLOP/s. Input: one CT + MR pair of {edge}³."
+    return "\n".join(lines) + "\n\n" + note
 
 
 def write_section(path: Path, text: str) -> None:

@@ -37,13 +37,24 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the fused CPU attention kernel, which FlopCounterMode does not count (torch 2.13).
+
+    Without it every attention model's GFLOPs would leave out q·kᵀ and attn·v. Same formula as
+    PyTorch's for the CUDA flash kernel: 2·B·H·L·S·(E + Ev).
+    """
+    b, h, q_len, e = query_shape
+    return 2 * b * h * q_len * key_shape[-2] * (e + value_shape[-1])
+
+
 def forward_flops(model: nn.Module, edge: int, batch: int = 1) -> int:
     """FLOPs of one forward pass on a (batch, 1, edge, edge, edge) CT + MR pair (FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros(batch, 1, edge, edge, edge)
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(x, x)
     return int(counter.get_total_flops())
 

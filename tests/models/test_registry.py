@@ -50,3 +50,24 @@ def test_unknown_names_and_mismatched_config_are_refused():
         build_model("unet", ModelConfig.from_size("crossmodalnet", "tiny"))
     with pytest.raises(CrossModalNetError, match="unknown size"):
         build_model("unet", size="huge")
+
+
+def test_forward_flops_counts_fused_cpu_attention_and_convolutions():
+    from crossmodalnet.models.registry import forward_flops
+
+    class Attn(torch.nn.Module):
+        def forward(self, ct, mr):  # (1, 1, 8, 8, 8) -> tokens (1, 1, 64, 8); mask forces the fused CPU kernel
+            q = ct.reshape(1, 1, 64, 8)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(1, 1, 64, 64))
+
+    assert forward_flops(Attn(), edge=8) == 2 * 64 * 64 * (8 + 8)
+
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(2, 4, 3, padding=1, bias=False)
+
+        def forward(self, ct, mr):
+            return self.conv(torch.cat([ct, mr], 1))
+
+    assert forward_flops(Conv(), edge=8) == 2 * 8**3 * 27 * 2 * 4
