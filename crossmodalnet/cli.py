@@ -30,6 +30,12 @@ def _cmd_synth(a: argparse.Namespace) -> None:
                preview=a.preview)
 
 
+def _cmd_prepare_mmwhs(a: argparse.Namespace) -> None:
+    from crossmodalnet.data.mmwhs import prepare_from_cli
+
+    prepare_from_cli(a)
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from crossmodalnet.evaluate import evaluate_paths
 
@@ -60,6 +66,33 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     run_demo(out=a.out, minutes=a.minutes, seed=a.seed)
 
 
+def _cmd_cmif(a: argparse.Namespace) -> None:
+    from crossmodalnet.analysis.cmif import cmif_from_cli
+
+    cmif_from_cli(a)
+
+
+def _cmd_audit(a: argparse.Namespace) -> None:
+    from crossmodalnet.analysis.audit import audit_from_cli
+
+    audit_from_cli(a)
+
+
+def _add_analysis_args(parser: argparse.ArgumentParser, cases: int, estimator: str) -> None:
+    """Arguments shared by `cmif` and `audit`."""
+    parser.add_argument("run", type=Path, help="run folder (config.yaml, model.safetensors, preprocess.json)")
+    parser.add_argument("data", type=Path, help="dataset folder with dataset.json")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--cases", type=int, default=cases, help=f"number of cases to measure (default {cases})")
+    parser.add_argument("--split", default=None, help="dataset split (default: test, else validation, else training)")
+    parser.add_argument("--estimator", choices=["gaussian", "ksg", "both"], default=estimator,
+                        help=f"mutual information estimator (default {estimator})")
+    parser.add_argument("--pca-dim", type=int, default=4,
+                        help="principal components kept per stream before estimating MI (default 4)")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of untrained models, subsampling, probes (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="crossmodalnet",
@@ -81,6 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset: registered pairs + dataset.json; mmwhs: raw MM-WHS naming, unregistered")
     s.add_argument("--preview", action="store_true", help="also write preview.png (mid slices, overlays)")
     s.set_defaults(func=_cmd_synth)
+
+    pm = sub.add_parser("prepare-mmwhs", help="pair, register (ANTs SyN), crop and resample raw MM-WHS CT/MR",
+                        description="Turn the raw MM-WHS layout (ct_train/ct_train_1001_image.nii.gz, "
+                                    "..._label.nii.gz, mr_train/..., optional *_test folders) into a dataset "
+                                    "folder: the moving modality registered onto the fixed one, the heart box "
+                                    "resampled to SIZE^3 voxels of SPACING mm, dataset.json split by seed, a "
+                                    "registration report and a per-case record for mapping predictions back. "
+                                    "Resumable: finished cases are skipped.")
+    pm.add_argument("raw", type=Path, help="raw MM-WHS folder (ct_train/, mr_train/, [ct_test/, mr_test/])")
+    pm.add_argument("out", type=Path, help="output dataset folder")
+    pm.add_argument("--fixed", choices=["mr", "ct"], default="mr",
+                    help="modality the other is registered onto; its grid and label are kept (default mr)")
+    pm.add_argument("--register", choices=["image", "label", "none"], default="image",
+                    help="image: affine + SyN on mutual information of the images (default; works without "
+                         "labels); label: the same on the label maps (training pairs only); none")
+    pm.add_argument("--spacing", type=float, default=1.0, help="voxel size of the prepared grid in mm (default 1.0)")
+    pm.add_argument("--size", type=int, default=128, help="edge of the prepared grid in voxels (default 128)")
+    pm.add_argument("--margin", type=float, default=10.0, help="margin around the fixed label's box in mm (default 10)")
+    pm.add_argument("--split", default="15/5",
+                    help="TRAIN/TEST (validation = 20%% of TRAIN) or TRAIN/VAL/TEST, as counts or proportions "
+                         "of the labeled pairs (default 15/5)")
+    pm.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    pm.add_argument("--workers", type=int, default=2, help="processes, each with its share of the cores (default 2)")
+    pm.add_argument("--pairs", type=Path, default=None,
+                    help="CSV with columns ct,mr[,id,ct_label,mr_label] (paths relative to RAW) instead of "
+                         "pairing by number")
+    pm.add_argument("--reg-spacing", type=float, default=2.0,
+                    help="voxel size in mm of the grid the registration runs on (default 2.0)")
+    pm.add_argument("--syn-iterations", default="60x40x20",
+                    help="SyN iterations per level, coarsest first (default 60x40x20)")
+    pm.set_defaults(func=_cmd_prepare_mmwhs)
 
     e = sub.add_parser("evaluate", help="Dice, IoU and HD95 per structure and case",
                        description="Compare predicted label maps with references (files or folders "
@@ -138,6 +202,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--minutes", type=float, default=None, help="training time budget in minutes")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.set_defaults(func=_cmd_demo)
+
+    c = sub.add_parser("cmif", help="cross-modal information flow I(F_ct; F_mr) per layer (Def. 7)",
+                       description="Mutual information between the CT and MR streams (positions as samples, "
+                                   "PCA-reduced features) at the input, the stem, after every Swin stage and every "
+                                   "Cross Transformer block, and CMIF(l) = I(l) - I(l-1), averaged over cases; for "
+                                   "the trained run, an untrained model of the same configuration and the ablation "
+                                   "without Cross Transformer blocks. Writes cmif.csv, cmif.json, cmif.png.")
+    _add_analysis_args(c, cases=3, estimator="both")
+    c.add_argument("--max-samples", type=int, default=4096,
+                   help="positions subsampled per layer for the KSG estimator (default 4096)")
+    c.add_argument("--ablation-run", type=Path, default=None,
+                   help="a trained run with cross_blocks: false (default: the ablation untrained)")
+    c.set_defaults(func=_cmd_cmif)
+
+    au = sub.add_parser("audit", help="check each theorem of the paper on a trained model, with numbers",
+                        description="Empirical audit of the paper's claims (Theorems 2.1-2.7, Lemma 1, Corollaries "
+                                    "1-2) on a trained run: one row per claim with how it was tested, the numbers "
+                                    "and a verdict computed from them. Writes audit.md and audit.json.")
+    _add_analysis_args(au, cases=2, estimator="gaussian")
+    au.add_argument("--balancing-steps", type=int, default=40,
+                    help="steps of the side experiment on loss balancing when the run did not balance (default 40; "
+                         "0 skips it)")
+    au.add_argument("--lipschitz-edge", type=int, default=32,
+                    help="edge of the centred crop the Lipschitz probes run on, in voxels (default 32)")
+    au.add_argument("--power-iterations", type=int, default=5,
+                    help="power iterations for the gradient-direction Lipschitz constant (default 5)")
+    au.set_defaults(func=_cmd_audit)
     return p
 
 

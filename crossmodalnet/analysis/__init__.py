@@ -1,1 +1,1 @@
-"""Analysis: topology of segmentations (Betti numbers); CMIF and the audit come later."""
+"""Analysis: topology of segmentations (Betti numbers); cross-modal information flow (cmif), the audit of the paper, topology."""

@@ -24,15 +24,21 @@ from crossmodalnet.errors import CrossModalNetError
 __all__ = [
     "Geometry",
     "atomic_path",
+    "read_geometry",
     "read_image",
     "read_label",
     "write_image",
     "write_label",
+    "write_probabilities",
     "check_same_grid",
 ]
 
 # Two grids agree when affines differ by at most this many mm (header float32 round-off).
 GRID_ATOL_MM = 1e-3
+
+# The process umask, read once at import (reading it means setting it, briefly).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates the file 0600; give the result the permissions a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -92,7 +100,9 @@ def _load(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise CrossModalNetError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") from None
+        # Some nibabel messages span lines; the error must stay one line.
+        detail = " ".join(str(exc).split())
+        raise CrossModalNetError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {detail})") from None
     # Accept a trailing singleton 4th axis, as some converters write.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -101,6 +111,28 @@ def _load(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CrossModalNetError(f"{path}: the header's affine is not a valid voxel-to-world transform")
     return data, Geometry(affine=affine, shape=tuple(int(s) for s in data.shape))
+
+
+def read_geometry(path: str | os.PathLike) -> Geometry:
+    """Read only the header of a volume: its Geometry. Same checks and errors as `read_image`,
+    without decompressing the voxels (to check many files before any work starts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CrossModalNetError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        detail = " ".join(str(exc).split())
+        raise CrossModalNetError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {detail})") from None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise CrossModalNetError(f"{path}: expected a 3D volume, got shape {shape}")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise CrossModalNetError(f"{path}: the header's affine is not a valid voxel-to-world transform")
+    return Geometry(affine=affine, shape=shape)
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
@@ -154,6 +186,25 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, 
 def write_label(path: str | os.PathLike, labels: np.ndarray, geometry: Geometry) -> Path:
     """Write an integer label map (indices or codes) atomically as int16."""
     return write_image(path, np.asarray(labels), geometry, dtype=np.int16)
+
+
+def write_probabilities(path: str | os.PathLike, probabilities: np.ndarray, geometry: Geometry) -> Path:
+    """Write per-class values (C, X, Y, Z) as a 4D float32 NIfTI (X, Y, Z, C), atomically.
+
+    The class axis is the NIfTI 4th dimension, which viewers show as volumes/frames.
+    """
+    probabilities = np.asarray(probabilities)
+    if probabilities.ndim != 4 or tuple(probabilities.shape[1:]) != tuple(geometry.shape):
+        raise CrossModalNetError(
+            f"{path}: expected (C, *{geometry.shape}) probabilities, got shape {probabilities.shape}"
+        )
+    img = nib.Nifti1Image(np.moveaxis(probabilities.astype(np.float32, copy=False), 0, -1), geometry.affine)
+    img.set_qform(geometry.affine, code=1)
+    img.set_sform(geometry.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
 
 
 def check_same_grid(items: Mapping[str, Geometry], atol: float = GRID_ATOL_MM) -> None:

@@ -1,0 +1,234 @@
+"""Preprocessing shared by training and prediction: orientation, intensity, spacing.
+
+The channel name picks the normalisation, as in nnU-Net:
+- **CT**: clip to the 0.5 / 99.5 percentiles of the *foreground* (label > 0) intensities of the
+  whole training set, then standardise with the mean and std of those clipped voxels
+  (dataset-wide statistics: Hounsfield units mean the same thing in every scan);
+- **MR**: z-score per image (MR intensities are arbitrary per scan).
+
+Geometry: a volume is turned to the closest canonical (RAS) axis order by permutations and flips
+only (exact, no interpolation), then resampled to the training spacing when its own spacing
+differs. `restore` undoes both exactly in reverse, so predictions come back on the input's
+original grid (same shape and affine).
+
+Arrays: volumes (X, Y, Z) as stored; network space (D, H, W) = canonical, resampled axes;
+probabilities (C, D, H, W) -> (C, X, Y, Z). The fitted statistics are saved as
+`preprocess.json` in the run folder, so that `predict` applies exactly what training did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, io_orientation
+
+from crossmodalnet.data.io import Geometry, atomic_path
+from crossmodalnet.errors import CrossModalNetError
+
+__all__ = ["Preprocessor", "PreparedCase", "fit_preprocessor", "CT_PERCENTILES"]
+
+CT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+# Foreground voxels kept per case for the CT statistics (nnU-Net samples too); enough for stable
+# percentiles, bounded memory on large datasets.
+_FOREGROUND_SAMPLES_PER_CASE = 200_000
+_FORMAT = 1
+
+
+@dataclass
+class PreparedCase:
+    """A case in network space, with what `Preprocessor.restore` needs to go back.
+
+    ct, mr: (D, H, W) float32 normalised, or None. label: (D, H, W) uint8 class indices or None.
+    geometry: the original grid. ornt: (3, 2) nibabel orientation original -> canonical.
+    canonical_shape: shape after reorientation, before resampling.
+    """
+
+    id: str
+    ct: np.ndarray | None
+    mr: np.ndarray | None
+    label: np.ndarray | None
+    geometry: Geometry
+    ornt: np.ndarray
+    canonical_shape: tuple[int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        ref = self.ct if self.ct is not None else self.mr
+        return tuple(int(s) for s in ref.shape)
+
+
+@dataclass
+class Preprocessor:
+    """Fitted normalisation and target spacing. Build with `fit_preprocessor` or `load`."""
+
+    ct_clip: tuple[float, float]
+    ct_mean: float
+    ct_std: float
+    target_spacing: tuple[float, float, float] | None  # mm per canonical axis; None: keep grid
+
+    # --- intensity ---------------------------------------------------------------------------
+    def normalize(self, channel: str, image: np.ndarray) -> np.ndarray:
+        """Normalise one volume by its channel name ("CT" or "MR"). Same shape, float32."""
+        image = np.asarray(image, dtype=np.float32)
+        if channel.upper() == "CT":
+            lo, hi = self.ct_clip
+            return ((np.clip(image, lo, hi) - self.ct_mean) / self.ct_std).astype(np.float32)
+        if channel.upper() == "MR":
+            mean, std = float(image.mean()), float(image.std())
+            return ((image - mean) / max(std, 1e-8)).astype(np.float32)
+        raise ValueError(f"unknown channel {channel!r}; expected CT or MR")
+
+    # --- geometry ----------------------------------------------------------------------------
+    def network_shape(self, geometry: Geometry) -> tuple[tuple[int, int, int], np.ndarray, tuple[int, ...]]:
+        """(network shape, orientation, canonical shape) of a volume on `geometry`."""
+        ornt = io_orientation(geometry.affine)
+        canonical_shape = [0, 0, 0]
+        spacing = [0.0, 0.0, 0.0]
+        for axis, (target_axis, _flip) in enumerate(ornt):
+            canonical_shape[int(target_axis)] = geometry.shape[axis]
+            spacing[int(target_axis)] = geometry.spacing[axis]
+        if self.target_spacing is None:
+            return tuple(canonical_shape), ornt, tuple(canonical_shape)
+        shape = tuple(
+            max(1, int(round(n * s / t))) for n, s, t in zip(canonical_shape, spacing, self.target_spacing, strict=True)
+        )
+        return shape, ornt, tuple(canonical_shape)
+
+    def prepare(
+        self,
+        ct: np.ndarray | None,
+        mr: np.ndarray | None,
+        geometry: Geometry,
+        label: np.ndarray | None = None,
+        case_id: str = "",
+    ) -> PreparedCase:
+        """Original volumes (X, Y, Z) -> network space: normalise, reorient, resample."""
+        shape, ornt, canonical_shape = self.network_shape(geometry)
+        images = {}
+        for name, image in (("CT", ct), ("MR", mr)):
+            if image is None:
+                images[name] = None
+                continue
+            canon = apply_orientation(self.normalize(name, image), ornt)
+            images[name] = _resize(canon[None], shape, mode="trilinear")[0]
+        lab = None
+        if label is not None:
+            canon = apply_orientation(np.asarray(label, dtype=np.uint8), ornt)
+            lab = _resize(canon[None].astype(np.float32), shape, mode="nearest-exact")[0].astype(np.uint8)
+        return PreparedCase(case_id, images["CT"], images["MR"], lab, geometry, ornt, canonical_shape)
+
+    @staticmethod
+    def restore(values: np.ndarray | torch.Tensor, case: PreparedCase) -> np.ndarray:
+        """(C, D, H, W) values in network space -> (C, X, Y, Z) on the case's original grid.
+
+        Resampled back with trilinear interpolation (probabilities; argmax afterwards), then
+        reoriented with the exact inverse permutation and flips.
+        """
+        arr = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        arr = _resize(arr.astype(np.float32, copy=False), case.canonical_shape, mode="trilinear")
+        inverse = np.zeros_like(case.ornt)
+        for axis, (target_axis, flip) in enumerate(case.ornt):
+            inverse[int(target_axis)] = (axis, flip)
+        # nibabel reorients the leading axes: move channels last and back.
+        out = apply_orientation(np.moveaxis(arr, 0, -1), inverse)
+        return np.ascontiguousarray(np.moveaxis(out, -1, 0))
+
+    # --- persistence -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "channels": {
+                "CT": {"scheme": "ct", "percentiles": list(CT_PERCENTILES), "clip": list(self.ct_clip),
+                       "mean": self.ct_mean, "std": self.ct_std},
+                "MR": {"scheme": "zscore per image"},
+            },
+            "orientation": "closest canonical (RAS)",
+            "target_spacing": None if self.target_spacing is None else list(self.target_spacing),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "preprocess") -> Preprocessor:
+        try:
+            ct = data["channels"]["CT"]
+            spacing = data.get("target_spacing")
+            return cls(
+                ct_clip=(float(ct["clip"][0]), float(ct["clip"][1])),
+                ct_mean=float(ct["mean"]),
+                ct_std=float(ct["std"]),
+                target_spacing=None if spacing is None else tuple(float(s) for s in spacing),
+            )
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise CrossModalNetError(f"{source}: malformed preprocessing statistics ({exc!r})") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Preprocessor:
+        path = Path(path)
+        if not path.is_file():
+            raise CrossModalNetError(f"{path}: preprocessing statistics not found (is this a complete run folder?)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CrossModalNetError(f"{path}: invalid JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+def fit_preprocessor(
+    cases: Sequence[dict], target_spacing: Sequence[float] | None = None, seed: int = 0
+) -> Preprocessor:
+    """Fit the CT statistics and the target spacing on training cases.
+
+    cases: dicts from `dataset.load_case` ({"ct", "mr", "label", "geometry"}), all labelled.
+    target_spacing: mm per canonical axis; None takes the per-axis median of the cases.
+    """
+    rng = np.random.default_rng(seed)
+    foreground = []
+    spacings = []
+    for case in cases:
+        if case.get("label") is None:
+            raise CrossModalNetError("fitting the CT normalisation needs labelled training cases")
+        spacings.append(_canonical_spacing(case["geometry"]))
+        if case.get("ct") is None:
+            continue
+        values = case["ct"][case["label"] > 0]
+        if values.size > _FOREGROUND_SAMPLES_PER_CASE:
+            values = rng.choice(values, _FOREGROUND_SAMPLES_PER_CASE, replace=False)
+        foreground.append(values.astype(np.float64))
+    if foreground and sum(v.size for v in foreground) > 0:
+        values = np.concatenate(foreground)
+        lo, hi = (float(v) for v in np.percentile(values, CT_PERCENTILES))
+        clipped = np.clip(values, lo, hi)
+        mean, std = float(clipped.mean()), max(float(clipped.std()), 1e-8)
+    else:  # no CT in the training data: identity, so that MR-only data still works
+        lo, hi, mean, std = -np.inf, np.inf, 0.0, 1.0
+    if target_spacing is None and spacings:
+        target_spacing = tuple(float(v) for v in np.median(np.array(spacings), axis=0))
+    spacing = None if target_spacing is None else tuple(float(s) for s in target_spacing)
+    return Preprocessor(ct_clip=(lo, hi), ct_mean=mean, ct_std=std, target_spacing=spacing)
+
+
+def _canonical_spacing(geometry: Geometry) -> tuple[float, float, float]:
+    spacing = [0.0, 0.0, 0.0]
+    for axis, (target_axis, _flip) in enumerate(io_orientation(geometry.affine)):
+        spacing[int(target_axis)] = geometry.spacing[axis]
+    return tuple(spacing)
+
+
+def _resize(array: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:
+    """(C, *spatial) -> (C, *shape); no-op when the shape already matches (exact round trip)."""
+    if tuple(array.shape[1:]) == tuple(shape):
+        return np.ascontiguousarray(array)
+    kwargs = {"align_corners": False} if mode == "trilinear" else {}
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    return F.interpolate(t, size=tuple(int(s) for s in shape), mode=mode, **kwargs)[0].numpy()

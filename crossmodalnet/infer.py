@@ -1,0 +1,193 @@
+"""Whole-volume prediction with a trained run, written as NIfTI on the input's own grid.
+
+    run = load_run("runs/cmn", device="cpu")
+    probs = predict_case(run.model, ct, mr, run.preprocessor, geometry, roi_size=(64, 64, 64))
+    labels = probs.argmax(0)                              # (X, Y, Z) class indices 0..7
+    predict("runs/cmn", "runs/cmn/pred", data_dir="data/phantoms")   # the test split -> NIfTI
+
+The preprocessing is the run's own (`preprocess.json`: normalisation, canonical orientation,
+target spacing); the network runs with MONAI's sliding window (roi = the training patch size,
+Gaussian blending); probabilities are resampled and reoriented back to the input grid before
+the argmax, so the label map has the input's shape and affine exactly.
+Shapes: ct, mr (X, Y, Z) arrays; network input (1, 1, D, H, W) each; probabilities (8, X, Y, Z).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+from tqdm.auto import tqdm
+
+from crossmodalnet.config import TrainConfig, load_yaml
+from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset
+from crossmodalnet.data.io import Geometry, write_label, write_probabilities
+from crossmodalnet.data.labels import to_codes
+from crossmodalnet.data.preprocess import Preprocessor
+from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.train.checkpoint import BEST, CONFIG, PREPROCESS, load_weights
+from crossmodalnet.train.distributed import resolve_device
+
+__all__ = ["LoadedRun", "load_run", "sliding_window_probabilities", "predict_case", "predict", "predict_from_cli"]
+
+
+@dataclass
+class LoadedRun:
+    """A trained model in eval mode on `device`, with the config and preprocessing it was trained with."""
+
+    model: nn.Module
+    config: TrainConfig
+    preprocessor: Preprocessor
+    device: torch.device
+
+    @property
+    def supports_missing_modality(self) -> bool:
+        """True only for a model that can run on one modality *and* was trained with modality dropout."""
+        return bool(getattr(self.model, "supports_missing_modality", False)) and self.config.model.modality_dropout > 0
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> LoadedRun:
+    """Rebuild the model of run folder `run_dir` from config.yaml + model.safetensors (best)."""
+    from crossmodalnet.models.registry import build_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise CrossModalNetError(f"{run_dir}: not a run folder (no {CONFIG}); train one with `crossmodalnet train`")
+    if not (run_dir / BEST).is_file():
+        raise CrossModalNetError(f"{run_dir / BEST}: no trained weights yet (training has not validated once)")
+    config = load_yaml(TrainConfig, run_dir / CONFIG)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    model = load_weights(build_model(config.model.name, config.model), run_dir / BEST)
+    return LoadedRun(model.to(dev).eval(), config, Preprocessor.load(run_dir / PREPROCESS), dev)
+
+
+def sliding_window_probabilities(
+    model: nn.Module,
+    ct: torch.Tensor | None,
+    mr: torch.Tensor | None,
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    sw_batch_size: int = 2,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Softmax probabilities (B, C, D, H, W) on the CPU of a whole volume, by sliding window.
+
+    ct, mr: (B, 1, D, H, W) or None (not both). Windows of `roi_size` are blended with Gaussian
+    weights (centre of a window counts more than its border). The model's mode is left as is;
+    call `model.eval()` first.
+    """
+    if ct is None and mr is None:
+        raise ValueError("at least one of ct and mr is needed")
+    if device is None:  # where the model's weights are (CPU for a parameter-free model)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    image = torch.cat([x for x in (ct, mr) if x is not None], dim=1).to(device)
+    has_ct, has_mr = ct is not None, mr is not None
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        out = model(x[:, :1] if has_ct else None, x[:, -1:] if has_mr else None)
+        return (out[0] if isinstance(out, list | tuple) else out).float()
+
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        logits = sliding_window_inference(
+            image, tuple(int(r) for r in roi_size), sw_batch_size, predictor, overlap=overlap, mode="gaussian"
+        )
+    return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def predict_case(
+    model: nn.Module,
+    ct: np.ndarray | None,
+    mr: np.ndarray | None,
+    preprocess: Preprocessor,
+    geometry: Geometry,
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    sw_batch_size: int = 2,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Probabilities (C, X, Y, Z) float32 of one case on its original grid `geometry`.
+
+    ct, mr: (X, Y, Z) raw intensities on `geometry`, either may be None.
+    """
+    case = preprocess.prepare(ct, mr, geometry)
+    tensors = [None if x is None else torch.from_numpy(x)[None, None] for x in (case.ct, case.mr)]
+    probs = sliding_window_probabilities(model, *tensors, roi_size, overlap, sw_batch_size, device)
+    return preprocess.restore(probs[0], case)
+
+
+def predict(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    ct: str | os.PathLike | None = None,
+    mr: str | os.PathLike | None = None,
+    labels: str = "codes",
+    probabilities: bool = False,
+    device: str | torch.device | None = None,
+    overlap: float | None = None,
+) -> list[Path]:
+    """Predict a dataset split (`data_dir`) or one case (`ct` and/or `mr` files) into `out`.
+
+    out: a folder (one `<case id>.nii.gz` per case) or, for one case, a `.nii.gz` file name.
+    labels: "codes" (MM-WHS 205..850) or "indices" (0..7). probabilities: also write
+    `<name>_probabilities.nii.gz`, a 4D float map (X, Y, Z, 8). Returns the label map paths.
+    """
+    if labels not in ("codes", "indices"):
+        raise CrossModalNetError(f"labels must be 'codes' or 'indices', got {labels!r}")
+    if (data_dir is None) == (ct is None and mr is None):
+        raise CrossModalNetError("give either a dataset folder or --ct/--mr files, not both or neither")
+    out = Path(out)
+    if data_dir is not None:
+        cases = load_dataset(data_dir)[split]
+        if not cases:
+            raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: lists no {split!r} cases")
+        targets = [out / f"{c.id}.nii.gz" for c in cases]
+    else:
+        ref = Path(ct if ct is not None else mr)
+        case_id = ref.name.split(".")[0]
+        cases = [Case(id=case_id, ct=None if ct is None else Path(ct), mr=None if mr is None else Path(mr))]
+        is_file = out.name.endswith((".nii.gz", ".nii"))
+        targets = [out if is_file else out / f"{case_id}.nii.gz"]
+    for case in cases:  # every input checked before the first prediction
+        for path in (case.ct, case.mr):
+            if path is not None and not Path(path).is_file():
+                raise CrossModalNetError(f"{path}: file not found")
+        check_case(Case(case.id, case.ct, case.mr))
+    run = load_run(run_dir, device)
+    single = [c for c in cases if c.ct is None or c.mr is None]
+    if single and not run.supports_missing_modality:
+        missing = "MR" if single[0].mr is None else "CT"
+        raise CrossModalNetError(
+            f"case {single[0].id!r} has no {missing}, but run {run_dir} was not trained for a missing "
+            f"modality (model {run.config.model.name!r}, modality_dropout={run.config.model.modality_dropout}); "
+            "give both --ct and --mr"
+        )
+    overlap = run.config.sw_overlap if overlap is None else overlap
+    written = []
+    for case, target in zip(tqdm(cases, desc="predict", unit="case"), targets, strict=True):
+        data = load_case(case, with_label=False)
+        probs = predict_case(run.model, data["ct"], data["mr"], run.preprocessor, data["geometry"],
+                             run.config.patch_size, overlap, run.config.sw_batch_size, run.device)
+        indices = probs.argmax(0).astype(np.uint8)
+        write_label(target, to_codes(indices) if labels == "codes" else indices, data["geometry"])
+        if probabilities:
+            stem = target.name[: -len(".nii.gz")] if target.name.endswith(".nii.gz") else target.stem
+            write_probabilities(target.with_name(f"{stem}_probabilities.nii.gz"), probs, data["geometry"])
+        written.append(target)
+    return written
+
+
+def predict_from_cli(args: argparse.Namespace) -> None:
+    """`crossmodalnet predict RUN [INPUT] --out OUT [--ct F] [--mr F] [--labels] [--probabilities]`."""
+    written = predict(args.run, args.out, data_dir=args.input, split=args.split, ct=args.ct, mr=args.mr,
+                      labels=args.labels, probabilities=args.probabilities, device=args.device)
+    where = written[0] if len(written) == 1 else written[0].parent
+    print(f"wrote {len(written)} label map(s) ({args.labels}) to {where}")

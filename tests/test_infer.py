@@ -1,0 +1,177 @@
+"""Whole-volume prediction: the input's geometry is kept (oblique affine, anisotropic spacing,
+resampling undone), label encodings, 4D probabilities, single-modality rules, clear errors."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from crossmodalnet.cli import main
+from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
+from crossmodalnet.data.dataset import write_dataset_json
+from crossmodalnet.data.io import Geometry, read_label, write_image, write_label
+from crossmodalnet.data.labels import CODES
+from crossmodalnet.data.preprocess import Preprocessor
+from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.infer import load_run, predict, predict_case
+from crossmodalnet.models.registry import build_model
+from crossmodalnet.train.checkpoint import save_weights
+
+SHAPE = (18, 14, 10)
+SPACING = (0.8, 1.3, 2.5)
+
+
+def _oblique(shape=SHAPE, spacing=SPACING) -> Geometry:
+    """Rotated by 25 and 10 degrees about two axes, with a flip: no axis is aligned with the world."""
+    a, b = np.deg2rad(25), np.deg2rad(10)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag([-1, 1, 1]) @ np.diag(spacing)
+    affine[:3, 3] = (31.5, -12.25, 80.0)
+    return Geometry(affine, shape)
+
+
+def _blobs(shape=SHAPE) -> np.ndarray:
+    """Two off-centre boxes (LV = 3, RV = 5): any wrong flip or axis swap would move them."""
+    label = np.zeros(shape, dtype=np.uint8)
+    label[2:9, 3:11, 1:6] = 3
+    label[10:16, 2:7, 4:9] = 5
+    return label
+
+
+class _Oracle(nn.Module):
+    """Class 3 (LV) where the normalised CT exceeds 0.5, else background: a perfect segmenter."""
+
+    def forward(self, ct, mr):
+        logits = torch.full((ct.shape[0], 8, *ct.shape[2:]), -10.0)
+        logits[:, 3:4] = 10 * (ct - 0.5)
+        logits[:, 0:1] = -10 * (ct - 0.5)
+        return logits
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_predict_case_returns_to_an_oblique_anisotropic_grid():
+    geom = _oblique()
+    truth = _blobs() > 0  # an L-shaped, off-centre object
+    # CT = 100 inside: with mean 0, std 100 the normalised CT is 1 inside, 0 outside.
+    pre = Preprocessor(ct_clip=(-1000, 1000), ct_mean=0.0, ct_std=100.0, target_spacing=(1.0, 1.0, 1.0))
+    assert pre.network_shape(geom)[0] != SHAPE  # the network runs on another, resampled grid
+    probs = predict_case(_Oracle(), 100.0 * truth, None, pre, geom, roi_size=(8, 8, 8))
+    assert probs.shape == (8, *SHAPE) and np.allclose(probs.sum(0), 1, atol=1e-4)
+    pred = probs.argmax(0) == 3
+    assert _dice(pred, truth) > 0.9, _dice(pred, truth)
+    for axis in range(3):  # the test would see a flip: the object is not symmetric
+        assert _dice(np.flip(pred, axis), truth) < 0.8
+
+
+def _run(root, model=None, target_spacing=(1.0, 1.0, 1.0), patch=(16, 16, 16)):
+    """A run folder as training leaves it (untrained tiny weights)."""
+    cfg = TrainConfig(model=model or ModelConfig.from_size("unet", "tiny"), patch_size=patch,
+                      sw_batch_size=1, device="cpu")
+    root.mkdir(parents=True)
+    dump_yaml(cfg, root / "config.yaml")
+    torch.manual_seed(0)
+    save_weights(build_model(cfg.model.name, cfg.model), root / "model.safetensors", cfg.model)
+    Preprocessor((-1000.0, 1000.0), 0.0, 100.0, target_spacing).save(root / "preprocess.json")
+    return root
+
+
+def _inputs(root, geom=None, mr_geom=None):
+    geom = geom or _oblique()
+    label = _blobs(geom.shape)
+    rng = np.random.default_rng(0)
+    ct = write_image(root / "ct.nii.gz", 100.0 * label + rng.normal(0, 5, geom.shape), geom)
+    mr = write_image(root / "mr.nii.gz", 50.0 * label + rng.normal(0, 5, geom.shape), mr_geom or geom)
+    return ct, mr
+
+
+def test_predicted_files_keep_the_input_geometry(tmp_path):
+    run = _run(tmp_path / "run")
+    ct, mr = _inputs(tmp_path)
+    [out] = predict(run, tmp_path / "pred.nii.gz", ct=ct, mr=mr, probabilities=True)
+    image, written = nib.load(ct), nib.load(out)
+    assert written.shape == image.shape == SHAPE
+    assert np.allclose(written.affine, image.affine, atol=1e-5)
+    assert np.allclose(written.header.get_sform(), image.affine, atol=1e-5)
+    codes, _, encoding = read_label(out)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, *CODES}
+    probs = nib.load(tmp_path / "pred_probabilities.nii.gz")
+    assert probs.shape == (*SHAPE, 8) and np.allclose(probs.affine, image.affine, atol=1e-5)
+    p = np.asarray(probs.dataobj)
+    assert np.allclose(p.sum(-1), 1, atol=1e-4) and np.array_equal(p.argmax(-1), codes)
+
+
+def test_dataset_split_with_index_labels(tmp_path):
+    data = tmp_path / "data"
+    entries = []
+    for i in range(2):
+        ct, mr = _inputs(data / f"c{i}", Geometry.from_spacing((12, 10, 9), (1.0, 1.0, 2.0)))
+        write_label(data / f"c{i}" / "label.nii.gz", _blobs((12, 10, 9)), Geometry.from_spacing((12, 10, 9),
+                                                                                                (1.0, 1.0, 2.0)))
+        entries.append({"id": f"case{i}", "ct": f"c{i}/ct.nii.gz", "mr": f"c{i}/mr.nii.gz",
+                        "label": f"c{i}/label.nii.gz"})
+    write_dataset_json(data, {"training": entries[:1], "test": entries}, name="t")
+    written = predict(_run(tmp_path / "run"), tmp_path / "pred", data_dir=data, labels="indices")
+    assert [p.name for p in written] == ["case0.nii.gz", "case1.nii.gz"]
+    values = np.asarray(nib.load(written[0]).dataobj)
+    assert values.shape == (12, 10, 9) and values.max() <= 7
+    with pytest.raises(CrossModalNetError, match="lists no 'validation' cases"):
+        predict(tmp_path / "run", tmp_path / "p2", data_dir=data, split="validation")
+
+
+def test_single_modality_needs_a_model_trained_for_it(tmp_path):
+    ct, _ = _inputs(tmp_path)
+    with pytest.raises(CrossModalNetError, match=r"has no MR, but run .* was not trained for a missing modality"):
+        predict(_run(tmp_path / "unet"), tmp_path / "out", ct=ct)
+    pytest.importorskip("crossmodalnet.models.crossmodalnet")
+    model = ModelConfig.from_size("crossmodalnet", "tiny", modality_dropout=0.5)
+    # CrossModalNet tiny downsamples by 16: a 32^3 window keeps 2^3 voxels at its bottleneck.
+    run = _run(tmp_path / "cmn", model, target_spacing=(2.0, 2.0, 2.0), patch=(32, 32, 32))
+    assert load_run(run, "cpu").supports_missing_modality
+    [out] = predict(run, tmp_path / "out", ct=ct)
+    assert nib.load(out).shape == SHAPE and np.allclose(nib.load(out).affine, nib.load(ct).affine, atol=1e-5)
+    with pytest.raises(CrossModalNetError, match="not trained for a missing modality"):
+        predict(_run(tmp_path / "cmn0", ModelConfig.from_size("crossmodalnet", "tiny")), tmp_path / "o", ct=ct)
+
+
+def test_ct_mr_grid_mismatch_is_named(tmp_path):
+    shifted = _oblique().affine.copy()
+    shifted[0, 3] += 2.0  # MR 2 mm off the CT grid
+    ct, mr = _inputs(tmp_path, mr_geom=Geometry(shifted, SHAPE))
+    with pytest.raises(CrossModalNetError, match=r"mr.nii.gz: affine differs from .*ct.nii.gz"):
+        predict(_run(tmp_path / "run"), tmp_path / "out", ct=ct, mr=mr)
+
+
+def test_cli(tmp_path, capsys):
+    run = _run(tmp_path / "run")
+    ct, mr = _inputs(tmp_path)
+    assert main(["predict", str(run), "--ct", str(ct), "--mr", str(mr), "--out", str(tmp_path / "o")]) == 0
+    assert "wrote 1 label map(s) (codes)" in capsys.readouterr().out
+    assert (tmp_path / "o" / "ct.nii.gz").is_file()
+    for args in (["predict", str(run), "--out", str(tmp_path / "x")],  # no input at all
+                 ["predict", str(tmp_path), "--ct", str(ct), "--out", str(tmp_path / "x")],  # not a run
+                 ["predict", str(run), "--ct", str(tmp_path / "missing.nii.gz"), "--mr", str(mr), "--out", "x"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+
+
+def test_bad_arguments(tmp_path):
+    run = _run(tmp_path / "run")
+    ct, mr = _inputs(tmp_path)
+    with pytest.raises(CrossModalNetError, match="labels must be 'codes' or 'indices'"):
+        predict(run, tmp_path / "o", ct=ct, mr=mr, labels="names")
+    with pytest.raises(CrossModalNetError, match="not both or neither"):
+        predict(run, tmp_path / "o", data_dir=tmp_path, ct=ct)
+    with pytest.raises(CrossModalNetError, match=r"model.safetensors: no trained weights"):
+        (run / "model.safetensors").unlink()
+        load_run(run)
+    with pytest.raises(CrossModalNetError, match=r"expected \(C, \*\(18, 14, 10\)\) probabilities"):
+        from crossmodalnet.data.io import write_probabilities
+
+        write_probabilities(tmp_path / "p.nii.gz", np.zeros((8, 3, 3, 3)), _oblique())

@@ -1,0 +1,36 @@
+"""Run by `torchrun --nproc_per_node=2` from test_ddp.py (not a test itself).
+
+Trains a tiny model with DDP through the same `Trainer` that `crossmodalnet train` uses, then
+saves each rank's final weights and its first batch, so the test can compare the processes.
+Usage: ddp_worker.py DATA OUT
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from crossmodalnet.config import ModelConfig, TrainConfig
+from crossmodalnet.train import distributed as ddp
+from crossmodalnet.train.checkpoint import save_weights
+from crossmodalnet.train.trainer import Trainer
+
+
+def main() -> None:
+    data, out = Path(sys.argv[1]), Path(sys.argv[2])
+    config = TrainConfig(model=ModelConfig.from_size("unet", "tiny"), epochs=1, iterations_per_epoch=3,
+                         batch_size=2, patch_size=(16, 16, 16), lr=1e-2, warmup_epochs=0, val_every=1,
+                         sw_batch_size=1, device="cpu")
+    info = ddp.init_distributed("cpu")
+    try:
+        trainer = Trainer(data, out / "run", config, dist=info)
+        torch.save(trainer.sampler.batch(0)["ct"], out / f"batch{info.rank}.pt")
+        trainer.fit()
+        save_weights(trainer.raw_model, out / f"rank{info.rank}.safetensors")
+        (out / f"world{info.rank}.txt").write_text(f"{info.world_size} {torch.distributed.get_backend()}")
+    finally:
+        ddp.cleanup(info)
+
+
+if __name__ == "__main__":
+    main()
