@@ -1,1 +1,1 @@
-"""Analysis: topology of segmentations (Betti numbers); cross-modal information flow (cmif), the audit of the paper, topology."""
+"""Analysis: cross-modal information flow (cmif), the empirical audit of the paper, and topology (Betti numbers)."""
