@@ -35,22 +35,24 @@ _PARTS = ("data", "run", "predictions", "references", "evaluation")
 class DemoSettings:
     """What the demo makes and trains. Defaults: the CPU demo (2 cores, minutes)."""
 
-    cases: int = 20  # phantom pairs, split by the phantom into training / validation / test
-    size: int = 64  # edge of the phantom grid in voxels
+    cases: int = 20  # phantom pairs, split by the phantom into training / validation / test (14/2/4)
+    size: int = 64  # edge of the phantom grid in voxels (2.25 mm voxels over the 144 mm field of view)
     model: str = "crossmodalnet"
     model_size: str = "small"
-    epochs: int = 30
-    iterations_per_epoch: int = 20
+    deep_supervision: bool = True  # measured: the small structures (AO, PA) are learned much sooner
+    epochs: int = 40
+    iterations_per_epoch: int = 25  # 1,000 steps: the cosine schedule ends within the budget on 2 cores
     batch_size: int = 2
-    patch_size: tuple[int, int, int] = (64, 64, 64)
-    lr: float = 2e-3
-    val_every: int = 5
-    minutes: float | None = 12.0  # training budget, so that the whole demo stays within 15 minutes
+    patch_size: tuple[int, int, int] = (48, 48, 48)  # 2.4x cheaper steps than 64^3, more steps per minute
+    lr: float = 3e-3
+    val_every: int = 4
+    minutes: float | None = 11.0  # training budget, so that the whole demo stays within 15 minutes
     device: str = "auto"
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(
-            model=ModelConfig.from_size(self.model, self.model_size), seed=seed, epochs=self.epochs,
+            model=ModelConfig.from_size(self.model, self.model_size, deep_supervision=self.deep_supervision),
+            seed=seed, epochs=self.epochs,
             iterations_per_epoch=self.iterations_per_epoch, batch_size=self.batch_size,
             patch_size=tuple(self.patch_size), lr=self.lr, val_every=self.val_every,
             max_minutes=self.minutes, device=self.device,
