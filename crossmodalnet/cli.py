@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="segment whole volumes into NIfTI label maps",
                        description="Predict with a trained run. INPUT is a dataset folder (its test "
-                                   "split) or give --ct/--mr files. Label maps keep the input geometry.")
+                                   "split) or give --ct/--mr files. Label maps keep the input geometry; for a "
+                                   "prepare-mmwhs folder they are also written on the original fixed-image "
+                                   "grid in OUT/original/<id>.nii.gz.")
     r.add_argument("run", type=Path, help="run folder (config.yaml + model.safetensors)")
     r.add_argument("input", type=Path, nargs="?", default=None, help="dataset folder (test split)")
     r.add_argument("--ct", type=Path, default=None, help="CT volume (NIfTI)")

@@ -8,7 +8,9 @@
 The preprocessing is the run's own (`preprocess.json`: normalisation, canonical orientation,
 target spacing); the network runs with MONAI's sliding window (roi = the training patch size,
 Gaussian blending); probabilities are resampled and reoriented back to the input grid before
-the argmax, so the label map has the input's shape and affine exactly.
+the argmax, so the label map has the input's shape and affine exactly. For a dataset folder made
+by `prepare-mmwhs` (a `records/<id>.json` per case) the same probabilities also go back onto the
+original fixed image's grid (`mmwhs.restore_to_original`): `<out>/original/<id>.nii.gz`.
 Shapes: ct, mr (X, Y, Z) arrays; network input (1, 1, D, H, W) each; probabilities (8, X, Y, Z).
 """
 
@@ -30,12 +32,24 @@ from crossmodalnet.config import TrainConfig, load_yaml
 from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset
 from crossmodalnet.data.io import Geometry, write_label, write_probabilities
 from crossmodalnet.data.labels import to_codes
+from crossmodalnet.data.mmwhs import load_record, restore_to_original
 from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.train.checkpoint import BEST, CONFIG, PREPROCESS, load_weights
 from crossmodalnet.train.distributed import resolve_device
 
-__all__ = ["LoadedRun", "load_run", "sliding_window_probabilities", "predict_case", "predict", "predict_from_cli"]
+__all__ = [
+    "ORIGINAL_DIR",
+    "LoadedRun",
+    "load_run",
+    "sliding_window_probabilities",
+    "predict_case",
+    "predict",
+    "predict_from_cli",
+]
+
+# Sub-folder of predict's output with the label maps on the original fixed-image grids (prepare-mmwhs folders).
+ORIGINAL_DIR = "original"
 
 
 @dataclass
@@ -136,20 +150,26 @@ def predict(
 ) -> list[Path]:
     """Predict a dataset split (`data_dir`) or one case (`ct` and/or `mr` files) into `out`.
 
-    out: a folder (one `<case id>.nii.gz` per case) or, for one case, a `.nii.gz` file name.
-    labels: "codes" (MM-WHS 205..850) or "indices" (0..7). probabilities: also write
-    `<name>_probabilities.nii.gz`, a 4D float map (X, Y, Z, 8). Returns the label map paths.
+    out: a folder (one `<case id>.nii.gz` per case, on the case's input grid) or, for one case, a
+    `.nii.gz` file name. For a `data_dir` made by `prepare-mmwhs`, each case with a record
+    (`records/<id>.json`) is also written on the original fixed image's grid (the raw scan's shape and
+    affine; background outside the prepared crop): `out/original/<id>.nii.gz`.
+    labels: "codes" (MM-WHS 205..850) or "indices" (0..7), for both. probabilities: also write
+    `<name>_probabilities.nii.gz`, a 4D float map (X, Y, Z, 8), on the input grid only.
+    Returns the label map paths on the input grids, one per case.
     """
     if labels not in ("codes", "indices"):
         raise CrossModalNetError(f"labels must be 'codes' or 'indices', got {labels!r}")
     if (data_dir is None) == (ct is None and mr is None):
         raise CrossModalNetError("give either a dataset folder or --ct/--mr files, not both or neither")
     out = Path(out)
+    records: dict[str, dict] = {}  # case id -> prepare-mmwhs record, for the way back to the original scan
     if data_dir is not None:
         cases = load_dataset(data_dir)[split]
         if not cases:
             raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: lists no {split!r} cases")
         targets = [out / f"{c.id}.nii.gz" for c in cases]
+        records = {c.id: r for c in cases if (r := load_record(data_dir, c.id)) is not None}
     else:
         ref = Path(ct if ct is not None else mr)
         case_id = ref.name.split(".")[0]
@@ -160,7 +180,9 @@ def predict(
         for path in (case.ct, case.mr):
             if path is not None and not Path(path).is_file():
                 raise CrossModalNetError(f"{path}: file not found")
-        check_case(Case(case.id, case.ct, case.mr))
+        grid = check_case(Case(case.id, case.ct, case.mr))
+        if case.id in records:
+            _check_record(records[case.id], grid, case.id)
     run = load_run(run_dir, device)
     single = [c for c in cases if c.ct is None or c.mr is None]
     if single and not run.supports_missing_modality:
@@ -171,13 +193,16 @@ def predict(
             "give both --ct and --mr"
         )
     overlap = run.config.sw_overlap if overlap is None else overlap
+    encode = to_codes if labels == "codes" else (lambda indices: indices)
     written = []
     for case, target in zip(tqdm(cases, desc="predict", unit="case"), targets, strict=True):
         data = load_case(case, with_label=False)
         probs = predict_case(run.model, data["ct"], data["mr"], run.preprocessor, data["geometry"],
                              run.config.patch_size, overlap, run.config.sw_batch_size, run.device)
-        indices = probs.argmax(0).astype(np.uint8)
-        write_label(target, to_codes(indices) if labels == "codes" else indices, data["geometry"])
+        write_label(target, encode(probs.argmax(0).astype(np.uint8)), data["geometry"])
+        if case.id in records:
+            original, original_grid = restore_to_original(probs, records[case.id], data["geometry"])
+            write_label(target.parent / ORIGINAL_DIR / target.name, encode(original), original_grid)
         if probabilities:
             stem = target.name[: -len(".nii.gz")] if target.name.endswith(".nii.gz") else target.stem
             write_probabilities(target.with_name(f"{stem}_probabilities.nii.gz"), probs, data["geometry"])
@@ -185,9 +210,33 @@ def predict(
     return written
 
 
+def _check_record(record: dict, grid: Geometry, case_id: str) -> None:
+    """Raise unless `record` (prepare-mmwhs) names both grids and the case's files lie on its prepared grid."""
+    def as_grid(d: dict) -> Geometry:
+        return Geometry(np.asarray(d["affine"], dtype=np.float64).reshape(4, 4), tuple(int(s) for s in d["shape"]))
+
+    where = f"case {case_id!r}: records/{case_id}.json"
+    try:
+        prepared, _ = as_grid(record["prepared"]), as_grid(record["original"])
+    except (KeyError, TypeError, ValueError):
+        raise CrossModalNetError(f"{where} has no prepared/original grid; run prepare-mmwhs again") from None
+    if not prepared.same_grid(grid):
+        raise CrossModalNetError(f"{where}: the case's images are not on the record's prepared grid "
+                                 f"{prepared.shape}; were they changed after prepare-mmwhs?")
+
+
 def predict_from_cli(args: argparse.Namespace) -> None:
-    """`crossmodalnet predict RUN [INPUT] --out OUT [--ct F] [--mr F] [--labels] [--probabilities]`."""
+    """`crossmodalnet predict RUN [INPUT] --out OUT [--ct F] [--mr F] [--labels] [--probabilities]`.
+
+    For a prepare-mmwhs folder the label maps are written twice: `OUT/<id>.nii.gz` on the prepared
+    grid (the one `evaluate` compares with labelsTs/) and `OUT/original/<id>.nii.gz` on the original
+    fixed image's grid (open it over the raw scan).
+    """
     written = predict(args.run, args.out, data_dir=args.input, split=args.split, ct=args.ct, mr=args.mr,
                       labels=args.labels, probabilities=args.probabilities, device=args.device)
     where = written[0] if len(written) == 1 else written[0].parent
     print(f"wrote {len(written)} label map(s) ({args.labels}) to {where}")
+    original = [p.parent / ORIGINAL_DIR / p.name for p in written if args.input is not None
+                and load_record(args.input, p.name[: -len(".nii.gz")]) is not None]
+    if original:
+        print(f"wrote {len(original)} on the original fixed-image grid(s) to {original[0].parent}")

@@ -1,5 +1,9 @@
 """Whole-volume prediction: the input's geometry is kept (oblique affine, anisotropic spacing,
-resampling undone), label encodings, 4D probabilities, single-modality rules, clear errors."""
+resampling undone), label encodings, 4D probabilities, single-modality rules, clear errors; for a
+prepare-mmwhs folder, the label maps also land on the original fixed scans."""
+
+import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -7,12 +11,14 @@ import pytest
 import torch
 from torch import nn
 
+import crossmodalnet.infer as infer
 from crossmodalnet.cli import main
 from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
-from crossmodalnet.data.dataset import write_dataset_json
-from crossmodalnet.data.io import Geometry, read_label, write_image, write_label
+from crossmodalnet.data.dataset import load_case, load_dataset, write_dataset_json
+from crossmodalnet.data.io import Geometry, read_geometry, read_label, write_image, write_label
 from crossmodalnet.data.labels import CODES
 from crossmodalnet.data.preprocess import Preprocessor
+from crossmodalnet.data.registration import label_dice
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.infer import load_run, predict, predict_case
 from crossmodalnet.models.registry import build_model
@@ -118,6 +124,7 @@ def test_dataset_split_with_index_labels(tmp_path):
     write_dataset_json(data, {"training": entries[:1], "test": entries}, name="t")
     written = predict(_run(tmp_path / "run"), tmp_path / "pred", data_dir=data, labels="indices")
     assert [p.name for p in written] == ["case0.nii.gz", "case1.nii.gz"]
+    assert not (tmp_path / "pred" / "original").exists()  # not a prepare-mmwhs folder: no records/
     values = np.asarray(nib.load(written[0]).dataobj)
     assert values.shape == (12, 10, 9) and values.max() <= 7
     with pytest.raises(CrossModalNetError, match="lists no 'validation' cases"):
@@ -175,3 +182,82 @@ def test_bad_arguments(tmp_path):
         from crossmodalnet.data.io import write_probabilities
 
         write_probabilities(tmp_path / "p.nii.gz", np.zeros((8, 3, 3, 3)), _oblique())
+
+
+# ---------------------------------------------------------------------------------------------- prepare-mmwhs
+
+
+@pytest.fixture(scope="module")
+def mmwhs(tmp_path_factory):
+    """Raw MM-WHS-style phantoms (2 pairs, CT 32^3 at 4.5 mm, MR 32x32x19 at 5.6x5.6x9 mm, misaligned)
+    and their prepare-mmwhs folder (MR fixed, no registration, 48^3 of 3 mm): 1 training, 1 test case.
+    Read-only: a test that modifies it copies it first."""
+    root = tmp_path_factory.mktemp("mmwhs")
+    assert main(["synth", str(root / "raw"), "--layout", "mmwhs", "--cases", "2", "--size", "32"]) == 0
+    assert main(["prepare-mmwhs", str(root / "raw"), str(root / "prep"), "--register", "none", "--size", "48",
+                 "--spacing", "3", "--split", "1/1", "--workers", "1"]) == 0
+    return root
+
+
+def _original_mr(raw, case_id: str):
+    """The raw fixed (MR) label of a case as class indices, and the raw MR image's grid."""
+    stem = raw / "mr_train" / f"mr_{case_id}"  # case "train_1001" -> mr_train/mr_train_1001_*
+    return read_label(f"{stem}_label.nii.gz")[0], read_geometry(f"{stem}_image.nii.gz")
+
+
+def test_prepared_labels_go_back_to_the_original_scans(mmwhs, tmp_path, monkeypatch):
+    """An oracle whose "prediction" is the prepared reference label: predict writes it unchanged on the
+    prepared grid and, through restore_to_original, onto the raw MR's grid, matching the raw label."""
+    prep = mmwhs / "prep"
+    truth = [(data["ct"], data["label"]) for split in ("training", "test")
+             for data in map(load_case, load_dataset(prep)[split])]
+
+    def oracle(model, ct, mr, preprocess, geometry, *args, **kwargs):
+        [label] = [lab for ref, lab in truth if np.array_equal(ref, ct)]
+        return np.eye(8, dtype=np.float32)[label].transpose(3, 0, 1, 2)  # (8, X, Y, Z) one-hot
+
+    monkeypatch.setattr(infer, "predict_case", oracle)
+    run = _run(tmp_path / "run")
+    for split in ("training", "test"):
+        [case] = load_dataset(prep)[split]
+        [written] = predict(run, tmp_path / "pred", data_dir=prep, split=split, labels="indices")
+        assert np.array_equal(read_label(written)[0], read_label(case.label)[0])
+        original, original_grid = _original_mr(mmwhs / "raw", case.id)
+        back = nib.load(tmp_path / "pred" / "original" / f"{case.id}.nii.gz")
+        assert back.shape == original_grid.shape != read_geometry(written).shape
+        assert np.allclose(back.affine, original_grid.affine, atol=1e-5)
+        assert np.allclose(back.header.get_sform(), original_grid.affine, atol=1e-5)
+        dice = label_dice(np.asarray(back.dataobj), original)
+        assert np.nanmean(list(dice.values())) >= 0.98 and np.nanmin(list(dice.values())) >= 0.95, dice
+
+
+def test_predict_cli_on_a_prepared_folder(mmwhs, tmp_path, capsys):
+    """A real (untrained) run through the CLI: both label maps, each with its own grid, MM-WHS codes."""
+    run = _run(tmp_path / "run", target_spacing=(3.0, 3.0, 3.0), patch=(32, 32, 32))
+    assert main(["predict", str(run), str(mmwhs / "prep"), "--out", str(tmp_path / "pred")]) == 0
+    assert f"wrote 1 on the original fixed-image grid(s) to {tmp_path / 'pred' / 'original'}" in capsys.readouterr().out
+    [case] = load_dataset(mmwhs / "prep")["test"]
+    prepared = nib.load(tmp_path / "pred" / f"{case.id}.nii.gz")
+    assert prepared.shape == (48, 48, 48) and np.allclose(prepared.affine, nib.load(case.mr).affine, atol=1e-5)
+    _, original_grid = _original_mr(mmwhs / "raw", case.id)
+    back = nib.load(tmp_path / "pred" / "original" / f"{case.id}.nii.gz")
+    assert back.shape == original_grid.shape and np.allclose(back.affine, original_grid.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(back.dataobj))) <= {0, *CODES}
+
+
+def test_a_record_that_does_not_fit_stops_before_any_prediction(mmwhs, tmp_path):
+    prep = tmp_path / "prep"
+    shutil.copytree(mmwhs / "prep", prep)
+    [case] = load_dataset(prep)["test"]
+    path = prep / "records" / f"{case.id}.json"
+    record = json.loads(path.read_text())
+    record["prepared"]["shape"] = [40, 48, 48]
+    path.write_text(json.dumps(record))
+    run = _run(tmp_path / "run")
+    with pytest.raises(CrossModalNetError, match=rf"records/{case.id}.json: the case's images are not on the rec"):
+        predict(run, tmp_path / "pred", data_dir=prep)
+    del record["original"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(CrossModalNetError, match="has no prepared/original grid; run prepare-mmwhs again"):
+        predict(run, tmp_path / "pred", data_dir=prep)
+    assert not (tmp_path / "pred").exists()
