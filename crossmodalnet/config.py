@@ -26,6 +26,7 @@ __all__ = [
     "to_dict",
     "from_dict",
     "load_yaml",
+    "read_yaml",
     "dump_yaml",
 ]
 
@@ -164,13 +165,17 @@ def dump_yaml(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def load_yaml(cls: type, path: str | os.PathLike) -> Any:
-    """Read a YAML file into dataclass `cls`, with one-line errors naming the file."""
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file (empty file -> {}), with one-line errors naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CrossModalNetError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise CrossModalNetError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    return from_dict(cls, data, str(path))
+
+
+def load_yaml(cls: type, path: str | os.PathLike) -> Any:
+    """Read a YAML file into dataclass `cls`, with one-line errors naming the file."""
+    return from_dict(cls, read_yaml(path), str(path))

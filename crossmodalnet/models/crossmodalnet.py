@@ -26,7 +26,7 @@ from torch import nn
 
 from crossmodalnet.config import ModelConfig
 from crossmodalnet.models.cross_attention import CrossTransformerBlock
-from crossmodalnet.models.layers import ConvStem, PatchMerging, SwinStage, UpSample
+from crossmodalnet.models.layers import ConvStem, PatchMerging, SwinStage, UpSample, drop_path_schedule
 
 __all__ = ["CrossModalNet"]
 
@@ -82,8 +82,7 @@ class CrossModalNet(nn.Module):
             raise ValueError(f"depths {cfg.depths} and num_heads {cfg.num_heads} must have the same length")
         self.config = cfg
         dims = [cfg.feature_size * 2**i for i in range(n)]
-        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
-        drop_path = [rates[sum(cfg.depths[:i]): sum(cfg.depths[: i + 1])] for i in range(n)]
+        drop_path = drop_path_schedule(cfg.depths, cfg.drop_path_rate)
         self.ct = _Stream(cfg, dims, drop_path)
         self.mr = _Stream(cfg, dims, drop_path)
         self.cross = nn.ModuleList(

@@ -28,6 +28,7 @@ __all__ = [
     "Mlp",
     "SwinBlock",
     "SwinStage",
+    "drop_path_schedule",
     "PatchMerging",
     "ConvStem",
     "UpSample",
@@ -219,6 +220,12 @@ class SwinBlock(_Windowed):
         w = self.attn(w, self._mask(size, padded, shift, x.device), b)
         x = x + self.drop_path(self.from_windows(w, shift, (b, *padded), size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def drop_path_schedule(depths: tuple[int, ...], rate: float) -> list[list[float]]:
+    """Stochastic-depth rates rising linearly from 0 to `rate` over all blocks, split per stage."""
+    rates = torch.linspace(0, rate, sum(depths)).tolist()
+    return [rates[sum(depths[:i]): sum(depths[: i + 1])] for i in range(len(depths))]
 
 
 class SwinStage(nn.Sequential):

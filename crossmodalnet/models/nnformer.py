@@ -49,6 +49,7 @@ from crossmodalnet.models.layers import (
     SwinStage,
     UpSample,
     _Windowed,
+    drop_path_schedule,
     window_attention,
 )
 
@@ -234,8 +235,7 @@ class NnFormer(nn.Module):
         if len(num_heads) != n or n < 2:
             raise ValueError(f"depths {depths} and num_heads {num_heads} need the same length, at least 2")
         dims = [feature_size * 2**i for i in range(n)]
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        drop_path = [rates[sum(depths[:i]): sum(depths[: i + 1])] for i in range(n)]
+        drop_path = drop_path_schedule(depths, drop_path_rate)
         self.divisor = self.patch_size * 2 ** (n - 1)
 
         self.embed = ConvEmbedding(in_channels, feature_size)

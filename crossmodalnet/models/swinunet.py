@@ -34,7 +34,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from crossmodalnet.models.layers import PatchMerging, SwinStage
+from crossmodalnet.models.layers import PatchMerging, SwinStage, drop_path_schedule
 
 __all__ = [
     "voxel_shuffle",
@@ -123,8 +123,7 @@ class SwinUnet(nn.Module):
         if len(num_heads) != n or n < 2:
             raise ValueError(f"depths {depths} and num_heads {num_heads} need the same length, at least 2")
         dims = [feature_size * 2**i for i in range(n)]
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        drop_path = [rates[sum(depths[:i]): sum(depths[: i + 1])] for i in range(n)]
+        drop_path = drop_path_schedule(depths, drop_path_rate)
         self.divisor = patch_size * 2 ** (n - 1)
 
         self.embed = PatchEmbedding(in_channels, feature_size, patch_size)

@@ -50,7 +50,7 @@ from monai.networks.layers import DropPath
 from torch import nn
 
 from crossmodalnet.models.cross_attention import CrossAttention
-from crossmodalnet.models.layers import Mlp, PatchMerging, SwinStage, WindowAttention, _Windowed
+from crossmodalnet.models.layers import Mlp, PatchMerging, SwinStage, WindowAttention, _Windowed, drop_path_schedule
 from crossmodalnet.models.swinunet import FinalPatchExpanding, PatchEmbedding, PatchExpanding
 
 __all__ = ["fourier_position_encoding", "VTDecoderBlock", "VTDecoderStage", "VTUNet"]
@@ -153,8 +153,7 @@ class VTUNet(nn.Module):
         if len(num_heads) != n or n < 2:
             raise ValueError(f"depths {depths} and num_heads {num_heads} need the same length, at least 2")
         dims = [feature_size * 2**i for i in range(n)]
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        drop_path = [rates[sum(depths[:i]): sum(depths[: i + 1])] for i in range(n)]
+        drop_path = drop_path_schedule(depths, drop_path_rate)
         self.divisor = patch_size * 2 ** (n - 1)
 
         self.embed = PatchEmbedding(in_channels, feature_size, patch_size)

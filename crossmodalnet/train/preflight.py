@@ -16,9 +16,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from crossmodalnet.config import CROSSMODALNET_SIZES, ModelConfig, TrainConfig, from_dict, load_yaml, to_dict
+from crossmodalnet.config import (
+    CROSSMODALNET_SIZES,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    load_yaml,
+    read_yaml,
+    to_dict,
+)
 from crossmodalnet.data.dataset import Case, check_case, load_dataset
 from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.errors import CrossModalNetError
@@ -108,12 +114,7 @@ def load_config_file(path: str | os.PathLike) -> TrainConfig:
     """A TrainConfig YAML whose `model` may give just `name` and `size`: the named size fills the
     architecture fields, and any field the file does give overrides it."""
     path = Path(path)
-    if not path.is_file():
-        raise CrossModalNetError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise CrossModalNetError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
         raise CrossModalNetError(f"{path}: expected a mapping of TrainConfig keys with a 'model' mapping")
     model = dict(data.get("model") or {})

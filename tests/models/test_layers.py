@@ -96,3 +96,13 @@ def test_upsample_equals_transposed_convolution():
         up.proj.bias.zero_()
     x = torch.randn(2, 5, 3, 4, 2)
     assert torch.allclose(up(x), tconv(x), atol=1e-5)
+
+
+def test_drop_path_schedule_rises_linearly_over_all_blocks():
+    from crossmodalnet.models.layers import drop_path_schedule
+
+    sched = drop_path_schedule((2, 1, 3), 0.5)
+    assert [len(s) for s in sched] == [2, 1, 3]
+    flat = [r for s in sched for r in s]
+    assert flat[0] == 0.0 and abs(flat[-1] - 0.5) < 1e-7
+    assert all(abs((b - a) - 0.1) < 1e-6 for a, b in zip(flat, flat[1:], strict=False))

@@ -1,0 +1,132 @@
+"""benchmarks/compare.py without training anything: planning, tables, the markdown section, perturbations.
+
+Benchmarks are run by hand (they take minutes to hours); this only checks that the harness's
+bookkeeping and formatting are right on a fabricated result set whose answers are known.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import _harness as h  # noqa: E402
+import compare  # noqa: E402
+
+
+def _train_result(dices: list[float], **extra: object) -> dict:
+    per_case = {f"case_{i}": {"dice": d, "iou": d - 0.1, "hd95": 5.0 + i} for i, d in enumerate(dices)}
+    test = {"mean_dice": float(np.mean(dices)), "miou": float(np.mean(dices)) - 0.1, "mean_hd95": 5.5,
+            "per_case": per_case, "dice_spread": h.spread(dices), "iou_spread": h.spread([d - 0.1 for d in dices]),
+            "hd95_spread": h.spread([5.0 + i for i in range(len(dices))])}
+    return {"status": "ok", "fits": True, "budget_bound": True, "steps_done": 100, "steps_target": 120,
+            "s_per_step": 0.5, "params": 2_000_000, "gflops": 3.0, "flops_edge": 32, "latency": {"median_s": 0.2},
+            "peak_rss_mib": 700.0, "best_val_dice": 0.7, "best_step": 90, "loadavg": [1.0, 1.2], "test": test,
+            **extra}
+
+
+def _dice(values: dict[str, float]) -> dict:
+    return {k: {"mean_dice": v} for k, v in values.items()}
+
+
+@pytest.fixture
+def fabricated(tmp_path: Path) -> tuple[compare.Settings, list[dict], dict[str, dict]]:
+    s = compare.Settings(work=tmp_path, models=("crossmodalnet", "unet"), model_size="tiny", cases=8, edge=32,
+                         patch=32, ablations=True, robustness=True)
+    jobs = compare.plan(s)
+    results = {j["key"]: _train_result([0.5, 0.6]) for j in jobs if j["kind"] == "train"}
+    results["budget-crossmodalnet"] = _train_result([0.8, 0.9])
+    results["budget-unet"] = _train_result([0.7, 0.6])
+    results["steps-unet"] = _train_result([0.4, 0.4], fits=False, steps_done=80)
+    results["misregistration-crossmodalnet"] = {"status": "ok", "conditions": _dice(
+        {"none": 0.85, "shift_2": 0.84, "shift_4": 0.80, "shift_8": 0.7, "warp_2": 0.85, "warp_4": 0.83,
+         "warp_8": 0.8})}
+    results["misregistration-unet"] = {"status": "ok", "conditions": _dice(
+        {"none": 0.65, "shift_2": 0.6, "shift_4": 0.45, "shift_8": 0.3, "warp_2": 0.6, "warp_4": 0.55,
+         "warp_8": 0.5})}
+    for src, p in (("dropout-crossmodalnet", 0.3), ("budget-crossmodalnet", 0.0)):
+        results[f"missing-{src}"] = {"status": "ok", "modality_dropout": p, "supports_missing_modality": p > 0,
+                                     "conditions": _dice({"both": 0.8, "ct_only": 0.7, "mr_only": 0.6})}
+    return s, jobs, results
+
+
+def test_plan_has_every_study_and_stable_identities(fabricated) -> None:
+    s, jobs, _ = fabricated
+    keys = [j["key"] for j in jobs]
+    assert keys[:2] == ["budget-crossmodalnet", "budget-unet"]
+    assert {"steps-unet", "ablation-attention-paper", "ablation-deformable-off", "ablation-cross-blocks-off",
+            "ablation-balancing-on", "dropout-crossmodalnet", "misregistration-unet",
+            "missing-dropout-crossmodalnet"} <= set(keys)
+    # Evaluations come after the runs they reuse, and carry their identity.
+    by_key = {j["key"]: j for j in jobs}
+    for j in jobs:
+        if "source" in j:
+            assert keys.index(j["source"]) < keys.index(j["key"])
+            assert j["source_fingerprint"] == by_key[j["source"]]["fingerprint"]
+    assert [j["fingerprint"] for j in compare.plan(s)] == [j["fingerprint"] for j in jobs]
+    longer = compare.plan(replace(s, minutes=9.0))
+    assert longer[0]["fingerprint"] != jobs[0]["fingerprint"]
+    steps = by_key["steps-unet"]["config"]
+    assert steps["epochs"] * steps["iterations_per_epoch"] == s.steps
+
+
+def test_tables_rank_and_compare(fabricated) -> None:
+    s, jobs, results = fabricated
+    table = compare.main_table(jobs, results, "budget", s.edge).splitlines()
+    assert table[2].startswith("| crossmodalnet |") and table[3].startswith("| unet |")  # best Dice first
+    assert "0.850 ± 0.050" in table[2]
+    assert "80/120 (cap)" in compare.main_table(jobs, results, "steps", s.edge)
+    text = compare.findings(jobs, results, "budget")
+    assert "ranks 1 of 2" in text and "0.200 ± 0.100" in text  # paired: (0.8-0.7, 0.9-0.6)
+    assert "-0.300 ± 0.000" in compare.ablation_table(jobs, results)  # per case (0.5-0.8, 0.6-0.9)
+    misreg = compare.misregistration_table(s, results)
+    assert "ratio 0.25" in misreg  # shift 4: 0.05 lost against 0.20
+    assert "ratio 0.20" in misreg  # warp 4: 0.02 against 0.10
+    missing = compare.missing_table(s, results)
+    assert "| 0.800 | 0.700 | 0.600 | 0.100 | 0.200 |" in missing and "for reference" in missing
+    section = compare.report(s, {"splits": {"training": 5, "validation": 1, "test": 2}}, h.machine_info(),
+                             "cmd", jobs, results, {})
+    assert section.count("|---|") >= 5
+
+
+def test_write_section_replaces_only_its_block(tmp_path: Path) -> None:
+    md = tmp_path / "benchmarks.md"
+    md.write_text("# Benchmarks\n\nkept above\n")
+    compare.write_section(md, "first")
+    compare.write_section(md, "second")
+    text = md.read_text()
+    assert text.count(compare.BEGIN) == 1 and "second" in text and "first" not in text and "kept above" in text
+
+
+def test_plot_writes_png(fabricated, tmp_path: Path) -> None:
+    _, jobs, results = fabricated
+    png = compare.plot_dice(jobs, results, [("budget", "budget")], tmp_path / "dice.png")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_schedules() -> None:
+    epochs, ipe = h.budget_schedule(step_s=2.0, budget_s=480, validations=12)
+    assert epochs * ipe >= 1.25 * 480 / 2.0 and abs(epochs - 12) <= 1
+    for steps in (1, 7, 10, 150):
+        epochs, ipe = h.split_steps(steps, 12)
+        assert epochs * ipe == steps
+
+
+def test_misregistration_perturbations() -> None:
+    vol = np.zeros((12, 12, 12), np.float32)
+    vol[5, 5, 5] = 1.0
+    moved = h.shift_volume(vol, np.array([2.0, 0.0, -1.0]))
+    assert np.argwhere(moved == 1.0).tolist() == [[7, 5, 4]]
+    assert h.shift_volume(vol, np.zeros(3)) is vol
+    assert np.linalg.norm(h.shift_direction(0, 3)) == pytest.approx(1.0)
+    field = h.smooth_field((16, 16, 16), seed=0, index=1)
+    assert field.shape == (3, 16, 16, 16)
+    assert np.linalg.norm(field, axis=0).mean() == pytest.approx(1.0)
+    np.testing.assert_array_equal(h.smooth_field((16, 16, 16), 0, 1), field)  # same case, same warp
+    warped = h.warp_volume(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), 3 * field)
+    assert warped.shape == (16, 16, 16) and warped.dtype == np.float32
