@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,6 +49,9 @@ from crossmodalnet.models.registry import MODEL_NAMES
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 HARNESS = Path(__file__).with_name("_harness.py")
+# Part of every job's identity: bump it when a change of the harness changes what a job measures,
+# so that cached results made the old way are not reused.
+PROTOCOL = 2
 CMN = "crossmodalnet"
 
 
@@ -147,6 +152,7 @@ def plan(s: Settings) -> list[dict[str, Any]]:
             jobs.append({"key": f"missing-{src}", "kind": "missing", "label": src, "source": src})
     by_key = {j["key"]: j for j in jobs}
     for job in jobs:  # a job's identity includes its source's, so retraining invalidates the evaluation
+        job["protocol"] = PROTOCOL
         if "source" in job:
             job["source_fingerprint"] = by_key[job["source"]]["fingerprint"]
         job["fingerprint"] = h.fingerprint(job)
@@ -194,8 +200,10 @@ def _run_one(job: dict[str, Any], work: Path, tag: str) -> dict[str, Any]:
     start = time.monotonic()
     with open(log, "w") as fh:
         try:
+            # Progress bars every 10 s, not every step: the log stays readable.
+            env = {**os.environ, "TQDM_MININTERVAL": "10"}
             subprocess.run([sys.executable, str(HARNESS), str(job_path)], stdout=fh, stderr=subprocess.STDOUT,
-                           timeout=limit, check=False)
+                           timeout=limit, check=False, env=env)
         except subprocess.TimeoutExpired:
             pass  # no result file: reported below as a failure
     result = h.read_json(work / "results" / f"{key}.json")
@@ -214,6 +222,10 @@ def _run_one(job: dict[str, Any], work: Path, tag: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------
+
+
+def _duration(minutes: float) -> str:
+    return f"{60 * minutes:.0f} s" if minutes < 1 else f"{minutes:g} min"
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -238,8 +250,8 @@ def _ok(results: dict[str, dict[str, Any]], key: str) -> dict[str, Any] | None:
 
 def main_table(jobs: list[dict[str, Any]], results: dict[str, dict[str, Any]], group: str, edge: int) -> str:
     """Markdown: one row per model of `group` ("budget" or "steps"), best mean test Dice first."""
-    head = ("| model | size | params (M) | GFLOPs at {e}³ | steps | s/step | test Dice (mean ± sd) | Dice IQR | "
-            "MIoU ± sd | HD95 mm ± sd | latency s/volume | peak memory MiB | checkpoint: val Dice @ step |")
+    head = ("| model | size | params (M) | GFLOPs at {e}³ | steps | s/step with validation | test Dice (mean ± sd) | "
+            "Dice IQR | MIoU ± sd | HD95 mm ± sd | latency s/volume | peak memory MiB | checkpoint: val Dice @ step |")
     lines = [head.format(e=edge), "|---|---|" + "---:|" * 11]
     mine = [j for j in jobs if j.get("group") == group]
     done = sorted((j for j in mine if _ok(results, j["key"])),
@@ -248,6 +260,8 @@ def main_table(jobs: list[dict[str, Any]], results: dict[str, dict[str, Any]], g
         r = results[j["key"]]
         t = r["test"]
         steps = str(r["steps_done"]) if r["fits"] else f"{r['steps_done']}/{r['steps_target']} (cap)"
+        if group == "budget" and not r.get("budget_bound", True):
+            steps += " (schedule ended before the budget)"
         flops = _num(r["gflops"], 1) + ("" if r["flops_edge"] == edge else f" (at {r['flops_edge']}³)")
         iqr = "n/a" if t["dice_spread"]["q1"] is None else f"{t['dice_spread']['q1']:.3f}–{t['dice_spread']['q3']:.3f}"
         lines.append(
@@ -434,17 +448,18 @@ def report(s: Settings, dataset: dict[str, Any], machine: dict[str, Any], comman
         "RSS of the process that trained and evaluated the model.",
     ]
     if any(j.get("group") == "budget" for j in jobs):  # also when only the robustness studies needed them
-        parts += ["", f"### (a) Equal CPU time budget: {s.minutes:g} min of training per model", "",
-                  "The schedule is sized from a measured step time so that the budget stops training near the "
-                  "end of the cosine decay.", "", main_table(jobs, results, "budget", s.edge), "",
+        parts += ["", f"### (a) Equal CPU time budget: {_duration(s.minutes)} of training per model", "",
+                  "The budget includes validation. The schedule is sized from a measured step and inference "
+                  "time: validations (one per epoch) get at most a tenth of the budget, and the budget stops "
+                  "training near the end of the cosine decay.", "", main_table(jobs, results, "budget", s.edge), "",
                   findings(jobs, results, "budget")]
     if "steps" in s.tables:
-        parts += ["", f"### (b) Equal optimizer steps: {s.steps} per model (cap {s.steps_cap_minutes:g} min)", "",
+        parts += ["", f"### (b) Equal optimizer steps: {s.steps} per model (cap {_duration(s.steps_cap_minutes)})", "",
                   main_table(jobs, results, "steps", s.edge), "", findings(jobs, results, "steps")]
     if "dice" in images:
         parts += ["", f"![test Dice per model and case]({images['dice']})"]
     if s.ablations:
-        parts += ["", f"### Ablations of CrossModalNet (same {s.minutes:g}-minute budget)", "",
+        parts += ["", f"### Ablations of CrossModalNet (same {_duration(s.minutes)} budget)", "",
                   ablation_table(jobs, results)]
     if s.robustness:
         mags = ", ".join(f"{m:g}" for m in s.magnitudes)
@@ -455,7 +470,7 @@ def report(s: Settings, dataset: dict[str, Any], machine: dict[str, Any], comman
                   misregistration_table(s, results)]
         if "misregistration" in images:
             parts += ["", f"![Dice against misregistration]({images['misregistration']})"]
-        parts += ["", f"### Robustness: a missing modality (same {s.minutes:g}-minute budget)", "",
+        parts += ["", f"### Robustness: a missing modality (same {_duration(s.minutes)} budget)", "",
                   missing_table(s, results)]
     return "\n".join(parts).rstrip() + "\n"
 
@@ -527,6 +542,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="list the jobs and what is cached; run none")
     p.add_argument("--write", type=Path, help="markdown file whose marked section to replace (docs/benchmarks.md)")
     a = p.parse_args(argv)
+    # SIGTERM (timeout, a scheduler) becomes SystemExit, so that subprocess.run kills the running job too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         s = _settings(a)
         s.work.mkdir(parents=True, exist_ok=True)

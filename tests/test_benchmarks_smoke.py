@@ -112,6 +112,10 @@ def test_plot_writes_png(fabricated, tmp_path: Path) -> None:
 def test_schedules() -> None:
     epochs, ipe = h.budget_schedule(step_s=2.0, budget_s=480, validations=12)
     assert epochs * ipe >= 1.25 * 480 / 2.0 and abs(epochs - 12) <= 1
+    # Slow validation: no more validations than fit in a tenth of the budget, and their time set aside.
+    epochs, ipe = h.budget_schedule(step_s=5.0, budget_s=150, validations=12, validation_s=7.0)
+    assert epochs == 2 and 1.25 * (150 - 14) / 5.0 <= epochs * ipe < 1.25 * 150 / 5.0
+    assert h.sliding_windows(64, 64, 0.25) == 1 and h.sliding_windows(64, 48, 0.25) == 8
     for steps in (1, 7, 10, 150):
         epochs, ipe = h.split_steps(steps, 12)
         assert epochs * ipe == steps
