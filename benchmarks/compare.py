@@ -297,8 +297,8 @@ def findings(jobs: list[dict[str, Any]], results: dict[str, dict[str, Any]], gro
 def ablation_table(jobs: list[dict[str, Any]], results: dict[str, dict[str, Any]]) -> str:
     """Markdown: the default CrossModalNet, then each single change with its paired Dice difference."""
     ref = _ok(results, f"budget-{CMN}")
-    lines = ["| variant | steps | s/step | test Dice (mean ± sd) | Δ Dice vs default (paired, mean ± sd) | MIoU | "
-             "HD95 mm |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | steps | s/step with validation | test Dice (mean ± sd) | "
+             "Δ Dice vs default (paired, mean ± sd) | MIoU | HD95 mm |", "|---|---:|---:|---:|---:|---:|---:|"]
     rows = [("default (as configured)", ref)] if ref else []
     rows += [(j["label"], _ok(results, j["key"])) for j in jobs if j.get("group") == "ablation"]
     for label, r in rows:
