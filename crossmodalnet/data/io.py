@@ -168,12 +168,9 @@ def read_label(path: str | os.PathLike) -> tuple[np.ndarray, Geometry, str]:
     return indices, geom, encoding
 
 
-def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, dtype=np.float32) -> Path:
-    """Write `array` (X, Y, Z) with `geometry` atomically. Returns the path."""
-    array = np.asarray(array)
-    if tuple(array.shape) != tuple(geometry.shape):
-        raise CrossModalNetError(f"{path}: array shape {array.shape} does not match geometry {geometry.shape}")
-    img = nib.Nifti1Image(array.astype(dtype, copy=False), geometry.affine)
+def _save(path: str | os.PathLike, data: np.ndarray, geometry: Geometry) -> Path:
+    """Save `data` (3D or 4D) with `geometry` as NIfTI through a temp file + rename."""
+    img = nib.Nifti1Image(data, geometry.affine)
     # Both qform and sform carry the affine so that Slicer and ITK-SNAP agree with nibabel.
     img.set_qform(geometry.affine, code=1)
     img.set_sform(geometry.affine, code=1)
@@ -181,6 +178,14 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, 
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, dtype=np.float32) -> Path:
+    """Write `array` (X, Y, Z) with `geometry` atomically. Returns the path."""
+    array = np.asarray(array)
+    if tuple(array.shape) != tuple(geometry.shape):
+        raise CrossModalNetError(f"{path}: array shape {array.shape} does not match geometry {geometry.shape}")
+    return _save(path, array.astype(dtype, copy=False), geometry)
 
 
 def write_label(path: str | os.PathLike, labels: np.ndarray, geometry: Geometry) -> Path:
@@ -198,13 +203,7 @@ def write_probabilities(path: str | os.PathLike, probabilities: np.ndarray, geom
         raise CrossModalNetError(
             f"{path}: expected (C, *{geometry.shape}) probabilities, got shape {probabilities.shape}"
         )
-    img = nib.Nifti1Image(np.moveaxis(probabilities.astype(np.float32, copy=False), 0, -1), geometry.affine)
-    img.set_qform(geometry.affine, code=1)
-    img.set_sform(geometry.affine, code=1)
-    img.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
+    return _save(path, np.moveaxis(probabilities.astype(np.float32, copy=False), 0, -1), geometry)
 
 
 def check_same_grid(items: Mapping[str, Geometry], atol: float = GRID_ATOL_MM) -> None:
