@@ -43,7 +43,7 @@ from crossmodalnet.data.io import atomic_path
 from crossmodalnet.data.labels import NUM_CLASSES
 
 __all__ = [
-    "write_json", "read_json", "fingerprint", "machine_info", "make_dataset", "spread",
+    "write_json", "write_section", "read_json", "fingerprint", "machine_info", "make_dataset", "spread",
     "budget_schedule", "sliding_windows", "split_steps", "shift_direction", "shift_volume", "smooth_field",
     "warp_volume", "run_job_file",
 ]
@@ -61,6 +61,24 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
     return Path(path)
+
+
+def write_section(path: str | os.PathLike, name: str, text: str) -> Path:
+    """Replace the `<!-- name:begin -->` ... `<!-- name:end -->` section of a markdown file (append if absent).
+
+    Every benchmark writes its own section of docs/benchmarks.md this way, atomically.
+    """
+    path = Path(path)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(new)
+    return path
 
 
 def read_json(path: str | os.PathLike) -> Any | None:

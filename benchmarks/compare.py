@@ -47,7 +47,6 @@ from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.baselines import BASELINE_SIZES
 from crossmodalnet.models.registry import MODEL_NAMES
 
-BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 HARNESS = Path(__file__).with_name("_harness.py")
 # Part of every job's identity: bump it when a change of the harness changes what a job measures,
 # so that cached results made the old way are not reused.
@@ -148,6 +147,16 @@ def plan(s: Settings) -> list[dict[str, Any]]:
         for name in s.models:
             jobs.append({"key": f"misregistration-{name}", "kind": "misregistration", "label": name,
                          "source": f"budget-{name}", "seed": s.seed, "magnitudes": list(s.magnitudes)})
+        # Does training with a modality missing at times also make the model lean less on a shifted MR?
+        jobs.append({"key": f"misregistration-dropout-{CMN}", "kind": "misregistration",
+                     "label": f"{CMN}, modality dropout {s.dropout:g}", "source": f"dropout-{CMN}", "seed": s.seed,
+                     "magnitudes": list(s.magnitudes)})
+        # What the mechanisms meant for misregistration (the Cross Transformer blocks, the deformable
+        # operator) buy under it: the ablations that switch them are scored the same way.
+        for key, label, mo, _ in _ablations(s) if s.ablations else []:
+            if {"cross_blocks", "deformable"} & set(mo):
+                jobs.append({"key": f"misregistration-{key}", "kind": "misregistration", "label": f"{CMN}, {label}",
+                             "source": key, "seed": s.seed, "magnitudes": list(s.magnitudes)})
         for src in (f"dropout-{CMN}", f"budget-{CMN}"):
             jobs.append({"key": f"missing-{src}", "kind": "missing", "label": src, "source": src})
     by_key = {j["key"]: j for j in jobs}
@@ -165,8 +174,12 @@ def plan(s: Settings) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_jobs(jobs: list[dict[str, Any]], work: Path, fresh: bool, dry_run: bool) -> dict[str, dict[str, Any]]:
-    """Run (or reuse) every job in order, each in a subprocess; returns {key: result}."""
+def run_jobs(jobs: list[dict[str, Any]], work: Path, fresh: bool, dry_run: bool,
+             report_only: bool = False) -> dict[str, dict[str, Any]]:
+    """Run (or reuse) every job in order, each in a subprocess; returns {key: result}.
+
+    report_only: reuse what is finished and run nothing (the tables mark the rest as not run).
+    """
     results: dict[str, dict[str, Any]] = {}
     for n, job in enumerate(jobs, 1):
         key, tag = job["key"], f"[{n}/{len(jobs)}] {job['key']}"
@@ -177,6 +190,9 @@ def run_jobs(jobs: list[dict[str, Any]], work: Path, fresh: bool, dry_run: bool)
             continue
         if dry_run:
             print(f"{tag}: would run", file=sys.stderr)
+            continue
+        if report_only:
+            results[key] = {"key": key, "status": "not run"}
             continue
         if "source" in job and results.get(job["source"], {}).get("status") != "ok":
             results[key] = {"key": key, "status": "skipped", "error": f"{job['source']} did not finish"}
@@ -320,8 +336,12 @@ def misregistration_table(s: Settings, results: dict[str, dict[str, Any]]) -> st
     conds = _conditions(s)
     lines = ["| model | " + " | ".join(c.replace("_", " ") for c in conds) + " | loss at shift 4 | loss at warp 4 |",
              "|---|" + "---:|" * (len(conds) + 2)]
-    for name in s.models:
-        r = _ok(results, f"misregistration-{name}")
+    rows = [(name, f"misregistration-{name}") for name in s.models]
+    rows.append((f"{CMN}, modality dropout {s.dropout:g}", f"misregistration-dropout-{CMN}"))
+    switched = [(key, label) for key, label, mo, _ in _ablations(s) if {"cross_blocks", "deformable"} & set(mo)]
+    rows += [(f"{CMN}, {label}", f"misregistration-{key}") for key, label in (switched if s.ablations else [])]
+    for name, key in rows:
+        r = _ok(results, key)
         if r is None:
             lines.append(f"| {name} | not available |" + " |" * (len(conds) + 1))
             continue
@@ -475,18 +495,6 @@ def report(s: Settings, dataset: dict[str, Any], machine: dict[str, Any], comman
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the text between the markers of `path` (or append it), atomically."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    with atomic_path(path) as tmp:
-        tmp.write_text(new)
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-runs", dest="latency_runs", type=int, help="timed predictions per model (default 5)")
     p.add_argument("--fresh", action="store_true", help="redo every job instead of reusing finished results")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="list the jobs and what is cached; run none")
+    p.add_argument("--report-only", dest="report_only", action="store_true",
+                   help="write the tables from the finished jobs; run none (the rest are marked as not run)")
     p.add_argument("--write", type=Path, help="markdown file whose marked section to replace (docs/benchmarks.md)")
     a = p.parse_args(argv)
     # SIGTERM (timeout, a scheduler) becomes SystemExit, so that subprocess.run kills the running job too.
@@ -551,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
         machine = h.machine_info()
         dataset = h.make_dataset(s.work, s.cases, s.edge, s.seed)
         jobs = plan(s)
-        results = run_jobs(jobs, s.work, a.fresh, a.dry_run)
+        results = run_jobs(jobs, s.work, a.fresh, a.dry_run, a.report_only)
     except CrossModalNetError as exc:
         sys.exit(f"error: {exc}")
     if a.dry_run:
@@ -576,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
                                            "dataset": dataset, "jobs": jobs, "results": results})
     print(text)
     if a.write:
-        write_section(a.write, text)
+        h.write_section(a.write, "compare", text)
         print(f"wrote the section of {a.write}", file=sys.stderr)
     failed = [k for k, r in results.items() if r.get("status") != "ok"]
     print(f"done in {(time.monotonic() - start) / 60:.1f} min; results {s.work / 'results.json'}"

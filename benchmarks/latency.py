@@ -23,12 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import _harness as h
 import torch
 
 from crossmodalnet.config import ModelConfig
 from crossmodalnet.models.registry import MODEL_NAMES, build_model, count_parameters, forward_flops
-
-BEGIN, END = "<!-- latency:begin -->", "<!-- latency:end -->"
 
 
 def matmul_rate(n: int = 2048, runs: int = 10) -> float:
@@ -91,18 +90,6 @@ def table(rows: list[dict], rate: float, edge: int) -> str:
     return "\n".join(lines) + "\n\n" + note
 
 
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--edge", type=int, default=96, help="input edge length (default 96)")
@@ -135,7 +122,7 @@ def main() -> None:
               f"--edge {a.edge} --runs {a.runs} --model-size {a.model_size}`.\n\n")
     print(header + text)
     if a.write:
-        write_section(a.write, "## Forward latency (CPU)\n\n" + header + text)
+        h.write_section(a.write, "latency", "## Forward latency (CPU)\n\n" + header + text)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ __all__ = [
     "ORIGINAL_DIR",
     "LoadedRun",
     "load_run",
+    "PRECISIONS",
+    "autocast_dtype",
     "sliding_window_probabilities",
     "predict_case",
     "predict",
@@ -82,6 +84,20 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     return LoadedRun(model.to(dev).eval(), config, Preprocessor.load(run_dir / PREPROCESS), dev)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an inference `precision` on `device`; None means plain float32."""
+    if precision not in PRECISIONS:
+        raise CrossModalNetError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise CrossModalNetError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def sliding_window_probabilities(
     model: nn.Module,
     ct: torch.Tensor | None,
@@ -90,12 +106,14 @@ def sliding_window_probabilities(
     overlap: float = 0.25,
     sw_batch_size: int = 2,
     device: torch.device | None = None,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Softmax probabilities (B, C, D, H, W) on the CPU of a whole volume, by sliding window.
 
     ct, mr: (B, 1, D, H, W) or None (not both). Windows of `roi_size` are blended with Gaussian
     weights (centre of a window counts more than its border). The model's mode is left as is;
-    call `model.eval()` first.
+    call `model.eval()` first. precision: "auto" (float16 autocast on CUDA, float32 on the CPU),
+    "fp32", "bf16" (bfloat16 autocast, CPU or CUDA) or "fp16" (CUDA); blending and softmax stay fp32.
     """
     if ct is None and mr is None:
         raise ValueError("at least one of ct and mr is needed")
@@ -108,7 +126,8 @@ def sliding_window_probabilities(
         out = model(x[:, :1] if has_ct else None, x[:, -1:] if has_mr else None)
         return (out[0] if isinstance(out, list | tuple) else out).float()
 
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+    dtype = autocast_dtype(precision, device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = sliding_window_inference(
             image, tuple(int(r) for r in roi_size), sw_batch_size, predictor, overlap=overlap, mode="gaussian"
         )
@@ -125,6 +144,7 @@ def predict_case(
     overlap: float = 0.25,
     sw_batch_size: int = 2,
     device: torch.device | None = None,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Probabilities (C, X, Y, Z) float32 of one case on its original grid `geometry`.
 
@@ -132,7 +152,7 @@ def predict_case(
     """
     case = preprocess.prepare(ct, mr, geometry)
     tensors = [None if x is None else torch.from_numpy(x)[None, None] for x in (case.ct, case.mr)]
-    probs = sliding_window_probabilities(model, *tensors, roi_size, overlap, sw_batch_size, device)
+    probs = sliding_window_probabilities(model, *tensors, roi_size, overlap, sw_batch_size, device, precision)
     return preprocess.restore(probs[0], case)
 
 
@@ -147,6 +167,7 @@ def predict(
     probabilities: bool = False,
     device: str | torch.device | None = None,
     overlap: float | None = None,
+    precision: str = "auto",
 ) -> list[Path]:
     """Predict a dataset split (`data_dir`) or one case (`ct` and/or `mr` files) into `out`.
 
@@ -156,6 +177,7 @@ def predict(
     affine; background outside the prepared crop): `out/original/<id>.nii.gz`.
     labels: "codes" (MM-WHS 205..850) or "indices" (0..7), for both. probabilities: also write
     `<name>_probabilities.nii.gz`, a 4D float map (X, Y, Z, 8), on the input grid only.
+    precision: see `sliding_window_probabilities` (bf16 on a CPU with AVX-512 BF16: docs/benchmarks.md).
     Returns the label map paths on the input grids, one per case.
     """
     if labels not in ("codes", "indices"):
@@ -184,6 +206,7 @@ def predict(
         if case.id in records:
             _check_record(records[case.id], grid, case.id)
     run = load_run(run_dir, device)
+    autocast_dtype(precision, run.device)  # a bad precision fails before the first case
     single = [c for c in cases if c.ct is None or c.mr is None]
     if single and not run.supports_missing_modality:
         missing = "MR" if single[0].mr is None else "CT"
@@ -198,7 +221,7 @@ def predict(
     for case, target in zip(tqdm(cases, desc="predict", unit="case"), targets, strict=True):
         data = load_case(case, with_label=False)
         probs = predict_case(run.model, data["ct"], data["mr"], run.preprocessor, data["geometry"],
-                             run.config.patch_size, overlap, run.config.sw_batch_size, run.device)
+                             run.config.patch_size, overlap, run.config.sw_batch_size, run.device, precision)
         write_label(target, encode(probs.argmax(0).astype(np.uint8)), data["geometry"])
         if case.id in records:
             original, original_grid = restore_to_original(probs, records[case.id], data["geometry"])
@@ -233,7 +256,8 @@ def predict_from_cli(args: argparse.Namespace) -> None:
     fixed image's grid (open it over the raw scan).
     """
     written = predict(args.run, args.out, data_dir=args.input, split=args.split, ct=args.ct, mr=args.mr,
-                      labels=args.labels, probabilities=args.probabilities, device=args.device)
+                      labels=args.labels, probabilities=args.probabilities, device=args.device,
+                      precision=args.precision)
     where = written[0] if len(written) == 1 else written[0].parent
     print(f"wrote {len(written)} label map(s) ({args.labels}) to {where}")
     original = [p.parent / ORIGINAL_DIR / p.name for p in written if args.input is not None

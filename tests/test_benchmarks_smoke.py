@@ -97,10 +97,19 @@ def test_tables_rank_and_compare(fabricated) -> None:
 def test_write_section_replaces_only_its_block(tmp_path: Path) -> None:
     md = tmp_path / "benchmarks.md"
     md.write_text("# Benchmarks\n\nkept above\n")
-    compare.write_section(md, "first")
-    compare.write_section(md, "second")
+    h.write_section(md, "compare", "first")
+    h.write_section(md, "latency", "other")
+    h.write_section(md, "compare", "second")
     text = md.read_text()
-    assert text.count(compare.BEGIN) == 1 and "second" in text and "first" not in text and "kept above" in text
+    assert text.count("<!-- compare:begin -->") == 1 and "second" in text and "first" not in text
+    assert "kept above" in text and "other" in text
+
+
+def test_report_only_runs_nothing(fabricated, tmp_path: Path) -> None:
+    _, jobs, _ = fabricated
+    results = compare.run_jobs(jobs, tmp_path, fresh=False, dry_run=False, report_only=True)
+    assert {r["status"] for r in results.values()} == {"not run"}
+    assert not (tmp_path / "jobs").exists()  # nothing was started
 
 
 def test_plot_writes_png(fabricated, tmp_path: Path) -> None:

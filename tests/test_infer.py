@@ -261,3 +261,19 @@ def test_a_record_that_does_not_fit_stops_before_any_prediction(mmwhs, tmp_path)
     with pytest.raises(CrossModalNetError, match="has no prepared/original grid; run prepare-mmwhs again"):
         predict(run, tmp_path / "pred", data_dir=prep)
     assert not (tmp_path / "pred").exists()
+
+
+def test_bfloat16_inference_agrees_with_float32_and_bad_precisions_are_named(tmp_path):
+    run = _run(tmp_path / "run", model=ModelConfig.from_size("crossmodalnet", "tiny"), patch=(32, 32, 32))
+    ct, mr = _inputs(tmp_path)
+    [a] = predict(run, tmp_path / "fp32.nii.gz", ct=ct, mr=mr, labels="indices", precision="fp32")
+    [b] = predict(run, tmp_path / "bf16.nii.gz", ct=ct, mr=mr, labels="indices", precision="bf16")
+    la, lb = (np.asarray(nib.load(p).dataobj) for p in (a, b))
+    assert la.shape == lb.shape == SHAPE
+    assert np.mean(la == lb) > 0.95  # bf16 keeps 8 bits of mantissa: a few boundary voxels may flip
+    with pytest.raises(CrossModalNetError, match="needs a CUDA device"):
+        predict(run, tmp_path / "x.nii.gz", ct=ct, mr=mr, precision="fp16", device="cpu")
+    with pytest.raises(CrossModalNetError, match="precision must be one of"):
+        infer.autocast_dtype("int8", torch.device("cpu"))
+    assert infer.autocast_dtype("auto", torch.device("cpu")) is None
+    assert infer.autocast_dtype("auto", torch.device("cuda")) is torch.float16

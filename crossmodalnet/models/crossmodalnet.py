@@ -52,9 +52,11 @@ class _Stream(nn.Module):
 class _UpBlock(nn.Module):
     """Upsample x2 (transposed conv), concat the fused skip, then a residual conv block (MONAI)."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, light: bool = False):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, light: bool = False,
+                 channels_last: bool = False):
         super().__init__()
         self.out_channels = out_channels
+        self.channels_last = channels_last
         self.up = UpSample(in_channels, out_channels)
         c = out_channels + skip_channels
         # At full resolution one conv (not a residual pair) keeps CPU time in check.
@@ -64,7 +66,12 @@ class _UpBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.block(torch.cat([self.up(x), skip], dim=1))
+        x = torch.cat([self.up(x), skip], dim=1)
+        if self.channels_last:
+            # Few channels at full resolution: oneDNN runs these convolutions (and the 1x1 head
+            # after them) 2-10x faster channels-last than channels-first on the CPU (docs/benchmarks.md).
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self.block(x)
 
 
 class CrossModalNet(nn.Module):
@@ -80,6 +87,11 @@ class CrossModalNet(nn.Module):
         n = len(cfg.depths)
         if len(cfg.num_heads) != n:
             raise ValueError(f"depths {cfg.depths} and num_heads {cfg.num_heads} must have the same length")
+        if cfg.fine_skips not in ("reference", "both"):
+            raise ValueError(f"fine_skips must be 'reference' or 'both', got {cfg.fine_skips!r}")
+        if cfg.light_decoder_levels < 1:
+            raise ValueError(f"light_decoder_levels must be >= 1 (the full-resolution block), "
+                             f"got {cfg.light_decoder_levels}")
         self.config = cfg
         dims = [cfg.feature_size * 2**i for i in range(n)]
         drop_path = drop_path_schedule(cfg.depths, cfg.drop_path_rate)
@@ -93,19 +105,30 @@ class CrossModalNet(nn.Module):
             )
             for i in range(n)
         ) if cfg.cross_blocks else None
-        # Decoder, coarse to fine. Skip channels are both streams' (hence 2x).
+        # Decoder, coarse to fine. Skips at the token grid and coarser are both streams' (hence 2x);
+        # finer ones one stream's or both (`fine_skips`).
         stem_ch = self.ct.stem.channels[:-1]  # stride 2 .. patch_size/2 maps
+        k = 1 if cfg.fine_skips == "reference" else 2
         self.bottleneck = UnetResBlock(3, 2 * dims[-1], dims[-1], kernel_size=3, stride=1, norm_name=_NORM)
         ups: list[_UpBlock] = [_UpBlock(dims[i + 1], 2 * dims[i], dims[i]) for i in reversed(range(n - 1))]
         chans = [dims[0], *reversed(stem_ch)]
-        ups += [_UpBlock(chans[j], 2 * chans[j + 1], chans[j + 1]) for j in range(len(stem_ch))]
+        # The finest `light_decoder_levels` blocks (full resolution first) use one convolution
+        # instead of a residual pair: at high resolution the pair costs most of the FLOPs.
+        light = [len(stem_ch) - j < cfg.light_decoder_levels for j in range(len(stem_ch))]
+        ups += [_UpBlock(chans[j], k * chans[j + 1], chans[j + 1], light=light[j]) for j in range(len(stem_ch))]
         full = max(chans[-1] // 2, 8)
-        ups.append(_UpBlock(chans[-1], 2 * cfg.in_channels, full, light=True))
+        ups.append(_UpBlock(chans[-1], k * cfg.in_channels, full, light=True, channels_last=True))
         self.ups = nn.ModuleList(ups)
+        # The logits are coarse + fine: a head on the stride-2 decoder map, upsampled, plus a
+        # full-resolution correction. Why: the full-resolution map is narrow (`full` channels, to
+        # keep CPU time down) and alone it dropped whole classes: measured, after 600 steps the
+        # stride-2 head found 80 % of the pulmonary artery while the full-resolution head
+        # predicted none of it (docs/model.md).
+        self.coarse_head = UnetOutBlock(3, self.ups[-2].out_channels, cfg.out_channels)
         self.head = UnetOutBlock(3, full, cfg.out_channels)
-        # Deep supervision heads on the decoder maps at strides 2 and 4.
+        # Deep supervision: the stride-2 logits above and a head on the stride-4 decoder map.
         self.ds_heads = nn.ModuleList(
-            UnetOutBlock(3, self.ups[j].out_channels, cfg.out_channels) for j in (-2, -3)
+            [UnetOutBlock(3, self.ups[-3].out_channels, cfg.out_channels)]
         ) if cfg.deep_supervision else None
         self.divisor = cfg.patch_size * 2 ** (n - 1)
 
@@ -140,9 +163,11 @@ class CrossModalNet(nn.Module):
     def encode(self, ct: torch.Tensor | None, mr: torch.Tensor | None, keep_layers: bool = False):
         """Run both streams. Inputs must already be padded to a multiple of `self.divisor`.
 
-        Returns (stem maps per stream, fused skips per stage (B, 2C, d, h, w), inputs skip, layers)
-        where `layers` (if keep_layers) lists (name, F_ct, F_mr) tokens after every stage and cross
-        block, for the information-flow analysis.
+        Returns (fine skips: stem maps (B, k C_s, ...) at strides 2 .. patch_size / 2, fused skips per
+        stage (B, 2C, d, h, w), inputs skip (B, k C_in, D, H, W), layers), k = 2 for `fine_skips`
+        "both" (CT ‖ MR), 1 for "reference" (CT's, the MR's for a sample whose CT is missing), where
+        `layers` (if keep_layers) lists (name, F_ct, F_mr) tokens after every stage and cross block,
+        for the information-flow analysis.
         """
         ref = ct if ct is not None else mr
         masks = self._drop_masks(ref.shape[0], ref.device)
@@ -165,6 +190,15 @@ class CrossModalNet(nn.Module):
             skips.append(torch.cat([fa, fb], dim=-1).permute(0, 4, 1, 2, 3))
             if i < len(self.ct.merges):
                 fa, fb = self.ct.merges[i](fa), self.mr.merges[i](fb)
+        if self.config.fine_skips == "reference":
+            # Detail finer than the tokens comes from the image on the labels' grid; the other modality
+            # reaches the decoder through the (deformable) cross-attended token streams, where a few
+            # voxels of misregistration are within a window. A sample without CT falls back to the MR.
+            use_mr = torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device) if ct is None else (
+                drop_ct if drop_ct is not None else torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device))
+            sel = use_mr.view(-1, 1, 1, 1, 1)
+            stems = [torch.where(sel, b, a) for a, b in zip(s_ct[:-1], s_mr[:-1], strict=True)]
+            return stems, skips, torch.where(sel, x_mr, x_ct), layers
         stems = [torch.cat([a, b], dim=1) for a, b in zip(s_ct[:-1], s_mr[:-1], strict=True)]
         return stems, skips, torch.cat([x_ct, x_mr], dim=1), layers
 
@@ -186,10 +220,12 @@ class CrossModalNet(nn.Module):
         for up, skip in zip(self.ups, fine, strict=True):
             x = up(x, skip)
             outs.append(x)
-        logits = self.head(x)[..., : size[0], : size[1], : size[2]]
+        coarse = self.coarse_head(outs[-2])  # (B, C, D/2, H/2, W/2)
+        up = F.interpolate(coarse, scale_factor=2, mode="trilinear", align_corners=False)
+        logits = (self.head(x) + up)[..., : size[0], : size[1], : size[2]]
         if self.ds_heads is not None and self.training:
-            crop = [[-(-s // f) for s in size] for f in (2, 4)]
-            coarse = [head(o)[..., : c[0], : c[1], : c[2]]
-                      for head, o, c in zip(self.ds_heads, (outs[-2], outs[-3]), crop, strict=True)]
-            return [logits, *coarse]
+            half, quarter = ([-(-s // f) for s in size] for f in (2, 4))
+            stride4 = self.ds_heads[0](outs[-3])
+            return [logits, coarse[..., : half[0], : half[1], : half[2]],
+                    stride4[..., : quarter[0], : quarter[1], : quarter[2]]]
         return logits

@@ -53,6 +53,35 @@ def test_deep_supervision_shapes():
     assert model(*_pair((32, 30, 28))).shape == (1, 8, 32, 30, 28)
 
 
+def test_logits_are_upsampled_coarse_logits_plus_a_full_resolution_correction():
+    # With the full-resolution head silenced, what is left is the stride-2 head, upsampled trilinearly.
+    model = _model().eval()
+    torch.nn.init.zeros_(model.head.conv.conv.weight)
+    torch.nn.init.zeros_(model.head.conv.conv.bias)
+    captured = []
+    model.coarse_head.register_forward_hook(lambda _m, _a, out: captured.append(out))
+    with torch.no_grad():
+        out = model(*_pair((32, 30, 28)))
+    expected = torch.nn.functional.interpolate(captured[0], scale_factor=2, mode="trilinear", align_corners=False)
+    assert captured[0].shape[2:] == (16, 16, 16)  # padded to the model's divisor, then cropped
+    torch.testing.assert_close(out, expected[..., :32, :30, :28])
+
+
+def test_reference_fine_skips_keep_mr_detail_out_of_the_fine_decoder():
+    # fine_skips "reference": below the token grid the decoder sees the CT only, so changing the MR
+    # leaves encode's fine skips as they were (the MR reaches the output through the token streams).
+    model = _model(fine_skips="reference").eval()
+    ct, mr = _pair((32, 32, 32))
+    with torch.no_grad():
+        stems, _, inputs, _ = model.encode(ct, mr)
+        stems2, _, inputs2, _ = model.encode(ct, mr.flip(2))
+        mr_only, _, inputs_mr, _ = model.encode(None, mr)
+    assert inputs.shape[1] == 1 and torch.equal(inputs, ct) and torch.equal(inputs2, ct)
+    assert all(torch.equal(a, b) for a, b in zip(stems, stems2, strict=True))
+    assert torch.equal(inputs_mr, mr)  # without a CT the MR is the reference
+    assert all(a.shape == b.shape for a, b in zip(stems, mr_only, strict=True))
+
+
 def test_swapping_ct_and_mr_changes_the_output():
     model = _model().eval()
     ct, mr = _pair((32, 32, 32))
@@ -82,7 +111,8 @@ def test_same_seed_same_output_and_different_seed_differs():
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(cross_attention="paper"), dict(deformable=False), dict(cross_blocks=False), dict(patch_size=2)],
+    [dict(cross_attention="paper"), dict(deformable=False), dict(cross_blocks=False), dict(patch_size=2),
+     dict(light_decoder_levels=1), dict(light_decoder_levels=3), dict(fine_skips="reference")],
 )
 def test_variants_run(overrides):
     model = _model(**overrides).eval()
@@ -111,6 +141,10 @@ def test_bad_config_is_refused():
         _model(num_heads=(1, 2))
     with pytest.raises(ValueError, match="cross_attention"):
         _model(cross_attention="sideways")
+    with pytest.raises(ValueError, match="light_decoder_levels"):
+        _model(light_decoder_levels=0)
+    with pytest.raises(ValueError, match="fine_skips"):
+        _model(fine_skips="mr")
     ct, _ = _pair((16, 16, 16))
     with pytest.raises(ValueError, match="same shape"):
         _model()(ct, torch.randn(1, 1, 16, 16, 8))

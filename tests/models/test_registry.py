@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from crossmodalnet.config import ModelConfig
@@ -25,8 +26,11 @@ def test_one_training_step_every_model(name):
     target = torch.randint(0, 8, (2, 1, s, s, s))
     before = [p.detach().clone() for p in model.parameters()]
     out = model(ct, mr)
-    assert out.shape == (2, 8, s, s, s)
-    loss = DiceCELoss(to_onehot_y=True, softmax=True)(out, target)
+    # Models with deep supervision (CrossModalNet's default) return [full, stride 2, stride 4] in training.
+    levels = out if isinstance(out, list) else [out]
+    assert [tuple(o.shape) for o in levels] == [(2, 8, s // f, s // f, s // f) for f in (1, 2, 4)][: len(levels)]
+    loss = sum(DiceCELoss(to_onehot_y=True, softmax=True)(o, F.interpolate(target.float(), size=o.shape[2:]))
+               for o in levels)
     assert torch.isfinite(loss)
     opt.zero_grad()
     loss.backward()
