@@ -30,6 +30,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ from crossmodalnet.data.io import atomic_path
 from crossmodalnet.data.labels import NUM_CLASSES
 
 __all__ = [
-    "write_json", "write_section", "read_json", "fingerprint", "machine_info", "make_dataset", "spread",
+    "write_json", "write_section", "merge_settings", "read_json", "fingerprint", "machine_info", "make_dataset",
+    "spread",
     "budget_schedule", "sliding_windows", "split_steps", "shift_direction", "shift_volume", "smooth_field",
     "warp_volume", "run_job_file",
 ]
@@ -79,6 +81,17 @@ def write_section(path: str | os.PathLike, name: str, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(new)
     return path
+
+
+def merge_settings(defaults: Any, args: Any, quick: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark's settings as a dict: the dataclass `defaults`, then the `quick` preset when
+    `args.quick`, then every flag the user gave (None = not given; lists become tuples)."""
+    values = {**asdict(defaults), **(quick if args.quick else {}), "quick": args.quick}
+    for f in fields(defaults):
+        given = getattr(args, f.name, None)
+        if given is not None and f.name != "quick":
+            values[f.name] = tuple(given) if isinstance(given, list) else given
+    return values
 
 
 def read_json(path: str | os.PathLike) -> Any | None:

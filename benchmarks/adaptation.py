@@ -38,7 +38,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -346,11 +346,7 @@ def report(s: Settings, results: dict[str, dict[str, Any]], machine: dict[str, A
 
 
 def _settings(a: argparse.Namespace) -> Settings:
-    values = {**asdict(Settings()), **(QUICK if a.quick else {}), "quick": a.quick}
-    for f in fields(Settings):
-        given = getattr(a, f.name, None)
-        if given is not None and f.name != "quick":
-            values[f.name] = given
+    values = h.merge_settings(Settings(), a, QUICK)
     s = replace(Settings(), **values)
     if s.model_size not in CROSSMODALNET_SIZES:
         raise CrossModalNetError(f"--model-size {s.model_size!r}: choose from {sorted(CROSSMODALNET_SIZES)}")

@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,7 @@ def _ablations(s: Settings) -> list[tuple[str, str, dict[str, Any], dict[str, An
     m, t = ModelConfig(), TrainConfig()
     other = "paper" if m.cross_attention == "standard" else "standard"
     on_off = {True: "on", False: "off"}
+    fine = "both" if m.fine_skips == "reference" else "reference"
     return [
         (f"ablation-attention-{other}", f"cross attention `{other}`", {"cross_attention": other}, {}),
         (f"ablation-deformable-{on_off[not m.deformable]}", f"deformable {on_off[not m.deformable]}",
@@ -123,6 +124,7 @@ def _ablations(s: Settings) -> list[tuple[str, str, dict[str, Any], dict[str, An
          {"cross_blocks": not m.cross_blocks}, {}),
         (f"ablation-balancing-{on_off[not t.loss_balancing]}", f"loss balancing {on_off[not t.loss_balancing]}",
          {}, {"loss_balancing": not t.loss_balancing}),
+        (f"ablation-fine-skips-{fine}", f"fine skips `{fine}`", {"fine_skips": fine}, {}),
     ]
 
 
@@ -152,9 +154,9 @@ def plan(s: Settings) -> list[dict[str, Any]]:
                      "label": f"{CMN}, modality dropout {s.dropout:g}", "source": f"dropout-{CMN}", "seed": s.seed,
                      "magnitudes": list(s.magnitudes)})
         # What the mechanisms meant for misregistration (the Cross Transformer blocks, the deformable
-        # operator) buy under it: the ablations that switch them are scored the same way.
+        # operator, reference-only fine skips) buy under it: the ablations that switch them are scored too.
         for key, label, mo, _ in _ablations(s) if s.ablations else []:
-            if {"cross_blocks", "deformable"} & set(mo):
+            if {"cross_blocks", "deformable", "fine_skips"} & set(mo):
                 jobs.append({"key": f"misregistration-{key}", "kind": "misregistration", "label": f"{CMN}, {label}",
                              "source": key, "seed": s.seed, "magnitudes": list(s.magnitudes)})
         for src in (f"dropout-{CMN}", f"budget-{CMN}"):
@@ -338,7 +340,8 @@ def misregistration_table(s: Settings, results: dict[str, dict[str, Any]]) -> st
              "|---|" + "---:|" * (len(conds) + 2)]
     rows = [(name, f"misregistration-{name}") for name in s.models]
     rows.append((f"{CMN}, modality dropout {s.dropout:g}", f"misregistration-dropout-{CMN}"))
-    switched = [(key, label) for key, label, mo, _ in _ablations(s) if {"cross_blocks", "deformable"} & set(mo)]
+    switched = [(key, label) for key, label, mo, _ in _ablations(s)
+                if {"cross_blocks", "deformable", "fine_skips"} & set(mo)]
     rows += [(f"{CMN}, {label}", f"misregistration-{key}") for key, label in (switched if s.ablations else [])]
     for name, key in rows:
         r = _ok(results, key)
@@ -501,11 +504,7 @@ def report(s: Settings, dataset: dict[str, Any], machine: dict[str, Any], comman
 
 
 def _settings(a: argparse.Namespace) -> Settings:
-    values = {**asdict(Settings()), **(QUICK if a.quick else {}), "quick": a.quick}
-    for f in fields(Settings):
-        given = getattr(a, f.name, None)
-        if given is not None and f.name != "quick":
-            values[f.name] = tuple(given) if isinstance(given, list) else given
+    values = h.merge_settings(Settings(), a, QUICK)
     if a.tables is not None:
         values["tables"] = ("budget", "steps") if a.tables == "both" else (a.tables,)
     if a.patch is None:
