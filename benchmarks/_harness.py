@@ -129,34 +129,35 @@ def machine_info() -> dict[str, Any]:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "system": platform.system()}
 
 
-def make_dataset(work: Path, cases: int, edge: int, seed: int) -> dict[str, Any]:
-    """Synthesize the benchmark dataset into `work/data` once; copy the test labels to `work/references`.
+def make_dataset(root: Path, cases: int, edge: int, seed: int, domain: str = "source",
+                 references: dict[str, Path] | None = None, min_cases: int = 8) -> dict[str, Any]:
+    """Synthesize a benchmark dataset into `root` once; copy the labels of each split of `references`
+    ({split: folder}) into its folder, where the evaluator reads them.
 
-    Reused when `work/data/benchmark.json` records the same (cases, edge, seed); another dataset
+    Reused when `root/benchmark.json` records the same (cases, edge, seed, domain); another dataset
     in the folder is refused rather than silently mixed with results made on it.
     """
     from crossmodalnet.data.phantom import synthesize
     from crossmodalnet.errors import CrossModalNetError
 
-    data, refs = work / "data", work / "references"
-    wanted = {"cases": cases, "edge": edge, "seed": seed, "domain": "source"}
-    marker = read_json(data / "benchmark.json")
+    wanted = {"cases": cases, "edge": edge, "seed": seed, "domain": domain}
+    marker = read_json(root / "benchmark.json")
     if marker is not None and marker != wanted:
-        raise CrossModalNetError(f"{data}: holds another benchmark dataset ({marker}, wanted {wanted}); "
+        raise CrossModalNetError(f"{root}: holds another benchmark dataset ({marker}, wanted {wanted}); "
                                  "use another --work folder")
     if marker is None:
-        if data.exists():
-            shutil.rmtree(data)  # an interrupted synthesis: start it over
-        synthesize(data, cases=cases, size=edge, seed=seed, domain="source", layout="dataset")
-        write_json(data / "benchmark.json", wanted)
-    dataset = load_dataset(data)
+        if root.exists():
+            shutil.rmtree(root)  # an interrupted synthesis: start it over
+        synthesize(root, cases=cases, size=edge, seed=seed, domain=domain, layout="dataset")
+        write_json(root / "benchmark.json", wanted)
+    dataset = load_dataset(root)
     if not dataset["test"] or not dataset["validation"]:
-        raise CrossModalNetError(f"{data}: needs test and validation cases; use --cases 8 or more")
-    refs.mkdir(parents=True, exist_ok=True)
-    for case in dataset["test"]:
-        target = refs / f"{case.id}.nii.gz"
-        if not target.is_file():
-            shutil.copyfile(case.label, target)
+        raise CrossModalNetError(f"{root}: needs test and validation cases; use --cases {min_cases} or more")
+    for split, folder in (references or {}).items():
+        folder.mkdir(parents=True, exist_ok=True)
+        for case in dataset[split]:
+            if not (folder / f"{case.id}.nii.gz").is_file():
+                shutil.copyfile(case.label, folder / f"{case.id}.nii.gz")
     return {**wanted, "splits": {k: len(dataset[k]) for k in ("training", "validation", "test")},
             "test_cases": [c.id for c in dataset["test"]]}
 

@@ -102,28 +102,10 @@ VARIANTS: dict[str, dict[str, Any]] = {"jada-avg": {"topology_pool": "avg"}}
 def make_data(s: Settings, domain: str) -> Path:
     """Synthesize one domain's dataset into WORK/<domain> once; copy its test labels to WORK/references/<domain>
     and its validation labels (the split settings are chosen on) to WORK/references/<domain>-validation."""
-    from crossmodalnet.data.dataset import load_dataset
-    from crossmodalnet.data.phantom import synthesize
-
     root, refs = s.work / domain, s.work / "references" / domain
     seed = s.seed + (TARGET_SEED_OFFSET if domain == "target" else 0)
-    wanted = {"cases": s.cases, "size": s.size, "seed": seed, "domain": domain}
-    marker = h.read_json(root / "benchmark.json")
-    if marker is not None and marker != wanted:
-        raise CrossModalNetError(f"{root}: holds another dataset ({marker}, wanted {wanted}); use another --work")
-    if marker is None:
-        if root.exists():
-            shutil.rmtree(root)  # an interrupted synthesis: start over
-        synthesize(root, cases=s.cases, size=s.size, seed=seed, domain=domain, layout="dataset")
-        h.write_json(root / "benchmark.json", wanted)
-    dataset = load_dataset(root)
-    if not dataset["test"] or not dataset["validation"]:
-        raise CrossModalNetError(f"{root}: needs test and validation cases; use --cases 6 or more")
-    for split, folder in (("test", refs), ("validation", refs.with_name(f"{domain}-validation"))):
-        folder.mkdir(parents=True, exist_ok=True)
-        for case in dataset[split]:
-            if not (folder / f"{case.id}.nii.gz").is_file():
-                shutil.copyfile(case.label, folder / f"{case.id}.nii.gz")
+    h.make_dataset(root, s.cases, s.size, seed, domain, min_cases=6,
+                   references={"test": refs, "validation": refs.with_name(f"{domain}-validation")})
     return root
 
 

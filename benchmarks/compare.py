@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
         s.work.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         machine = h.machine_info()
-        dataset = h.make_dataset(s.work, s.cases, s.edge, s.seed)
+        dataset = h.make_dataset(s.work / "data", s.cases, s.edge, s.seed, references={"test": s.work / "references"})
         jobs = plan(s)
         results = run_jobs(jobs, s.work, a.fresh, a.dry_run, a.report_only)
     except CrossModalNetError as exc:

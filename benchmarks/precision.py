@@ -40,19 +40,19 @@ def run_mode(run_dir: Path, cases: list, mode: str) -> dict:
     cfg = run.config
     times, dice, labels = [], {}, {}
     first_s = None
-    for i, case in enumerate(cases):
-        data = load_case(case)
+
+    def timed(data: dict) -> tuple[np.ndarray, float]:
         t = time.perf_counter()
         probs = predict_case(model, data["ct"], data["mr"], run.preprocessor, data["geometry"], cfg.patch_size,
                              cfg.sw_overlap, cfg.sw_batch_size, run.device, precision)
-        took = time.perf_counter() - t
+        return probs, time.perf_counter() - t
+
+    for i, case in enumerate(cases):
+        data = load_case(case)
+        probs, took = timed(data)
         if i == 0:
             first_s = took
-            # Warm-up: the same volume again, so that every case below is timed warm.
-            t = time.perf_counter()
-            predict_case(model, data["ct"], data["mr"], run.preprocessor, data["geometry"], cfg.patch_size,
-                         cfg.sw_overlap, cfg.sw_batch_size, run.device, precision)
-            took = time.perf_counter() - t
+            _, took = timed(data)  # the same volume again, warm: every case is timed warm
         times.append(took)
         pred = probs.argmax(0).astype(np.uint8)
         labels[case.id] = pred

@@ -50,7 +50,8 @@ class _Stream(nn.Module):
 
 
 class _UpBlock(nn.Module):
-    """Upsample x2 (transposed conv), concat the fused skip, then a residual conv block (MONAI)."""
+    """Upsample x2 (transposed conv), concat the fused skip, then a residual conv block (MONAI), or
+    one convolution when `light`; `channels_last` runs the block in that memory format."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, light: bool = False,
                  channels_last: bool = False):
@@ -59,7 +60,7 @@ class _UpBlock(nn.Module):
         self.channels_last = channels_last
         self.up = UpSample(in_channels, out_channels)
         c = out_channels + skip_channels
-        # At full resolution one conv (not a residual pair) keeps CPU time in check.
+        # At high resolution one conv (not a residual pair) keeps CPU time in check.
         self.block = (
             Convolution(3, c, out_channels, kernel_size=3, norm=_NORM, act=_ACT)
             if light else UnetResBlock(3, c, out_channels, kernel_size=3, stride=1, norm_name=_NORM)
@@ -194,9 +195,11 @@ class CrossModalNet(nn.Module):
             # Detail finer than the tokens comes from the image on the labels' grid; the other modality
             # reaches the decoder through the (deformable) cross-attended token streams, where a few
             # voxels of misregistration are within a window. A sample without CT falls back to the MR.
-            use_mr = torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device) if ct is None else (
-                drop_ct if drop_ct is not None else torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device))
-            sel = use_mr.view(-1, 1, 1, 1, 1)
+            if ct is None:
+                return s_mr[:-1], skips, x_mr, layers
+            if drop_ct is None:
+                return s_ct[:-1], skips, x_ct, layers
+            sel = drop_ct.view(-1, 1, 1, 1, 1)
             stems = [torch.where(sel, b, a) for a, b in zip(s_ct[:-1], s_mr[:-1], strict=True)]
             return stems, skips, torch.where(sel, x_mr, x_ct), layers
         stems = [torch.cat([a, b], dim=1) for a, b in zip(s_ct[:-1], s_mr[:-1], strict=True)]

@@ -64,7 +64,6 @@ from tqdm.auto import tqdm
 from crossmodalnet.config import TrainConfig, from_dict, load_yaml, read_yaml, to_dict
 from crossmodalnet.data.dataset import Case, load_case, load_dataset
 from crossmodalnet.data.io import atomic_path, check_same_grid, read_image
-from crossmodalnet.data.labels import NUM_CLASSES
 from crossmodalnet.data.preprocess import PreparedCase, Preprocessor
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.train import checkpoint as ckpt
@@ -77,10 +76,12 @@ from crossmodalnet.train.domain import (
     entropy_weights,
     grad_reverse,
     grl_coefficient,
+    voxel_entropy,
 )
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
 from crossmodalnet.train.report import write_csv
 from crossmodalnet.train.topoloss import topology_loss
+from crossmodalnet.train.trainer import validation_dice
 
 __all__ = [
     "TERMS", "AdaptConfig", "Adapter", "adapt", "adapt_from_cli", "forward_with_features", "parse_terms",
@@ -387,7 +388,7 @@ class Adapter:
                                   if i >= 2}}
         due = cfg.val_every > 0 and (epoch % cfg.val_every == 0 or self.step >= self.total_steps)
         if due and self.val_cases:
-            row["source_val_dice"] = _source_dice(self.model, self.val_cases, self.run_config, self.device)
+            row["source_val_dice"] = validation_dice(self.model, self.val_cases, self.run_config, self.device)["mean"]
             if row["source_val_dice"] > self.best_source:
                 self.best_source = row["source_val_dice"]
                 ckpt.save_weights(self.model, self.out / BEST_SOURCE, self.run_config.model, epoch=epoch,
@@ -452,29 +453,7 @@ def _discriminator_inputs(features: torch.Tensor, probs: torch.Tensor, domain: t
 
 def _mean_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean voxel entropy of probabilities (B, K, *spatial), divided by log K: in [0, 1]."""
-    p = probs.clamp_min(1e-8)
-    return -(p * p.log()).sum(1).mean() / math.log(probs.shape[1])
-
-
-@torch.no_grad()
-def _source_dice(model: nn.Module, cases: Sequence[PreparedCase], config: TrainConfig, device: torch.device) -> float:
-    """Mean Dice over the 7 structures and the source validation cases, on whole volumes."""
-    from monai.metrics import compute_dice
-    from monai.networks.utils import one_hot
-
-    from crossmodalnet.infer import sliding_window_probabilities
-
-    model.eval()
-    scores = []
-    for case in cases:
-        ct, mr = (torch.from_numpy(x)[None, None] for x in (case.ct, case.mr))
-        probs = sliding_window_probabilities(model, ct, mr, config.patch_size, config.sw_overlap,
-                                             config.sw_batch_size, device)
-        pred = one_hot(probs.argmax(1, keepdim=True), NUM_CLASSES)
-        ref = one_hot(torch.from_numpy(case.label.astype(np.int64))[None, None], NUM_CLASSES)
-        scores.append(compute_dice(pred, ref, include_background=False, ignore_empty=True)[0])
-    model.train()
-    return float(torch.nanmean(torch.nanmean(torch.stack(scores).float(), dim=0)))
+    return voxel_entropy(probs).mean() / math.log(probs.shape[1])
 
 
 def plot_adaptation(path: str | os.PathLike, history: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]],

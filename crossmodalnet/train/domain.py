@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "grad_reverse", "grl_coefficient", "DomainDiscriminator", "MultilinearMap", "entropy_weights", "domain_loss",
+    "grad_reverse", "grl_coefficient", "DomainDiscriminator", "MultilinearMap", "voxel_entropy", "entropy_weights",
+    "domain_loss",
 ]
 
 
@@ -110,6 +111,12 @@ class MultilinearMap(nn.Module):
         return torch.bmm(g.unsqueeze(2), f.unsqueeze(1)).flatten(1)  # B, K * F
 
 
+def voxel_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of class probabilities (B, K, *spatial) over the class axis: (B, *spatial), in nats."""
+    p = probs.clamp_min(1e-8)
+    return -(p * p.log()).sum(1)
+
+
 def entropy_weights(probs: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
     """CDAN+E sample weights (B,) from probabilities (B, K, *spatial) or (B, K).
 
@@ -117,8 +124,7 @@ def entropy_weights(probs: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
     sum 1 within each domain so that neither domain dominates; the sum over the batch is 2 (or 1
     with a single domain). Detached: the weights condition the loss, they are not trained.
     """
-    p = probs.detach().float().clamp_min(1e-8)
-    h = -(p * p.log()).sum(1)
+    h = voxel_entropy(probs.detach().float())
     h = h.flatten(1).mean(1) if h.dim() > 1 else h
     w = 1.0 + torch.exp(-h)
     out = torch.zeros_like(w)

@@ -47,7 +47,7 @@ from crossmodalnet.train.data import PatchSampler, step_seed
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
 from crossmodalnet.train.report import METRIC_COLUMNS, STEP_COLUMNS, format_summary, plot_curves, write_csv
 
-__all__ = ["Trainer", "train", "train_from_cli"]
+__all__ = ["Trainer", "train", "train_from_cli", "validation_dice"]
 
 
 class Trainer:
@@ -268,29 +268,37 @@ class Trainer:
                 bar.write(format_summary(row, cfg.epochs))
         ddp.barrier(self.dist)
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Dice per structure (mean over validation cases) and their mean, on whole volumes."""
-        from crossmodalnet.infer import sliding_window_probabilities
+        return validation_dice(self.raw_model, self.val_cases, self.config, self.device)
 
-        if not self.val_cases:
-            return {"mean": math.nan, **dict.fromkeys(NAMES, math.nan)}
-        cfg = self.config
-        # MONAI's functional Dice, not DiceMetric: the cumulative metric all-gathers across DDP
-        # processes when it aggregates, and only rank 0 validates (the others would never join).
-        scores = []
-        self.raw_model.eval()
-        for case in self.val_cases:
-            ct, mr = (torch.from_numpy(x)[None, None] for x in (case.ct, case.mr))
-            probs = sliding_window_probabilities(self.raw_model, ct, mr, cfg.patch_size, cfg.sw_overlap,
-                                                 cfg.sw_batch_size, self.device)
-            pred = one_hot(probs.argmax(1, keepdim=True), NUM_CLASSES)
-            ref = one_hot(torch.from_numpy(case.label.astype(np.int64))[None, None], NUM_CLASSES)
-            scores.append(compute_dice(pred, ref, include_background=False, ignore_empty=True)[0])
-        self.raw_model.train()
-        # (cases, 7) with NaN where a structure is absent from the reference; nanmean skips those.
-        per = torch.nanmean(torch.stack(scores).float(), dim=0)
-        return {"mean": float(torch.nanmean(per)), **{n: float(v) for n, v in zip(NAMES, per, strict=True)}}
+
+@torch.no_grad()
+def validation_dice(model: nn.Module, cases: list[PreparedCase], config: TrainConfig,
+                    device: torch.device) -> dict[str, float]:
+    """Dice per structure (mean over `cases`, prepared with labels) and their mean, on whole volumes.
+
+    Sliding window with the config's roi, overlap and batch; the model is left in training mode.
+    """
+    from crossmodalnet.infer import sliding_window_probabilities
+
+    if not cases:
+        return {"mean": math.nan, **dict.fromkeys(NAMES, math.nan)}
+    # MONAI's functional Dice, not DiceMetric: the cumulative metric all-gathers across DDP
+    # processes when it aggregates, and only rank 0 validates (the others would never join).
+    scores = []
+    model.eval()
+    for case in cases:
+        ct, mr = (torch.from_numpy(x)[None, None] for x in (case.ct, case.mr))
+        probs = sliding_window_probabilities(model, ct, mr, config.patch_size, config.sw_overlap,
+                                             config.sw_batch_size, device)
+        pred = one_hot(probs.argmax(1, keepdim=True), NUM_CLASSES)
+        ref = one_hot(torch.from_numpy(case.label.astype(np.int64))[None, None], NUM_CLASSES)
+        scores.append(compute_dice(pred, ref, include_background=False, ignore_empty=True)[0])
+    model.train()
+    # (cases, 7) with NaN where a structure is absent from the reference; nanmean skips those.
+    per = torch.nanmean(torch.stack(scores).float(), dim=0)
+    return {"mean": float(torch.nanmean(per)), **{n: float(v) for n, v in zip(NAMES, per, strict=True)}}
 
 
 def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig,
