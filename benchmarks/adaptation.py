@@ -85,13 +85,24 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     "finetune": ("source fine-tuning, no terms (ablation)", (), "target"),
     "dann": ("DANN (marginal)", ("marginal",), "target"),
     "dann-cdan": ("DANN + CDAN (marginal, conditional)", ("marginal", "conditional"), "target"),
-    "jada-avg": ("JADA, topology on average-pooled softmax (first version)", ("marginal", "conditional", "topology"),
-                 "target"),
     "jada": ("JADA (marginal, conditional, topology)", ("marginal", "conditional", "topology"), "target"),
+    # The first topology penalty (every bar, both ends), max- and average-pooled to 16^3: kept as
+    # ablations of the default ("decision" bars: fragments removed, holes filled; components from the
+    # max-pooled, holes from the min-pooled softmax at 24^3), as is the default with average pooling.
+    "jada-decision-avg": ("JADA, decision bars average-pooled 24³ (holes of thin walls unseen)",
+                          ("marginal", "conditional", "topology"), "target"),
+    "jada-all-max": ("JADA, first topology penalty (all bars, max-pooled 16³)",
+                     ("marginal", "conditional", "topology"), "target"),
+    "jada-all-avg": ("JADA, first topology penalty (all bars, average-pooled 16³)",
+                     ("marginal", "conditional", "topology"), "target"),
     "oracle": ("target oracle (supervised on target)", None, "target"),
 }
 # Rows whose adaptation differs from the `AdaptConfig` defaults (every other row uses the defaults).
-VARIANTS: dict[str, dict[str, Any]] = {"jada-avg": {"topology_pool": "avg"}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "jada-decision-avg": {"topology_pool": "avg"},
+    "jada-all-max": {"topology_bars": "all", "topology_pool": "max", "topology_size": 16},
+    "jada-all-avg": {"topology_bars": "all", "topology_pool": "avg", "topology_size": 16},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,8 +179,9 @@ def _selection_scores(folder: Path, data: dict[str, Path], s: Settings, key: str
 
 
 def run_method(s: Settings, key: str, data: dict[str, Path], fresh: bool,
-               results: dict[str, dict[str, Any]], code: dict[str, str]) -> dict[str, Any]:
-    """One row of the table: train or adapt (unless a matching finished result exists), then score."""
+               results: dict[str, dict[str, Any]], code: dict[str, str], run: bool = True) -> dict[str, Any] | None:
+    """One row of the table: train or adapt (unless a matching finished result exists), then score.
+    With run False only a matching finished result is returned (None when there is none)."""
     from crossmodalnet.config import to_dict
     from crossmodalnet.train.adapt import adapt
     from crossmodalnet.train.trainer import train
@@ -179,6 +191,10 @@ def run_method(s: Settings, key: str, data: dict[str, Path], fresh: bool,
     spec = {"protocol": PROTOCOL, "key": key, "config": to_dict(config), "code": code["training"],
             "data": {d: h.read_json(root / "benchmark.json") for d, root in data.items()}}
     if terms is not None:  # an adaptation is only as current as the source-only run it starts from
+        if results.get("source-only") is None:
+            if not run:
+                return None
+            raise CrossModalNetError(f"[{key}] needs the source-only run: run it first (--only source-only)")
         spec["from"] = results["source-only"]["fingerprint"]
         spec["adaptation_code"] = code["adaptation"]
     fingerprint = h.fingerprint(spec)
@@ -190,6 +206,8 @@ def run_method(s: Settings, key: str, data: dict[str, Path], fresh: bool,
             old["target_validation"] = _selection_scores(s.work / "runs" / key, data, s, key)
             h.write_json(result_path, old)
         return old
+    if not run:
+        return None
     folder = s.work / "runs" / key
     if folder.exists():
         shutil.rmtree(folder)  # unfinished, or made with other settings
@@ -284,7 +302,7 @@ def _adapt_settings(results: dict[str, dict[str, Any]]) -> str:
             f"{c['feature_stage']} {'per token' if c['token_level'] else 'globally pooled'}, Def. 4 balancing "
             f"alpha {c['balancing_alpha']:g}, source intensity remapping p {c['source_remap']:g}, target entropy "
             f"weight {c['entropy_weight']:g}, topology on the target softmax {c['topology_pool']}-pooled to "
-            f"{c['topology_size']}³")
+            f"{c['topology_size']}³, {c.get('topology_bars', 'all')} bars")
 
 
 def report(s: Settings, results: dict[str, dict[str, Any]], machine: dict[str, Any], command: str,
@@ -370,6 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapt-minutes", dest="adapt_minutes", type=float,
                    help="time cap of each adaptation (default 6)")
     p.add_argument("--fresh", action="store_true", help="redo every run instead of reusing finished ones")
+    p.add_argument("--only", nargs="+", choices=list(METHODS), metavar="ROW",
+                   help="run just these rows (the others are only read back if finished); two processes "
+                        "can share the rows of one work folder, e.g. `--only source-only finetune dann` and, "
+                        "once source-only is done, `--only oracle jada`")
     p.add_argument("--write", type=Path, help="markdown file whose adaptation section to replace (docs/benchmarks.md)")
     p.add_argument("--report-only", dest="report_only", action="store_true",
                    help="print (and --write) the table of the last complete run in WORK/results.json; runs nothing")
@@ -386,7 +408,10 @@ def main(argv: list[str] | None = None) -> None:
             data = {d: make_data(s, d) for d in ("source", "target")}
             results = {}
             for key in METHODS:
-                results[key] = run_method(s, key, data, a.fresh, results, code)
+                run = a.only is None or key in a.only
+                made = run_method(s, key, data, a.fresh and run, results, code, run=run)
+                if made is not None:
+                    results[key] = made
             command = ".venv/bin/python benchmarks/adaptation.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     except CrossModalNetError as exc:
         sys.exit(f"error: {exc}")
@@ -395,10 +420,14 @@ def main(argv: list[str] | None = None) -> None:
     splits = {d: {k: len(load_dataset(root)[k]) for k in ("training", "validation", "test")}
               for d, root in data.items()}
     text = report(s, results, h.machine_info(), command, splits)
-    if not a.report_only:
+    complete = all(k in results for k in METHODS)
+    if not a.report_only and complete:  # results.json is the last *complete* run (what --report-only shows)
         h.write_json(s.work / "results.json", {"command": command, "settings": asdict(s), "results": results})
     print(text)
-    if a.write:
+    if a.write and not complete:
+        print(f"not written to {a.write}: rows missing ({', '.join(k for k in METHODS if k not in results)})",
+              file=sys.stderr)
+    elif a.write:
         h.write_section(a.write, "adaptation", text)
         print(f"wrote the section of {a.write}", file=sys.stderr)
     print(f"done in {(time.monotonic() - start) / 60:.1f} min; results {s.work / 'results.json'}", file=sys.stderr)

@@ -124,6 +124,12 @@ class TrainConfig:
     intensity_prob: float = 0.5  # per patch and channel: x * U(1 +- scale) + U(+-shift)
     intensity_shift: float = 0.1  # in units of the normalised intensity (about one std)
     intensity_scale: float = 0.1
+    # Misregistration: paired CT and MR are never perfectly registered (breathing, cardiac phase,
+    # a rigid registration of a non-rigid organ: errors of 5-10 mm are common). Per patch with this
+    # probability, the MR is cut around a centre displaced by up to `misalign_voxels` (uniform
+    # length, random direction) against the CT and the label, which stay put; 0 turns it off.
+    misalign_prob: float = 0.0
+    misalign_voxels: float = 4.0
     target_spacing: tuple[float, float, float] | None = None  # mm; None: median of the training cases
 
 

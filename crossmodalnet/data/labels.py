@@ -30,10 +30,14 @@ class Structure:
     name: str  # short name used in tables
     description: str
     color: tuple[int, int, int]  # RGB 0-255, for overlays and plots
+    # Indices of the structures this one wraps: its tunnels and cavities are theirs, and it is
+    # solid only together with them (the topology prior of JADA, `train.topoloss`). The LV
+    # myocardium is a cup around the LV blood pool: cut by a patch it is a ring.
+    encloses: tuple[int, ...] = ()
 
 
 STRUCTURES: tuple[Structure, ...] = (
-    Structure(1, 205, "MYO", "myocardium of the left ventricle", (230, 159, 0)),
+    Structure(1, 205, "MYO", "myocardium of the left ventricle", (230, 159, 0), encloses=(3,)),
     Structure(2, 420, "LA", "left atrium blood cavity", (86, 180, 233)),
     Structure(3, 500, "LV", "left ventricle blood cavity", (213, 94, 0)),
     Structure(4, 550, "RA", "right atrium blood cavity", (0, 158, 115)),

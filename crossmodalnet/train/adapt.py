@@ -80,7 +80,7 @@ from crossmodalnet.train.domain import (
 )
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
 from crossmodalnet.train.report import write_csv
-from crossmodalnet.train.topoloss import topology_loss
+from crossmodalnet.train.topoloss import BARS, POOLS, topology_loss
 from crossmodalnet.train.trainer import validation_dice
 
 __all__ = [
@@ -120,9 +120,10 @@ class AdaptConfig:
     max_outer: int = 4096  # largest exact CDAN outer product; beyond it the randomised map
     random_dim: int = 1024
     entropy_conditioning: bool = True
-    topology_size: int = 16  # probabilities pooled to at most this many voxels per axis
+    topology_size: int = 24  # probabilities pooled to at most this many voxels per axis
     topology_threshold: float = 0.5  # a structure enters the penalty when its pooled max reaches this
-    topology_pool: str = "max"  # "avg" | "max": how the probabilities are pooled to topology_size
+    topology_pool: str = "split"  # "split" | "avg" | "max": how the probabilities are pooled (topoloss)
+    topology_bars: str = "decision"  # "decision" | "all": which persistence bars, which end moves (topoloss)
     balancing_alpha: float = 1.0  # Def. 4 temperature over all terms
     feature_stage: int = -2  # encoder stage whose fused map is aligned: -1 the bottleneck's input, -2 the next finer
     token_level: bool = True  # discriminators judge every position of that map, not its global average
@@ -347,7 +348,7 @@ class Adapter:
             losses["conditional"], acc["conditional"] = domain_loss(logits, dom, weights)
         if "topology" in cfg.terms:
             losses["topology"] = topology_loss(probs[b:], cfg.topology_size, cfg.topology_threshold,
-                                               pool=cfg.topology_pool)
+                                               pool=cfg.topology_pool, bars=cfg.topology_bars)
         total, weights_used = self.balancer(losses, update=False)
         if cfg.entropy_weight > 0:
             losses["entropy"] = _mean_entropy(probs[b:])
@@ -510,7 +511,8 @@ def _check_config(cfg: AdaptConfig) -> None:
          "a number >= 0")
     need(isinstance(cfg.source_remap, int | float) and 0 <= cfg.source_remap <= 1, "source_remap", "in [0, 1]")
     need(isinstance(cfg.topology_size, int) and cfg.topology_size >= 2, "topology_size", "an integer >= 2")
-    need(cfg.topology_pool in ("avg", "max"), "topology_pool", "'avg' or 'max'")
+    need(cfg.topology_pool in POOLS, "topology_pool", " or ".join(repr(p) for p in POOLS))
+    need(cfg.topology_bars in BARS, "topology_bars", " or ".join(repr(b) for b in BARS))
     need(cfg.max_minutes is None or cfg.max_minutes > 0, "max_minutes", "a positive number of minutes")
     need(isinstance(cfg.val_every, int) and cfg.val_every >= 0, "val_every", "an integer >= 0")
 

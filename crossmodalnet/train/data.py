@@ -12,7 +12,8 @@ Foreground oversampling: a share `foreground_ratio` of patches is centred on a v
 structure, the structure picked uniformly among those present, so that small structures (PA,
 AO) are seen as often as the large ones. Augmentation: rotation (+-15 deg about each axis, in mm
 so anisotropic grids rotate correctly) and isotropic scaling (+-10 %) resampled with
-`grid_sample` (trilinear images, nearest labels, zeros outside), intensity scale/shift per
+`grid_sample` (trilinear images, nearest labels, zeros outside), the MR displaced against the CT
+and the label (`misalign_prob`, `misalign_voxels`: registration error), intensity scale/shift per
 channel, and mirroring only along `flip_axes` (none by default: see `TrainConfig`).
 """
 
@@ -76,6 +77,11 @@ class PatchSampler:
         self.batch_size = batch_size or config.batch_size
         self.patch = tuple(int(p) for p in config.patch_size)
         self.spacing = np.asarray(spacing if spacing is not None else (1.0, 1.0, 1.0), dtype=np.float64)
+        for name in ("spatial_prob", "intensity_prob", "misalign_prob"):
+            if not 0.0 <= getattr(config, name) <= 1.0:
+                raise CrossModalNetError(f"{name} must be a probability in [0, 1], got {getattr(config, name)}")
+        if config.misalign_voxels < 0:
+            raise CrossModalNetError(f"misalign_voxels must be >= 0, got {config.misalign_voxels}")
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of training step `step` (global step count, from 0)."""
@@ -95,10 +101,14 @@ class PatchSampler:
         case = self.cases[int(rng.integers(len(self.cases)))]
         center = self._center(case, rng, foreground=rng.random() < cfg.foreground_ratio)
         aug = np.random.default_rng(rng.integers(2**63))  # augmentation draws its own stream
+        # Drawn only when enabled, so that runs without it keep their random streams.
+        shift = self._mr_shift(aug) if cfg.augment and cfg.misalign_prob > 0 else None
         if cfg.augment and aug.random() < cfg.spatial_prob:
-            image, label = self._transformed(case, center, aug)
+            image, label = self._transformed(case, center, aug, shift)
         else:
             image, label = self._crop(case, center)
+            if shift is not None:  # the MR of a patch whose centre is displaced (whole voxels)
+                image[1] = self._crop(case, center + np.rint(shift).astype(np.int64))[0][1]
         if cfg.augment:
             for c in range(image.shape[0]):
                 if aug.random() < cfg.intensity_prob:
@@ -109,6 +119,13 @@ class PatchSampler:
                 if aug.random() < 0.5:
                     image, label = image.flip(1 + axis), label.flip(axis)
         return image.contiguous(), label.contiguous()
+
+    def _mr_shift(self, rng: np.random.Generator) -> np.ndarray | None:
+        """Displacement (3,) in voxels of the MR against the CT, or None (this patch stays registered)."""
+        if rng.random() >= self.config.misalign_prob:
+            return None
+        direction = rng.normal(size=3)
+        return direction / max(np.linalg.norm(direction), 1e-12) * rng.uniform(0.0, self.config.misalign_voxels)
 
     def _center(self, case: _CachedCase, rng: np.random.Generator, foreground: bool) -> np.ndarray:
         """Patch centre in voxels: on a random voxel of a uniformly chosen structure, or uniform."""
@@ -140,9 +157,10 @@ class PatchSampler:
         return image, label
 
     def _transformed(
-        self, case: _CachedCase, center: np.ndarray, rng: np.random.Generator
+        self, case: _CachedCase, center: np.ndarray, rng: np.random.Generator, mr_shift: np.ndarray | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated and scaled patch around `center`, resampled from the whole cached volume."""
+        """Rotated and scaled patch around `center`, resampled from the whole cached volume; the MR
+        sampled `mr_shift` voxels away (volume axes) when given."""
         cfg = self.config
         angles = np.deg2rad(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees, size=3))
         zoom = 1.0 + rng.uniform(-cfg.scale_range, cfg.scale_range)
@@ -154,10 +172,17 @@ class PatchSampler:
         ).astype(np.float64)  # (*P, 3) in (d, h, w) voxels
         points = offsets @ matrix.T + center  # source voxel of each patch voxel
         size = np.array(case.shape, dtype=np.float64)
-        norm = 2.0 * points / np.maximum(size - 1, 1) - 1.0  # align_corners=True convention
-        grid = torch.from_numpy(norm[..., ::-1].copy()).float()[None]  # grid_sample wants (x=w, y=h, z=d)
-        image = F.grid_sample(case.image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        label = F.grid_sample(case.label[None, None].float(), grid, mode="nearest", padding_mode="zeros",
+
+        def grid(at: np.ndarray) -> torch.Tensor:
+            norm = 2.0 * at / np.maximum(size - 1, 1) - 1.0  # align_corners=True convention
+            return torch.from_numpy(norm[..., ::-1].copy()).float()[None]  # grid_sample wants (x=w, y=h, z=d)
+
+        g = grid(points)
+        image = F.grid_sample(case.image[None], g, mode="bilinear", padding_mode="zeros", align_corners=True)
+        if mr_shift is not None:
+            image[:, 1:2] = F.grid_sample(case.image[None, 1:2], grid(points + mr_shift), mode="bilinear",
+                                          padding_mode="zeros", align_corners=True)
+        label = F.grid_sample(case.label[None, None].float(), g, mode="nearest", padding_mode="zeros",
                               align_corners=True)
         return image[0], label[0, 0].round().long()
 

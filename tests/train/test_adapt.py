@@ -281,6 +281,7 @@ def test_errors_name_the_problem(source_run, tiny_dataset, target_data, tmp_path
     fails(r"feature_stage must be in \[-3, -1\]", feature_stage=-4)
     fails("entropy_weight must be a number >= 0", entropy_weight=-1.0)
     fails(r"source_remap must be in \[0, 1\]", source_remap=1.5)
+    fails("topology_bars must be 'all' or 'decision'", topology_bars="some")
     assert not (tmp_path / "new").exists()  # every refusal before anything was written
 
 

@@ -177,3 +177,117 @@ def test_bad_arguments():
         topology_loss(torch.zeros(1, 2, 4, 4, 4), size=1)
     with pytest.raises(ValueError, match="pool"):
         topology_loss(torch.zeros(1, 2, 4, 4, 4), pool="median")
+
+
+# --- "decision" bars: only what changes the thresholded topology; fragments removed, holes filled ---
+
+
+def _edge_blob() -> torch.Tensor:
+    """A certain blob in the middle and a second one cut by the array's edge (a structure leaving the patch)."""
+    p = _solid().clone()
+    p[0:3, 6:10, 6:10] = 1.0
+    return p
+
+
+def _blob_and_fragment(amplitude: float | torch.Tensor = 0.9) -> torch.Tensor:
+    """A blob and a smaller, dimmer fragment beside it, apart at the 0.5 level."""
+    main = torch.from_numpy(_gaussian((8, 5, 8), 1.8))
+    return torch.maximum(main, amplitude * torch.from_numpy(_gaussian((8, 11, 8), 1.4)))
+
+
+def test_decision_bars_ignore_what_the_threshold_does_not_see():
+    # Two peaks joined by a saddle near 0.7: one piece at the 0.5 level, so no fragment to remove.
+    joined = 0.55 + 0.45 * _two_blobs() / _two_blobs().max()
+    saddle = float(joined[8, 8, 8])
+    assert saddle > 0.6 and betti_numbers(joined.numpy() > 0.5) == (1, 0, 0)
+    assert float(persistence_terms(joined, bars="all")["components"]) > 0.0
+    assert float(persistence_terms(joined, bars="decision")["components"]) == 0.0
+    # A fragment cut by the edge may be the rest of the structure: left alone; inside the array it counts.
+    assert betti_numbers(_edge_blob().numpy() > 0.5) == (2, 0, 0)
+    assert float(persistence_terms(_edge_blob(), bars="decision")["components"]) == 0.0
+    assert float(persistence_terms(_edge_blob(), bars="all")["components"]) == pytest.approx(1.0)
+    assert betti_numbers(_blob_and_fragment().numpy() > 0.5) == (2, 0, 0)
+    assert float(persistence_terms(_blob_and_fragment(), bars="decision")["components"]) > 0.3
+
+
+def test_decision_bars_remove_fragments_and_fill_holes():
+    # Fragments: the gradient lowers the second peak and leaves the saddle alone (no bridge).
+    p = _blob_and_fragment().clone().requires_grad_(True)
+    persistence_penalty(p, bars="decision").backward()
+    ph = persistence_diagram(1.0 - p.detach().numpy())
+    finite0 = ph[(ph[:, 0] == 0) & np.isfinite(ph[:, 2])]
+    top = finite0[np.argmax(finite0[:, 2] - finite0[:, 1])]
+    birth, death = tuple(int(v) for v in top[3:6]), tuple(int(v) for v in top[6:9])
+    assert p.grad[birth] > 0 and p.grad[death] == 0
+    # Holes: the gradient raises p at the voxel that kills the cavity / tunnel, and nowhere on the wall.
+    for shape, dim in ((_shell(), 2), (_torus(), 1)):
+        q = shape.clone().requires_grad_(True)
+        persistence_penalty(q, bars="decision").backward()
+        bar = persistence_diagram(1.0 - shape.numpy())
+        bar = bar[bar[:, 0] == dim][0]
+        assert q.grad[tuple(int(v) for v in bar[6:9])] < 0  # descent raises p: fills
+        assert q.grad[tuple(int(v) for v in bar[3:6])] == 0
+        assert float((q.grad > 0).sum()) == 0  # nothing is lowered: no wall is broken
+
+
+def test_decision_descent_removes_the_fragment_without_new_tunnels_or_cavities():
+    """A fragment whose amplitude is one shared parameter (as a network's weights move a whole region):
+    descent on the decision penalty lowers it until the fragment is gone, and builds no bridge."""
+    amplitude = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([amplitude], lr=0.5)
+    for _ in range(40):
+        loss = persistence_penalty(_blob_and_fragment(amplitude), bars="decision")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = _blob_and_fragment(amplitude).detach()
+    assert betti_numbers(p.numpy() > 0.5) == (1, 0, 0)
+    assert amplitude.item() < 0.5 and float(persistence_penalty(p, bars="decision")) == 0.0
+    assert float(p.max()) == pytest.approx(1.0)  # the kept blob (the essential bar) is untouched
+
+
+def test_a_wrapping_structure_takes_its_holes_from_the_union_with_what_it_wraps():
+    """The myocardium cut by a patch is a ring around the LV: not a defect. Its own tunnel must
+    not be filled (that would paint MYO over the LV); the union MYO + LV is what must be solid."""
+    from crossmodalnet.data.labels import NAMES, NUM_CLASSES
+
+    myo, lv = NAMES.index("MYO") + 1, NAMES.index("LV") + 1
+    g = _grid() - 7.5
+    r = np.sqrt(g[..., 1] ** 2 + g[..., 2] ** 2)
+    probs = torch.zeros(1, NUM_CLASSES, N, N, N, dtype=torch.float64)
+    probs[0, lv] = torch.from_numpy((r <= 3.0).astype(np.float64))  # a blood pool crossing the patch
+    probs[0, myo] = torch.from_numpy(((r > 3.0) & (r <= 5.5)).astype(np.float64))  # its wall
+    probs[0, 0] = 1.0 - probs[0, 1:].sum(0)
+    assert betti_numbers(probs[0, myo].numpy() > 0.5) == (1, 1, 0)
+    assert float(topology_loss(probs, size=N, bars="all")) > 0.0  # the first version fills the ring
+    assert float(topology_loss(probs, size=N, bars="decision")) == 0.0
+    # A hole through wall *and* pool (a defect of both) still costs, and the gradient fills it.
+    holed = probs.clone()
+    holed[0, [myo, lv], 6:10, 6:10, 6:10] = 0.0
+    holed[0, 0] = 1.0 - holed[0, 1:].sum(0)
+    holed.requires_grad_(True)
+    loss = topology_loss(holed, size=N, bars="decision")
+    assert float(loss.detach()) > 0.0
+    loss.backward()
+    assert float(holed.grad[0, [myo, lv], 6:10, 6:10, 6:10].min()) < 0  # descent raises p in the hole
+
+
+def test_split_pooling_sees_a_one_voxel_cavity_and_fills_that_voxel():
+    probs = torch.zeros(1, 2, 32, 32, 32)
+    probs[0, 1, 6:26, 6:26, 6:26] = 1.0  # a thick solid structure ...
+    probs[0, 1, 15, 16, 17] = 0.0  # ... with a one-voxel cavity (an error of the full-resolution map)
+    probs[0, 0] = 1.0 - probs[0, 1]
+    assert betti_numbers(probs[0, 1].numpy() > 0.5) == (1, 0, 1)
+    # Averaged 2x2x2 the cavity is 7/8 full: unseen. Min-pooled it is a pooled cavity.
+    assert float(topology_loss(probs, size=16, pool="avg", bars="decision")) == 0.0
+    p = probs.clone().requires_grad_(True)
+    loss = topology_loss(p, size=16, pool="split", bars="decision")
+    assert float(loss.detach()) == pytest.approx(1.0)
+    loss.backward()
+    assert p.grad[0, 1, 15, 16, 17] < 0  # descent raises p at the voxel at fault ...
+    assert int((p.grad[0, 1] != 0).sum()) == 1  # ... and nowhere else
+    # A thin (one-voxel) wall stays whole in the max-pooled map: no fragment to remove.
+    wall = torch.zeros(1, 2, 32, 32, 32)
+    wall[0, 1, 8:24, 8:24, 15] = 1.0
+    wall[0, 0] = 1.0 - wall[0, 1]
+    assert float(topology_loss(wall, size=16, pool="split", bars="decision")) == 0.0

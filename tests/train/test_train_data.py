@@ -108,3 +108,43 @@ def test_cases_without_label_are_refused(cases):
         PatchSampler([bad], fast_config())
     with pytest.raises(CrossModalNetError, match="no training cases"):
         PatchSampler([], fast_config())
+
+
+def test_misalignment_displaces_the_mr_only(cases):
+    cfg = fast_config(patch_size=(10, 10, 10), batch_size=4, spatial_prob=0.0, intensity_prob=0.0,
+                      misalign_prob=1.0, misalign_voxels=3.0)
+    moved = PatchSampler(cases, cfg).batch(2)
+    plain = PatchSampler(cases, replace(cfg, misalign_prob=0.0)).batch(2)
+    assert torch.equal(moved["ct"], plain["ct"]) and torch.equal(moved["label"], plain["label"])
+    assert not torch.equal(moved["mr"], plain["mr"])
+    # Each MR patch is the MR of the same case cut at a centre at most 3 voxels away (whole voxels).
+    sampler = PatchSampler(cases, cfg)
+    for i in range(4):
+        ct = moved["ct"][i, 0].numpy()
+        hits = [(case, np.array(c)) for case in sampler.cases for c in np.ndindex(*case.shape)
+                if 5 <= min(c) and max(c) <= 19 and np.array_equal(case.image[0, c[0] - 5:c[0] + 5, c[1] - 5:c[1] + 5,
+                                                                            c[2] - 5:c[2] + 5].numpy(), ct)]
+        assert len(hits) == 1
+        case, c = hits[0]
+        shifts = [d for d in np.ndindex(7, 7, 7)
+                  if torch.equal(sampler._crop(case, c + np.array(d) - 3)[0][1], moved["mr"][i, 0])]
+        assert shifts and all(np.linalg.norm(np.array(d) - 3) <= 3.0 + 0.87 for d in shifts)  # rounding: <= sqrt(3)/2
+
+
+def test_misalignment_in_the_resampled_path_equals_a_displaced_crop(cases):
+    cfg = fast_config(patch_size=(10, 10, 10), rotation_degrees=0.0, scale_range=0.0)
+    sampler = PatchSampler(cases, cfg)
+    center = np.array([11, 12, 13])
+    shift = np.array([2.0, -1.0, 0.0])
+    img, lab = sampler._transformed(sampler.cases[0], center, np.random.default_rng(0), mr_shift=shift)
+    plain_img, plain_lab = sampler._crop(sampler.cases[0], center)
+    moved = sampler._crop(sampler.cases[0], center + shift.astype(np.int64))[0]
+    assert torch.allclose(img[0], plain_img[0], atol=1e-4) and torch.equal(lab, plain_lab)
+    assert torch.allclose(img[1], moved[1], atol=1e-4)
+
+
+def test_bad_augmentation_settings_are_refused(cases):
+    with pytest.raises(CrossModalNetError, match="misalign_prob"):
+        PatchSampler(cases, fast_config(misalign_prob=1.5))
+    with pytest.raises(CrossModalNetError, match="misalign_voxels"):
+        PatchSampler(cases, fast_config(misalign_voxels=-1.0))
