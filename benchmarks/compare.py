@@ -128,6 +128,8 @@ def _ablations(s: Settings) -> list[tuple[str, str, dict[str, Any], dict[str, An
         (f"ablation-balancing-{on_off[not t.loss_balancing]}", f"loss balancing {on_off[not t.loss_balancing]}",
          {}, {"loss_balancing": not t.loss_balancing}),
         (f"ablation-fine-skips-{fine}", f"fine skips `{fine}`", {"fine_skips": fine}, {}),
+        *([("ablation-cross-from-stage-2", "Cross Transformer blocks from stage 2 on (none at the finest tokens)",
+            {"cross_first_stage": 1}, {})] if m.cross_blocks and m.cross_first_stage == 0 else []),
     ]
 
 
@@ -159,7 +161,7 @@ def plan(s: Settings) -> list[dict[str, Any]]:
         # What the mechanisms meant for misregistration (the Cross Transformer blocks, the deformable
         # operator, reference-only fine skips) buy under it: the ablations that switch them are scored too.
         for key, label, mo, _ in _ablations(s) if s.ablations else []:
-            if {"cross_blocks", "deformable", "fine_skips"} & set(mo):
+            if {"cross_blocks", "cross_first_stage", "deformable", "fine_skips"} & set(mo):
                 jobs.append({"key": f"misregistration-{key}", "kind": "misregistration", "label": f"{CMN}, {label}",
                              "source": key, "seed": s.seed, "magnitudes": list(s.magnitudes)})
         # Training with the MR displaced at random (registration error, `misalign_prob`): CrossModalNet
@@ -354,7 +356,7 @@ def misregistration_table(s: Settings, results: dict[str, dict[str, Any]]) -> st
     rows = [(name, f"misregistration-{name}") for name in s.models]
     rows.append((f"{CMN}, modality dropout {s.dropout:g}", f"misregistration-dropout-{CMN}"))
     switched = [(key, label) for key, label, mo, _ in _ablations(s)
-                if {"cross_blocks", "deformable", "fine_skips"} & set(mo)]
+                if {"cross_blocks", "cross_first_stage", "deformable", "fine_skips"} & set(mo)]
     rows += [(f"{CMN}, {label}", f"misregistration-{key}") for key, label in (switched if s.ablations else [])]
     rows += [(f"{n}, trained with MR misalignment {s.misalign:g}", f"misregistration-misalign-{n}")
              for n in (CMN, "unet") if n in s.models]

@@ -58,6 +58,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     cross_attention: str = "standard"  # "standard" | "paper" (Def. 2 literally)
     cross_blocks: bool = True  # Cross Transformer block after each stage (off: decoder-only fusion)
+    cross_first_stage: int = 0  # first encoder stage (0-based) with a Cross Transformer block; finer ones go without
     deformable: bool = True  # resample the other stream with the deformable operator first
     deformable_points: int = 4  # K in Def. 3
     max_offset: float = 2.0  # bound on offsets, in voxels of the stage's grid

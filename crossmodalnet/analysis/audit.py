@@ -153,8 +153,11 @@ def check_cross_attention(
     rows: list[dict[str, Any]] = []
     example: dict[str, Any] = {}
     example_scale = next((c for c in scales if c > 1), next(c for c in scales if c != 1))
+    first = model.config.cross_first_stage
     for i, (fa, fb) in enumerate(_stage_features(model, cases[0])):
-        block = model.cross[i]
+        if i < first:  # no Cross Transformer block after this stage
+            continue
+        block = model.cross[i - first]
         for dname, direction, x, y in (("a_from_b", block.a_from_b, fa, fb), ("b_from_a", block.b_from_a, fb, fa)):
             attn = direction.attn
             xa, xb = _windows(direction, x, y, max_windows)

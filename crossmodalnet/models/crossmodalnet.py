@@ -98,13 +98,16 @@ class CrossModalNet(nn.Module):
         drop_path = drop_path_schedule(cfg.depths, cfg.drop_path_rate)
         self.ct = _Stream(cfg, dims, drop_path)
         self.mr = _Stream(cfg, dims, drop_path)
+        if not 0 <= cfg.cross_first_stage < n:
+            raise ValueError(f"cross_first_stage must be in [0, {n - 1}], got {cfg.cross_first_stage}")
+        # self.cross[j] follows stage cross_first_stage + j (the finest stages are the dearest to cross).
         self.cross = nn.ModuleList(
             CrossTransformerBlock(
                 dims[i], cfg.num_heads[i], cfg.window_size, shift=i % 2 == 1, variant=cfg.cross_attention,
                 deformable=cfg.deformable, num_points=cfg.deformable_points, max_offset=cfg.max_offset,
                 mlp_ratio=cfg.mlp_ratio,
             )
-            for i in range(n)
+            for i in range(cfg.cross_first_stage, n)
         ) if cfg.cross_blocks else None
         # Decoder, coarse to fine. Skips at the token grid and coarser are both streams' (hence 2x);
         # finer ones one stream's or both (`fine_skips`).
@@ -184,8 +187,8 @@ class CrossModalNet(nn.Module):
             fa, fb = self.ct.stages[i](fa), self.mr.stages[i](fb)
             if keep_layers:
                 layers.append((f"stage{i + 1}", fa, fb))
-            if self.cross is not None:
-                fa, fb = self.cross[i](fa, fb)
+            if self.cross is not None and i >= self.config.cross_first_stage:
+                fa, fb = self.cross[i - self.config.cross_first_stage](fa, fb)
                 if keep_layers:
                     layers.append((f"cross{i + 1}", fa, fb))
             skips.append(torch.cat([fa, fb], dim=-1).permute(0, 4, 1, 2, 3))

@@ -112,7 +112,8 @@ def test_same_seed_same_output_and_different_seed_differs():
 @pytest.mark.parametrize(
     "overrides",
     [dict(cross_attention="paper"), dict(deformable=False), dict(cross_blocks=False), dict(patch_size=2),
-     dict(light_decoder_levels=1), dict(light_decoder_levels=3), dict(fine_skips="reference")],
+     dict(light_decoder_levels=1), dict(light_decoder_levels=3), dict(fine_skips="reference"),
+     dict(cross_first_stage=1)],
 )
 def test_variants_run(overrides):
     model = _model(**overrides).eval()
@@ -126,6 +127,19 @@ def test_ablation_without_cross_blocks_has_no_cross_parameters():
     without = sum(p.numel() for p in _model(cross_blocks=False).parameters())
     no_deform = sum(p.numel() for p in _model(deformable=False).parameters())
     assert without < no_deform < full
+
+
+def test_cross_blocks_can_start_at_a_coarser_stage():
+    full, later = _model(), _model(cross_first_stage=1)
+    assert len(later.cross) == len(full.cross) - 1
+    # The blocks kept are those of the coarser stages, with their widths.
+    for j, block in enumerate(later.cross):
+        assert block.a_from_b.attn.q.in_features == full.cross[j + 1].a_from_b.attn.q.in_features
+    with torch.no_grad():
+        *_, layers = later.eval().encode(*_pair((32, 32, 32)), keep_layers=True)
+    assert [n for n, _, _ in layers] == ["stage1", "stage2", "cross2", "stage3", "cross3"]
+    with pytest.raises(ValueError, match="cross_first_stage"):
+        _model(cross_first_stage=3)
 
 
 def test_encode_exposes_every_layer_for_analysis():
