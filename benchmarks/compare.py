@@ -76,6 +76,7 @@ class Settings:
     robustness: bool = False
     dropout: float = 0.3
     misalign: float = 0.5  # TrainConfig.misalign_prob of the misregistration-augmented robustness runs
+    train_seed: int | None = None  # seed of the trainings (patches, init); None: `seed` (the data's)
     magnitudes: tuple[float, ...] = (0, 2, 4, 8)
     validations: int = 12  # whole-volume validations per run (one per epoch)
     latency_runs: int = 5
@@ -98,7 +99,8 @@ def _train_job(s: Settings, key: str, group: str, label: str, model: ModelConfig
         epochs, ipe, minutes = 1, 1, s.minutes  # epochs and iterations filled in by the worker's probe
     else:
         (epochs, ipe), minutes = h.split_steps(s.steps, s.validations), s.steps_cap_minutes
-    config = TrainConfig(model=model, seed=s.seed, epochs=epochs, iterations_per_epoch=ipe, max_minutes=minutes,
+    seed = s.seed if s.train_seed is None else s.train_seed
+    config = TrainConfig(model=model, seed=seed, epochs=epochs, iterations_per_epoch=ipe, max_minutes=minutes,
                          batch_size=s.batch_size, patch_size=(s.patch,) * 3, val_every=1, warmup_epochs=1,
                          device="cpu", **train_overrides)
     return {"key": key, "kind": "train", "group": group, "label": label, "model": model.name,
@@ -563,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ablations", action="store_true", default=None, help="CrossModalNet ablations, same budget")
     p.add_argument("--robustness", action="store_true", default=None, help="misregistration and missing modality")
     p.add_argument("--dropout", type=float, help="modality dropout of the missing-modality run (default 0.3)")
+    p.add_argument("--train-seed", dest="train_seed", type=int,
+                   help="seed of the trainings only (default: --seed): the same data, another draw of the runs")
     p.add_argument("--misalign", type=float,
                    help="MR misalignment probability (TrainConfig.misalign_prob) of the robustness runs that train "
                         "CrossModalNet and the U-Net with a randomly displaced MR (default 0.5)")
