@@ -41,10 +41,12 @@ weighted by the adaptive loss balancing of Def. 4 (weights logged):
   conditional  a discriminator on features x predicted class probabilities per token (CDAN
                multilinear map, randomised when large; entropy weighting): aligns the domains
                class by class, not only overall;
-  topology     a persistent-homology penalty on the target predictions (gudhi, softmax
-               average-pooled to 24^3): each structure one connected component, no tunnels,
-               no cavities; only the bars that change the thresholded segmentation count, a
-               stray fragment is removed and a hole is filled (never bridged or broken).
+  topology     a persistent-homology penalty on the target predictions (gudhi, at 24^3:
+               components from the max-pooled softmax, holes from the min-pooled one): each
+               structure one connected component, no tunnels, no cavities (the myocardium
+               together with the LV it wraps); only the bars that change the thresholded
+               segmentation count, a stray fragment is removed and a hole is filled (never
+               bridged or broken).
 --terms none runs the recipe without any term (the ablation: source fine-tuning only).
 
 OUT is a run folder like train's: config.yaml and preprocess.json of the source run,
