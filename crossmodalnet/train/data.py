@@ -108,7 +108,7 @@ class PatchSampler:
         else:
             image, label = self._crop(case, center)
             if shift is not None:  # the MR of a patch whose centre is displaced (whole voxels)
-                image[1] = self._crop(case, center + np.rint(shift).astype(np.int64))[0][1]
+                image[1] = self._window(case.image[1], center + np.rint(shift).astype(np.int64))
         if cfg.augment:
             for c in range(image.shape[0]):
                 if aug.random() < cfg.intensity_prob:
@@ -144,17 +144,19 @@ class PatchSampler:
 
     def _crop(self, case: _CachedCase, center: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Axis-aligned patch around `center`, zero-padded where it leaves the volume."""
-        image = torch.zeros((2, *self.patch), dtype=torch.float32)
-        label = torch.zeros(self.patch, dtype=torch.int64)
+        return self._window(case.image, center), self._window(case.label, center)
+
+    def _window(self, volume: torch.Tensor, center: np.ndarray) -> torch.Tensor:
+        """The patch of `volume` (..., D, H, W) around `center`, zeros where it leaves the volume."""
+        out = volume.new_zeros((*volume.shape[:-3], *self.patch))
         src, dst = [], []
-        for n, p, c in zip(case.shape, self.patch, center, strict=True):
+        for n, p, c in zip(volume.shape[-3:], self.patch, center, strict=True):
             start = int(c) - p // 2
             a, b = max(start, 0), min(start + p, n)
             src.append(slice(a, b))
             dst.append(slice(a - start, b - start))
-        image[(slice(None), *dst)] = case.image[(slice(None), *src)]
-        label[tuple(dst)] = case.label[tuple(src)]
-        return image, label
+        out[(..., *dst)] = volume[(..., *src)]
+        return out
 
     def _transformed(
         self, case: _CachedCase, center: np.ndarray, rng: np.random.Generator, mr_shift: np.ndarray | None = None

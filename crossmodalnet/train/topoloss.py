@@ -226,24 +226,23 @@ def topology_loss(probs: torch.Tensor, size: int = 16, threshold: float = 0.5,
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     out = [min(int(s), int(size)) for s in probs.shape[2:]]
     source = probs.float()
-    nested = bars == "decision" and probs.shape[1] == NUM_CLASSES and bool(ENCLOSES)
-    pooled = _pool(source, out, "max" if pool == "split" else pool)
-    holes = pooled
-    if nested or pool == "split":
-        # Hole maps: an enclosing structure is solid together with what it wraps.
-        channels = [source[:, [k, *ENCLOSES[k]]].sum(1).clamp(max=1.0) if nested and k in ENCLOSES
-                    else source[:, k] for k in range(source.shape[1])]
-        holes = _pool(torch.stack(channels, 1), out, "min" if pool == "split" else pool)
+    components, holes = ("max", "min") if pool == "split" else (pool, pool)
+    nested = bars == "decision" and probs.shape[1] == NUM_CLASSES
+    pooled = _pool(source, out, components)
     first = 0 if include_background else 1
     present = pooled[:, first:].detach().flatten(2).amax(2) >= threshold  # B, C'
     penalties = []
     for b, c in present.nonzero().tolist():
         k = first + c
-        if holes is pooled or (pool != "split" and not (nested and k in ENCLOSES)):  # one map serves both
+        wrapped = ENCLOSES.get(k, ()) if nested else ()
+        if holes == components and not wrapped:  # one map serves every term
             penalties.append(persistence_penalty(pooled[b, k], bars, threshold, margin))
             continue
+        # The hole map: an enclosing structure is solid together with what it wraps.
+        region = source[b, [k, *wrapped]].sum(0).clamp(max=1.0)
+        hole_map = _pool(region[None, None], out, holes)[0, 0]
         own = persistence_terms(pooled[b, k], bars, threshold, margin)
-        hole = persistence_terms(holes[b, k], bars, threshold, margin)
+        hole = persistence_terms(hole_map, bars, threshold, margin)
         penalties.append(own["components"] + own["certainty"] + hole["tunnels"] + hole["cavities"])
     if not penalties:
         return pooled.sum() * 0.0
