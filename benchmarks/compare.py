@@ -116,7 +116,7 @@ def _model(s: Settings, name: str, **overrides: Any) -> ModelConfig:
 
 def _ablations(s: Settings) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
     """(key, label, model overrides, train overrides): each flips one default of CrossModalNet."""
-    m, t = ModelConfig(), TrainConfig()
+    m, t = ModelConfig.from_size(CMN, s.model_size), TrainConfig()
     other = "paper" if m.cross_attention == "standard" else "standard"
     on_off = {True: "on", False: "off"}
     fine = "both" if m.fine_skips == "reference" else "reference"
@@ -132,6 +132,8 @@ def _ablations(s: Settings) -> list[tuple[str, str, dict[str, Any], dict[str, An
         (f"ablation-fine-skips-{fine}", f"fine skips `{fine}`", {"fine_skips": fine}, {}),
         *([("ablation-cross-from-stage-2", "Cross Transformer blocks from stage 2 on (none at the finest tokens)",
             {"cross_first_stage": 1}, {})] if m.cross_blocks and m.cross_first_stage == 0 else []),
+        *([("ablation-cross-every-stage", "Cross Transformer blocks after every stage (the paper's)",
+            {"cross_first_stage": 0}, {})] if m.cross_blocks and m.cross_first_stage > 0 else []),
     ]
 
 

@@ -33,11 +33,17 @@ __all__ = [
 # Named sizes of CrossModalNet: the one source of truth. `small` is the CPU default.
 CROSSMODALNET_SIZES: dict[str, dict[str, Any]] = {
     # Tests: the smallest model that still has every mechanism.
-    "tiny": dict(feature_size=12, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4, patch_size=4),
+    "tiny": dict(feature_size=12, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4, patch_size=4,
+                 cross_first_stage=0),
     # CPU default (demo, benchmark): tokens at stride 4, three stages; ~0.5 s per 96^3 pair on 2 cores.
-    "small": dict(feature_size=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4, patch_size=4),
-    # GPU: tokens at stride 2, four stages, as Swin-UNETR's published configuration.
-    "base": dict(feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=4, patch_size=2),
+    # Cross Transformer blocks after stages 2 and 3 only (strides 8, 16): the one at stride 4 cost a
+    # seventh of a CPU training step and bought no Dice (docs/benchmarks.md, "Reading the comparison").
+    "small": dict(feature_size=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4, patch_size=4,
+                  cross_first_stage=1),
+    # GPU: tokens at stride 2, four stages, as Swin-UNETR's published configuration; the paper's
+    # Cross Transformer block after every stage (not measured against cross_first_stage > 0 yet).
+    "base": dict(feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=4, patch_size=2,
+                 cross_first_stage=0),
 }
 
 
@@ -58,15 +64,16 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     cross_attention: str = "standard"  # "standard" | "paper" (Def. 2 literally)
     cross_blocks: bool = True  # Cross Transformer block after each stage (off: decoder-only fusion)
-    cross_first_stage: int = 0  # first encoder stage (0-based) with a Cross Transformer block; finer ones go without
+    cross_first_stage: int = 1  # first encoder stage (0-based) with a Cross Transformer block; finer ones go without
     deformable: bool = True  # resample the other stream with the deformable operator first
     deformable_points: int = 4  # K in Def. 3
     max_offset: float = 2.0  # bound on offsets, in voxels of the stage's grid
     deep_supervision: bool = True  # heads at strides 2 and 4 in training; measured: small structures learned sooner
     modality_dropout: float = 0.0  # probability, per sample in training, of dropping one modality
     light_decoder_levels: int = 2  # CrossModalNet: finest decoder blocks with one conv, not a residual pair (>= 1)
-    # CrossModalNet: what feeds the decoder's skips finer than the token grid (stem maps, the input):
-    # "reference" the CT's (the MR's where the CT is missing), "both" CT ‖ MR. See docs/model.md.
+    # CrossModalNet: what feeds the decoder's skips that no Cross Transformer block has aligned (stem
+    # maps, the input, token stages before `cross_first_stage`): "reference" the CT's (the MR's where
+    # the CT is missing), "both" CT ‖ MR. See docs/model.md.
     fine_skips: str = "both"
     img_size: int = 64  # fixed input edge for models with absolute position embeddings (UNETR)
 

@@ -69,6 +69,13 @@ def test_plan_has_every_study_and_stable_identities(fabricated) -> None:
             assert keys.index(j["source"]) < keys.index(j["key"])
             assert j["source_fingerprint"] == by_key[j["source"]]["fingerprint"]
     assert [j["fingerprint"] for j in compare.plan(s)] == [j["fingerprint"] for j in jobs]
+    # The cross-block ablation flips the size's own choice: every stage for `small`, from stage 2 for `tiny`.
+    flips = {size: {k: mo for k, _, mo, _ in compare._ablations(replace(s, model_size=size)) if "cross-" in k}
+             for size in ("tiny", "small")}
+    assert flips["small"] == {"ablation-cross-blocks-off": {"cross_blocks": False},
+                              "ablation-cross-every-stage": {"cross_first_stage": 0}}
+    assert flips["tiny"] == {"ablation-cross-blocks-off": {"cross_blocks": False},
+                             "ablation-cross-from-stage-2": {"cross_first_stage": 1}}
     longer = compare.plan(replace(s, minutes=9.0))
     assert longer[0]["fingerprint"] != jobs[0]["fingerprint"]
     steps = by_key["steps-unet"]["config"]

@@ -62,6 +62,10 @@ def test_sizes():
     for key, value in CROSSMODALNET_SIZES["tiny"].items():
         assert getattr(tiny, key) == value
     assert ModelConfig.from_size("unet", "tiny").feature_size == ModelConfig().feature_size  # baselines
+    # ModelConfig() is the CPU default, `small`; every size states where its Cross Transformer blocks start
+    assert ModelConfig.from_size("crossmodalnet", "small") == ModelConfig()
+    assert all(set(v) == set(CROSSMODALNET_SIZES["small"]) for v in CROSSMODALNET_SIZES.values())
+    assert [CROSSMODALNET_SIZES[k]["cross_first_stage"] for k in ("tiny", "small", "base")] == [0, 1, 0]
     with pytest.raises(CrossModalNetError, match="unknown size 'huge'"):
         ModelConfig.from_size("crossmodalnet", "huge")
     with pytest.raises(CrossModalNetError, match=r"unknown ModelConfig key\(s\) \['depth'\]"):

@@ -109,12 +109,15 @@ class CrossModalNet(nn.Module):
             )
             for i in range(cfg.cross_first_stage, n)
         ) if cfg.cross_blocks else None
-        # Decoder, coarse to fine. Skips at the token grid and coarser are both streams' (hence 2x);
-        # finer ones one stream's or both (`fine_skips`).
+        # Decoder, coarse to fine. Skips from a Cross Transformer block (and all of them without
+        # cross blocks) are both streams' (hence 2x); the finer ones, without a cross block behind
+        # them, one stream's or both (`fine_skips`).
         stem_ch = self.ct.stem.channels[:-1]  # stride 2 .. patch_size/2 maps
         k = 1 if cfg.fine_skips == "reference" else 2
+        self.reference_stages = cfg.cross_first_stage if cfg.cross_blocks and k == 1 else 0
         self.bottleneck = UnetResBlock(3, 2 * dims[-1], dims[-1], kernel_size=3, stride=1, norm_name=_NORM)
-        ups: list[_UpBlock] = [_UpBlock(dims[i + 1], 2 * dims[i], dims[i]) for i in reversed(range(n - 1))]
+        ups: list[_UpBlock] = [_UpBlock(dims[i + 1], (1 if i < self.reference_stages else 2) * dims[i], dims[i])
+                               for i in reversed(range(n - 1))]
         chans = [dims[0], *reversed(stem_ch)]
         # The finest `light_decoder_levels` blocks (full resolution first) use one convolution
         # instead of a residual pair: at high resolution the pair costs most of the FLOPs.
@@ -167,8 +170,9 @@ class CrossModalNet(nn.Module):
     def encode(self, ct: torch.Tensor | None, mr: torch.Tensor | None, keep_layers: bool = False):
         """Run both streams. Inputs must already be padded to a multiple of `self.divisor`.
 
-        Returns (fine skips: stem maps (B, k C_s, ...) at strides 2 .. patch_size / 2, fused skips per
-        stage (B, 2C, d, h, w), inputs skip (B, k C_in, D, H, W), layers), k = 2 for `fine_skips`
+        Returns (fine skips: stem maps (B, k C_s, ...) at strides 2 .. patch_size / 2, skips per
+        stage (B, 2C, d, h, w) (CT ‖ MR; (B, C, ...) the reference's for a stage before the first Cross
+        Transformer block when k = 1), inputs skip (B, k C_in, D, H, W), layers), k = 2 for `fine_skips`
         "both" (CT ‖ MR), 1 for "reference" (CT's, the MR's for a sample whose CT is missing), where
         `layers` (if keep_layers) lists (name, F_ct, F_mr) tokens after every stage and cross block,
         for the information-flow analysis.
@@ -176,6 +180,17 @@ class CrossModalNet(nn.Module):
         ref = ct if ct is not None else mr
         masks = self._drop_masks(ref.shape[0], ref.device)
         drop_ct, drop_mr = masks if masks is not None else (None, None)
+
+        def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            """The CT's map `a`, or the MR's `b` where the CT is missing or dropped (batch on dim 0)."""
+            if ct is None:
+                return b
+            if drop_ct is None:
+                return a
+            shape = [1] * a.dim()
+            shape[0] = -1
+            return torch.where(drop_ct.view(shape), b, a)
+
         zeros = torch.zeros_like(ref)
         x_ct = zeros if ct is None else (ct if drop_ct is None else ct * (~drop_ct).view(-1, 1, 1, 1, 1))
         x_mr = zeros if mr is None else (mr if drop_mr is None else mr * (~drop_mr).view(-1, 1, 1, 1, 1))
@@ -191,20 +206,18 @@ class CrossModalNet(nn.Module):
                 fa, fb = self.cross[i - self.config.cross_first_stage](fa, fb)
                 if keep_layers:
                     layers.append((f"cross{i + 1}", fa, fb))
-            skips.append(torch.cat([fa, fb], dim=-1).permute(0, 4, 1, 2, 3))
+            if i < self.reference_stages:  # no cross block yet: the MR would enter unaligned
+                skips.append(reference(fa, fb).permute(0, 4, 1, 2, 3))
+            else:
+                skips.append(torch.cat([fa, fb], dim=-1).permute(0, 4, 1, 2, 3))
             if i < len(self.ct.merges):
                 fa, fb = self.ct.merges[i](fa), self.mr.merges[i](fb)
         if self.config.fine_skips == "reference":
             # Detail finer than the tokens comes from the image on the labels' grid; the other modality
             # reaches the decoder through the (deformable) cross-attended token streams, where a few
             # voxels of misregistration are within a window. A sample without CT falls back to the MR.
-            if ct is None:
-                return s_mr[:-1], skips, x_mr, layers
-            if drop_ct is None:
-                return s_ct[:-1], skips, x_ct, layers
-            sel = drop_ct.view(-1, 1, 1, 1, 1)
-            stems = [torch.where(sel, b, a) for a, b in zip(s_ct[:-1], s_mr[:-1], strict=True)]
-            return stems, skips, torch.where(sel, x_mr, x_ct), layers
+            stems = [reference(a, b) for a, b in zip(s_ct[:-1], s_mr[:-1], strict=True)]
+            return stems, skips, reference(x_ct, x_mr), layers
         stems = [torch.cat([a, b], dim=1) for a, b in zip(s_ct[:-1], s_mr[:-1], strict=True)]
         return stems, skips, torch.cat([x_ct, x_mr], dim=1), layers
 

@@ -82,6 +82,29 @@ def test_reference_fine_skips_keep_mr_detail_out_of_the_fine_decoder():
     assert all(a.shape == b.shape for a, b in zip(stems, mr_only, strict=True))
 
 
+def test_reference_skips_take_the_stages_before_the_first_cross_block():
+    # With cross_first_stage 1, the stage-1 tokens have met no Cross Transformer block: under
+    # "reference" their skip is the CT's alone (C channels), unchanged by the MR; the later ones stay CT ‖ MR.
+    ref = _model(fine_skips="reference", cross_first_stage=1).eval()
+    both = _model(cross_first_stage=1).eval()
+    ct, mr = _pair((32, 32, 32))
+    with torch.no_grad():
+        _, skips, _, _ = ref.encode(ct, mr)
+        _, skips2, _, _ = ref.encode(ct, mr.flip(2))
+        _, skips_both, _, _ = both.encode(ct, mr)
+        _, skips_mr, _, _ = ref.encode(None, mr)
+        out = ref(ct, mr)
+    c = ref.config.feature_size
+    assert [t.shape[1] for t in skips] == [c, 4 * c, 8 * c]
+    assert [t.shape[1] for t in skips_both] == [2 * c, 4 * c, 8 * c]
+    assert torch.equal(skips[0], skips2[0]) and not torch.allclose(skips[1], skips2[1])
+    assert skips_mr[0].shape == skips[0].shape
+    assert out.shape == (1, ref.config.out_channels, 32, 32, 32)
+    # Without cross blocks every skip stays CT ‖ MR: the decoder is where the streams meet.
+    _, skips_nc, _, _ = _model(fine_skips="reference", cross_first_stage=1, cross_blocks=False).eval().encode(ct, mr)
+    assert [t.shape[1] for t in skips_nc] == [2 * c, 4 * c, 8 * c]
+
+
 def test_swapping_ct_and_mr_changes_the_output():
     model = _model().eval()
     ct, mr = _pair((32, 32, 32))
