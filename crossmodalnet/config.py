@@ -28,6 +28,8 @@ __all__ = [
     "load_yaml",
     "read_yaml",
     "dump_yaml",
+    "imply_missing_fields",
+    "load_run_config",
 ]
 
 # Named sizes of CrossModalNet: the one source of truth. `small` is the CPU default.
@@ -197,3 +199,23 @@ def read_yaml(path: str | os.PathLike) -> Any:
 def load_yaml(cls: type, path: str | os.PathLike) -> Any:
     """Read a YAML file into dataclass `cls`, with one-line errors naming the file."""
     return from_dict(cls, read_yaml(path), str(path))
+
+
+# CrossModalNet fields whose default changed after run configs without them were written, with the
+# value those configs meant. A run's config.yaml is a full dump, so a field absent there predates
+# it: `cross_first_stage` came with 0 (a block after every stage), and `small` moved to 1 later.
+IMPLIED_BEFORE_FIELD: dict[str, Any] = {"cross_first_stage": 0}
+
+
+def imply_missing_fields(data: Any) -> Any:
+    """Fill IMPLIED_BEFORE_FIELD into the CrossModalNet `model` mapping of a saved run config (in place)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and model.get("name", "crossmodalnet") == "crossmodalnet":
+        for key, value in IMPLIED_BEFORE_FIELD.items():
+            model.setdefault(key, value)
+    return data
+
+
+def load_run_config(path: str | os.PathLike) -> TrainConfig:
+    """TrainConfig of a run folder's config.yaml, read as the run was trained (`IMPLIED_BEFORE_FIELD`)."""
+    return from_dict(TrainConfig, imply_missing_fields(read_yaml(path)), str(path))

@@ -28,7 +28,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 from tqdm.auto import tqdm
 
-from crossmodalnet.config import TrainConfig, load_yaml
+from crossmodalnet.config import TrainConfig, load_run_config
 from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset
 from crossmodalnet.data.io import Geometry, write_label, write_probabilities
 from crossmodalnet.data.labels import to_codes
@@ -78,7 +78,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
         raise CrossModalNetError(f"{run_dir}: not a run folder (no {CONFIG}); train one with `crossmodalnet train`")
     if not (run_dir / BEST).is_file():
         raise CrossModalNetError(f"{run_dir / BEST}: no trained weights yet (training has not validated once)")
-    config = load_yaml(TrainConfig, run_dir / CONFIG)
+    config = load_run_config(run_dir / CONFIG)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model = load_weights(build_model(config.model.name, config.model), run_dir / BEST)
     return LoadedRun(model.to(dev).eval(), config, Preprocessor.load(run_dir / PREPROCESS), dev)

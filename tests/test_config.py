@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import yaml
 
 from crossmodalnet.config import (
     CROSSMODALNET_SIZES,
@@ -10,10 +11,13 @@ from crossmodalnet.config import (
     TrainConfig,
     dump_yaml,
     from_dict,
+    imply_missing_fields,
+    load_run_config,
     load_yaml,
     to_dict,
 )
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.train.preflight import load_config_file
 
 
 def test_yaml_round_trip(tmp_path):
@@ -78,3 +82,22 @@ def test_to_dict_from_dict_inverse():
     assert isinstance(data["patch_size"], list) and isinstance(data["model"]["depths"], list)
     assert from_dict(TrainConfig, data) == cfg
     assert set(data) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_run_configs_written_before_a_field_keep_what_they_meant(tmp_path):
+    # A run's config.yaml is a full dump; one from before `cross_first_stage` existed was trained with
+    # a Cross Transformer block after every stage, though `small` now starts them at stage 1.
+    full = to_dict(TrainConfig(model=ModelConfig.from_size("crossmodalnet", "small")))
+    old = {**full, "model": {k: v for k, v in full["model"].items() if k != "cross_first_stage"}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert load_run_config(path).model.cross_first_stage == 0
+    assert load_yaml(TrainConfig, path).model.cross_first_stage == 1  # a plain read takes today's default
+    assert load_config_file(path, saved=True).model.cross_first_stage == 0
+    assert load_config_file(path).model.cross_first_stage == 1  # a hand-written file: the size decides
+    # A field that is there is never overridden, and baselines are left alone.
+    path.write_text(yaml.safe_dump(full, sort_keys=False))
+    assert load_run_config(path).model.cross_first_stage == 1
+    unet = to_dict(TrainConfig(model=ModelConfig.from_size("unet", "small")))
+    del unet["model"]["cross_first_stage"]
+    assert imply_missing_fields(unet)["model"].get("cross_first_stage") is None

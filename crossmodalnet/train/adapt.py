@@ -61,7 +61,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from crossmodalnet.config import TrainConfig, from_dict, load_yaml, read_yaml, to_dict
+from crossmodalnet.config import TrainConfig, from_dict, load_run_config, load_yaml, read_yaml, to_dict
 from crossmodalnet.data.dataset import Case, load_case, load_dataset
 from crossmodalnet.data.io import atomic_path, check_same_grid, read_image
 from crossmodalnet.data.preprocess import PreparedCase, Preprocessor
@@ -528,7 +528,7 @@ def _open_source_run(run: Path, out: Path) -> tuple[TrainConfig, Preprocessor]:
     if not (run / ckpt.BEST).is_file():
         raise CrossModalNetError(f"{run / ckpt.BEST}: not found; the source run has not finished (or validated "
                                  "once); train it first")
-    config = load_yaml(TrainConfig, run / ckpt.CONFIG)
+    config = load_run_config(run / ckpt.CONFIG)
     if config.model.name != "crossmodalnet":
         raise CrossModalNetError(f"{run / ckpt.CONFIG}: model {config.model.name!r}; adapt supports crossmodalnet "
                                  "only (it aligns CrossModalNet's fused bottleneck features)")

@@ -21,7 +21,8 @@ from crossmodalnet.config import (
     ModelConfig,
     TrainConfig,
     from_dict,
-    load_yaml,
+    imply_missing_fields,
+    load_run_config,
     read_yaml,
     to_dict,
 )
@@ -45,7 +46,7 @@ def open_run(out: Path, config: TrainConfig, resume: bool) -> dict[str, Any]:
         return {"state": None, "preprocess": None}
     if not (out / ckpt.CONFIG).is_file():
         raise CrossModalNetError(f"{out}: nothing to resume (no {ckpt.CONFIG}); train without --resume")
-    saved = load_yaml(TrainConfig, out / ckpt.CONFIG)
+    saved = load_run_config(out / ckpt.CONFIG)
     diffs = ckpt.config_differences(saved, config)
     if diffs:
         raise CrossModalNetError(f"{out / ckpt.CONFIG}: --resume refused, this run holds another configuration "
@@ -110,11 +111,12 @@ def check_config(config: TrainConfig, world_size: int = 1) -> None:
          "max_minutes", "a positive number of minutes")
 
 
-def load_config_file(path: str | os.PathLike) -> TrainConfig:
+def load_config_file(path: str | os.PathLike, saved: bool = False) -> TrainConfig:
     """A TrainConfig YAML whose `model` may give just `name` and `size`: the named size fills the
-    architecture fields, and any field the file does give overrides it."""
+    architecture fields, and any field the file does give overrides it. saved: the file is a run's
+    config.yaml (a full dump), whose missing fields mean what they meant then (`imply_missing_fields`)."""
     path = Path(path)
-    data = read_yaml(path)
+    data = imply_missing_fields(read_yaml(path)) if saved else read_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
         raise CrossModalNetError(f"{path}: expected a mapping of TrainConfig keys with a 'model' mapping")
     model = dict(data.get("model") or {})
@@ -133,7 +135,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if args.config is not None:
         config = load_config_file(args.config)
     elif args.resume and (Path(args.out) / ckpt.CONFIG).is_file():
-        config = load_config_file(Path(args.out) / ckpt.CONFIG)
+        config = load_config_file(Path(args.out) / ckpt.CONFIG, saved=True)
     else:
         config = TrainConfig()
     if args.model is not None or args.size is not None:
