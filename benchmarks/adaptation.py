@@ -44,7 +44,7 @@ from typing import Any
 
 import _harness as h
 
-from crossmodalnet.config import CROSSMODALNET_SIZES
+from crossmodalnet.config import CROSSMODALNET_SIZES, imply_missing_fields
 from crossmodalnet.errors import CrossModalNetError
 
 PROTOCOL = 2  # bump when a change here changes what a run measures, so that old results are redone
@@ -368,7 +368,8 @@ def _first_cross(results: dict[str, dict[str, Any]], s: Settings) -> int:
     done = results.get("source-only")
     if done is None:
         return train_config(s).model.cross_first_stage
-    return done["spec"]["config"]["model"].get("cross_first_stage", 0)  # absent: made before the field, with 0
+    # A spec made before the field lacks it and meant what a saved run config then meant.
+    return imply_missing_fields({"model": dict(done["spec"]["config"]["model"])})["model"]["cross_first_stage"]
 
 
 def _settings(a: argparse.Namespace) -> Settings:

@@ -114,6 +114,10 @@ def _model(s: Settings, name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig.from_size(name, s.model_size, img_size=s.patch, **overrides)
 
 
+# The ablations that switch what is meant to handle misregistration; each is also scored under it.
+ALIGNMENT_FIELDS = frozenset({"cross_blocks", "cross_first_stage", "deformable", "fine_skips"})
+
+
 def _ablations(s: Settings) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
     """(key, label, model overrides, train overrides): each flips one default of CrossModalNet."""
     m, t = ModelConfig.from_size(CMN, s.model_size), TrainConfig()
@@ -165,7 +169,7 @@ def plan(s: Settings) -> list[dict[str, Any]]:
         # What the mechanisms meant for misregistration (the Cross Transformer blocks, the deformable
         # operator, reference-only fine skips) buy under it: the ablations that switch them are scored too.
         for key, label, mo, _ in _ablations(s) if s.ablations else []:
-            if {"cross_blocks", "cross_first_stage", "deformable", "fine_skips"} & set(mo):
+            if ALIGNMENT_FIELDS & set(mo):
                 jobs.append({"key": f"misregistration-{key}", "kind": "misregistration", "label": f"{CMN}, {label}",
                              "source": key, "seed": s.seed, "magnitudes": list(s.magnitudes)})
         # Training with the MR displaced at random (registration error, `misalign_prob`): CrossModalNet
@@ -360,7 +364,7 @@ def misregistration_table(s: Settings, results: dict[str, dict[str, Any]]) -> st
     rows = [(name, f"misregistration-{name}") for name in s.models]
     rows.append((f"{CMN}, modality dropout {s.dropout:g}", f"misregistration-dropout-{CMN}"))
     switched = [(key, label) for key, label, mo, _ in _ablations(s)
-                if {"cross_blocks", "cross_first_stage", "deformable", "fine_skips"} & set(mo)]
+                if ALIGNMENT_FIELDS & set(mo)]
     rows += [(f"{CMN}, {label}", f"misregistration-{key}") for key, label in (switched if s.ablations else [])]
     rows += [(f"{n}, trained with MR misalignment {s.misalign:g}", f"misregistration-misalign-{n}")
              for n in (CMN, "unet") if n in s.models]
