@@ -101,3 +101,9 @@ def test_run_configs_written_before_a_field_keep_what_they_meant(tmp_path):
     unet = to_dict(TrainConfig(model=ModelConfig.from_size("unet", "small")))
     del unet["model"]["cross_first_stage"]
     assert imply_missing_fields(unet)["model"].get("cross_first_stage") is None
+    # Same for `fine_skips`, whose default moved from "both" to "reference".
+    older = {**full, "model": {k: v for k, v in full["model"].items() if k not in ("cross_first_stage", "fine_skips")}}
+    path.write_text(yaml.safe_dump(older, sort_keys=False))
+    run = load_run_config(path).model
+    assert (run.cross_first_stage, run.fine_skips) == (0, "both")
+    assert ModelConfig.from_size("crossmodalnet", "small").fine_skips == "reference"

@@ -2,7 +2,7 @@
 
 Trains a tiny model with DDP through the same `Trainer` that `crossmodalnet train` uses, then
 saves each rank's final weights and its first batch, so the test can compare the processes.
-Usage: ddp_worker.py DATA OUT
+Usage: ddp_worker.py DATA OUT [MODEL]
 """
 
 import sys
@@ -18,8 +18,11 @@ from crossmodalnet.train.trainer import Trainer
 
 def main() -> None:
     data, out = Path(sys.argv[1]), Path(sys.argv[2])
-    config = TrainConfig(model=ModelConfig.from_size("unet", "tiny"), epochs=1, iterations_per_epoch=3,
-                         batch_size=2, patch_size=(16, 16, 16), lr=1e-2, warmup_epochs=0, val_every=1,
+    name = sys.argv[3] if len(sys.argv) > 3 else "unet"
+    config = TrainConfig(model=ModelConfig.from_size(name, "tiny"), epochs=1, iterations_per_epoch=3,
+                         # CrossModalNet's tiny size needs 32³ (its coarsest grid is 1/16 of the patch)
+                         batch_size=2, patch_size=(32, 32, 32) if name == "crossmodalnet" else (16, 16, 16),
+                         lr=1e-2, warmup_epochs=0, val_every=1,
                          sw_batch_size=1, device="cpu")
     info = ddp.init_distributed("cpu")
     try:
