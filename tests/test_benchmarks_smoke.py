@@ -150,3 +150,30 @@ def test_misregistration_perturbations() -> None:
     np.testing.assert_array_equal(h.smooth_field((16, 16, 16), 0, 1), field)  # same case, same warp
     warped = h.warp_volume(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), 3 * field)
     assert warped.shape == (16, 16, 16) and warped.dtype == np.float32
+
+
+def test_draws_pairs_each_folder_and_counts_leads(tmp_path: Path):
+    import draws
+
+    def folder(name: str, data_seed: int, train_seed: int, cmn: list[float], unet: list[float], val: tuple) -> Path:
+        work = tmp_path / name
+        for model, dices, v in (("crossmodalnet", cmn, val[0]), ("unet", unet, val[1])):
+            h.write_json(work / "results" / f"budget-{model}.json", _train_result(dices, best_val_dice=v))
+            h.write_json(work / "jobs" / f"budget-{model}.json",
+                         {"dataset": [8, 32, data_seed], "config": {"seed": train_seed}})
+        return work
+
+    works = [folder("b", 1, 1, [0.90, 0.92], [0.91, 0.91], (0.80, 0.79)),  # level on test, ahead on val
+             folder("a", 0, 0, [0.95, 0.97], [0.94, 0.94], (0.90, 0.88))]  # ahead by 0.02
+    rows = [draws.read_draw(w, "crossmodalnet", "unet") for w in works]
+    assert rows[1]["delta"] == pytest.approx([0.01, 0.03])
+    text = draws.table(sorted(rows, key=lambda d: d["data_seed"]), "crossmodalnet", "unet")
+    assert text.index("| 0 | 0 |") < text.index("| 1 | 1 |")  # ordered by seeds
+    assert "| mean of 2 | | 0.9250 (0.8350) | 0.9350 (0.8500) |" in text
+    assert "test mean Dice +0.0100" in text
+    assert "test: ahead in 1, behind in 0, level (within 0.0005) in 1" in text
+    assert "validation: ahead in 2, behind in 0" in text
+    # A folder whose two runs were made with different seeds is refused, naming it.
+    h.write_json(works[0] / "jobs" / "budget-unet.json", {"dataset": [8, 32, 1], "config": {"seed": 2}})
+    with pytest.raises(draws.CrossModalNetError, match="same seeds"):
+        draws.read_draw(works[0], "crossmodalnet", "unet")
