@@ -177,3 +177,16 @@ def test_draws_pairs_each_folder_and_counts_leads(tmp_path: Path):
     h.write_json(works[0] / "jobs" / "budget-unet.json", {"dataset": [8, 32, 1], "config": {"seed": 2}})
     with pytest.raises(draws.CrossModalNetError, match="same seeds"):
         draws.read_draw(works[0], "crossmodalnet", "unet")
+
+
+def test_every_generated_section_of_the_benchmarks_doc_is_marked_at_both_ends():
+    # A section whose begin marker is lost (hand edits around it) would be appended again, not replaced.
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    begins = re.findall(r"<!-- (\w+):begin -->", text)
+    ends = re.findall(r"<!-- (\w+):end -->", text)
+    assert begins == ends and len(set(begins)) == len(begins)
+    assert {"latency", "compare", "draws", "adaptation"} <= set(begins)
+    for name in begins:
+        assert text.index(f"<!-- {name}:begin -->") < text.index(f"<!-- {name}:end -->")
