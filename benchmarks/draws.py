@@ -11,7 +11,8 @@ seed (`--train-seed`) or other phantoms (`--seed`). This script reads the finish
 results of each folder (it runs nothing) and prints, per draw, test and validation mean Dice of both
 models, their steps, and the paired per-case difference; then the mean over draws and how many
 draws each model leads on test and on validation Dice (validation chose the checkpoints; test only
-reports).
+reports). Where the folder also has both models' misregistration results (`--robustness`), the
+Dice each loses with the MR shifted by 4 voxels against the CT at test time, and their ratio.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from crossmodalnet.errors import CrossModalNetError  # noqa: E402
 # Differences below this read as level: the tables print three decimals, and a test set of six
 # cases cannot tell them apart.
 LEVEL = 5e-4
+SHIFT = "shift_4"  # the issue's misregistration: the MR translated by 4 voxels at test time
 
 
 def read_draw(work: Path, model: str, against: str) -> dict[str, Any]:
@@ -50,6 +52,13 @@ def read_draw(work: Path, model: str, against: str) -> dict[str, Any]:
     if set(a) != set(b):
         raise CrossModalNetError(f"{work}: the two models were scored on different test cases")
     out["delta"] = [a[c]["dice"] - b[c]["dice"] for c in sorted(a)]
+    losses = []
+    for name in (model, against):
+        r = h.read_json(work / "results" / f"misregistration-{name}.json")
+        cond = r.get("conditions", {}) if r and r.get("status") == "ok" else {}
+        if "none" in cond and SHIFT in cond:
+            losses.append(cond["none"]["mean_dice"] - cond[SHIFT]["mean_dice"])
+    out["shift_loss"] = tuple(losses) if len(losses) == 2 else None  # (model, against)
     return out
 
 
@@ -57,16 +66,21 @@ def table(draws: list[dict[str, Any]], model: str, against: str) -> str:
     """Markdown: one row per draw, then the mean over draws and the count of draws each model leads."""
     lines = [
         f"| data seed | training seed | {against} test Dice (val) | {model} test Dice (val) | steps "
-        f"({against} / {model}) | paired per-case Δ test Dice (mean ± sd) | work folder |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        f"({against} / {model}) | paired per-case Δ test Dice (mean ± sd) | Dice lost at shift 4 "
+        f"({against} / {model}, ratio) | work folder |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for d in draws:
         m, b = d["model"], d["against"]
         sd = statistics.stdev(d["delta"]) if len(d["delta"]) > 1 else 0.0
+        shift = "not run"
+        if d["shift_loss"]:
+            lm, la = d["shift_loss"]
+            shift = f"{la:.4f} / {lm:.4f}, {lm / la:.2f}" if la > 0 else f"{la:.4f} / {lm:.4f}"
         lines.append(
             f"| {d['data_seed']} | {d['train_seed']} | {b['test']['mean_dice']:.4f} ({b['best_val_dice']:.4f}) | "
             f"{m['test']['mean_dice']:.4f} ({m['best_val_dice']:.4f}) | {b['steps_done']} / {m['steps_done']} | "
-            f"{statistics.fmean(d['delta']):+.4f} ± {sd:.4f} | `{d['work']}` |")
+            f"{statistics.fmean(d['delta']):+.4f} ± {sd:.4f} | {shift} | `{d['work']}` |")
     test = [d["model"]["test"]["mean_dice"] - d["against"]["test"]["mean_dice"] for d in draws]
     val = [d["model"]["best_val_dice"] - d["against"]["best_val_dice"] for d in draws]
 
@@ -75,7 +89,7 @@ def table(draws: list[dict[str, Any]], model: str, against: str) -> str:
                                 for d in draws)
 
     lines.append(f"| mean of {len(draws)} | | {mean('against', 'test'):.4f} ({mean('against', 'val'):.4f}) | "
-                 f"{mean('model', 'test'):.4f} ({mean('model', 'val'):.4f}) | | | |")
+                 f"{mean('model', 'test'):.4f} ({mean('model', 'val'):.4f}) | | | | |")
     spread = f" ± {statistics.stdev(test):.4f} (sd over draws)" if len(test) > 1 else ""
 
     def count(diffs: list[float]) -> str:
@@ -87,6 +101,11 @@ def table(draws: list[dict[str, Any]], model: str, against: str) -> str:
         f"{model} against {against}, over {len(draws)} draws: test mean Dice {statistics.fmean(test):+.4f}{spread}; "
         f"test: {count(test)}; validation: {count(val)}.",
     ]
+    shifted = [d["shift_loss"] for d in draws if d["shift_loss"] and d["shift_loss"][1] > 0]
+    if shifted:
+        ratios = [lm / la for lm, la in shifted]
+        lines[-1] += (f" Dice lost at a 4-voxel MR shift, {model} / {against}, in the {len(shifted)} draws with "
+                      f"it: ratio {min(ratios):.2f} to {max(ratios):.2f}.")
     return "\n".join(lines)
 
 

@@ -165,7 +165,11 @@ def test_draws_pairs_each_folder_and_counts_leads(tmp_path: Path):
 
     works = [folder("b", 1, 1, [0.90, 0.92], [0.91, 0.91], (0.80, 0.79)),  # level on test, ahead on val
              folder("a", 0, 0, [0.95, 0.97], [0.94, 0.94], (0.90, 0.88))]  # ahead by 0.02
+    for model, shifted in (("crossmodalnet", 0.94), ("unet", 0.90)):  # only folder a has robustness results
+        conditions = {"none": {"mean_dice": 0.96}, "shift_4": {"mean_dice": shifted}}
+        h.write_json(works[1] / "results" / f"misregistration-{model}.json", {"status": "ok", "conditions": conditions})
     rows = [draws.read_draw(w, "crossmodalnet", "unet") for w in works]
+    assert rows[0]["shift_loss"] is None and rows[1]["shift_loss"] == pytest.approx((0.02, 0.06))
     assert rows[1]["delta"] == pytest.approx([0.01, 0.03])
     text = draws.table(sorted(rows, key=lambda d: d["data_seed"]), "crossmodalnet", "unet")
     assert text.index("| 0 | 0 |") < text.index("| 1 | 1 |")  # ordered by seeds
@@ -173,6 +177,8 @@ def test_draws_pairs_each_folder_and_counts_leads(tmp_path: Path):
     assert "test mean Dice +0.0100" in text
     assert "test: ahead in 1, behind in 0, level (within 0.0005) in 1" in text
     assert "validation: ahead in 2, behind in 0" in text
+    assert "| 0.0600 / 0.0200, 0.33 |" in text and "| not run |" in text
+    assert "in the 1 draws with it: ratio 0.33 to 0.33." in text
     # A folder whose two runs were made with different seeds is refused, naming it.
     h.write_json(works[0] / "jobs" / "budget-unet.json", {"dataset": [8, 32, 1], "config": {"seed": 2}})
     with pytest.raises(draws.CrossModalNetError, match="same seeds"):
