@@ -44,7 +44,7 @@ from typing import Any
 
 import _harness as h
 
-from crossmodalnet.config import CROSSMODALNET_SIZES, imply_missing_fields
+from crossmodalnet.config import CROSSMODALNET_SIZES, imply_missing_fields, to_dict
 from crossmodalnet.errors import CrossModalNetError
 
 PROTOCOL = 2  # bump when a change here changes what a run measures, so that old results are redone
@@ -192,7 +192,6 @@ def run_method(s: Settings, key: str, data: dict[str, Path], fresh: bool,
                results: dict[str, dict[str, Any]], code: dict[str, str], run: bool = True) -> dict[str, Any] | None:
     """One row of the table: train or adapt (unless a matching finished result exists), then score.
     With run False only a matching finished result is returned (None when there is none)."""
-    from crossmodalnet.config import to_dict
     from crossmodalnet.train.adapt import adapt
     from crossmodalnet.train.trainer import train
 
@@ -327,6 +326,7 @@ def report(s: Settings, results: dict[str, dict[str, Any]], machine: dict[str, A
         parts += ["**Smoke run (`--quick`): tiny model, seconds of training; the numbers say nothing about the "
                   "methods.**", ""]
     sp, tp = splits["source"], splits["target"]
+    model = _source_model(results, s)
     parts += [
         f"Command: `OMP_NUM_THREADS={machine['torch_threads']} {command}`. Seed {s.seed}. Machine: {machine['cpu']}, "
         f"{machine['cores']} cores, one or two processes at a time (`--only` splits the rows; every run is "
@@ -336,8 +336,9 @@ def report(s: Settings, results: dict[str, dict[str, Any]], machine: dict[str, A
         f"Data: {s.cases} source-domain and {s.cases} target-domain phantoms of {s.size}³ (other patients, other "
         f"rendering: `synth --domain target`), split {sp['training']}/{sp['validation']}/{sp['test']} and "
         f"{tp['training']}/{tp['validation']}/{tp['test']} (training/validation/test). Model: CrossModalNet "
-        f"`{s.model_size}` (Cross Transformer blocks from encoder stage {_first_cross(results, s) + 1} on, "
-        f"`cross_first_stage: {_first_cross(results, s)}`), deep supervision, {s.patch}³ patches, the demo's recipe, "
+        f"`{s.model_size}` (Cross Transformer blocks from encoder stage {model['cross_first_stage'] + 1} on, "
+        f"`cross_first_stage: {model['cross_first_stage']}`, `fine_skips: {model['fine_skips']}`), deep supervision, "
+        f"{s.patch}³ patches, the demo's recipe, "
         f"{s.train_minutes:g} min of "
         "training for source-only and for the oracle (checkpoint: best validation Dice of its own domain). "
         f"Adaptations start from the source-only run: {s.adapt_steps} steps (cap {s.adapt_minutes:g} min) on "
@@ -363,13 +364,13 @@ def report(s: Settings, results: dict[str, dict[str, Any]], machine: dict[str, A
 # ---------------------------------------------------------------------------------------------
 
 
-def _first_cross(results: dict[str, dict[str, Any]], s: Settings) -> int:
-    """cross_first_stage of the model the source-only run trained (what every row adapts)."""
+def _source_model(results: dict[str, dict[str, Any]], s: Settings) -> dict[str, Any]:
+    """ModelConfig fields of the model the source-only run trained (what every row adapts)."""
     done = results.get("source-only")
     if done is None:
-        return train_config(s).model.cross_first_stage
-    # A spec made before the field lacks it and meant what a saved run config then meant.
-    return imply_missing_fields({"model": dict(done["spec"]["config"]["model"])})["model"]["cross_first_stage"]
+        return to_dict(train_config(s).model)
+    # A spec made before a field lacks it and meant what a saved run config then meant.
+    return imply_missing_fields({"model": dict(done["spec"]["config"]["model"])})["model"]
 
 
 def _settings(a: argparse.Namespace) -> Settings:
