@@ -37,7 +37,7 @@ CROSSMODALNET_SIZES: dict[str, dict[str, Any]] = {
     # Tests: the smallest model that still has every mechanism.
     "tiny": dict(feature_size=12, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4, patch_size=4,
                  cross_first_stage=0),
-    # CPU default (demo, benchmark): tokens at stride 4, three stages; ~0.5 s per 96^3 pair on 2 cores.
+    # CPU default (demo, benchmark): tokens at stride 4, three stages; ~0.3 s per 96^3 pair on 2 cores.
     # Cross Transformer blocks after stages 2 and 3 only (strides 8, 16): the one at stride 4 cost a
     # seventh of a CPU training step and bought no Dice (docs/benchmarks.md, "Reading the comparison").
     "small": dict(feature_size=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4, patch_size=4,
