@@ -82,6 +82,11 @@ class CrossModalNet(nn.Module):
     stride-4 logits] (coarser ones at their own resolution, for MONAI's DeepSupervisionLoss).
     """
 
+    # The missing-modality placeholders get no gradient in a step where no modality is missing
+    # (every step without modality dropout; the finer ones never under fine_skips "reference"), and
+    # dropout leaves a stream's parameters out of some steps: DDP must look for unused parameters.
+    may_leave_parameters_unused = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         cfg = config

@@ -100,13 +100,11 @@ class Trainer:
         self.raw_model.to(self.device)
         self.model: nn.Module = self.raw_model
         if self.dist.distributed:
-            # Modality dropout may leave one stream's parameters without gradient in a step, and
-            # CrossModalNet's missing-modality placeholders get none in a step where no modality is
-            # missing (every step without modality dropout; the finer ones never under fine_skips
-            # "reference"): DDP must look for unused parameters or it stops at the second step.
+            # A model whose parameters may sit out a step says so; without the search for unused
+            # parameters DDP stops at the second step.
             self.model = DistributedDataParallel(
                 self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=cfg.model.name == "crossmodalnet" or cfg.model.modality_dropout > 0)
+                find_unused_parameters=getattr(self.raw_model, "may_leave_parameters_unused", False))
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
         self.optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
