@@ -9,6 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from crossmodalnet.config import describe_validation_error
 from crossmodalnet.errors import CrossModalNetError
 
 __all__ = ["main", "build_parser"]
@@ -315,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except CrossModalNetError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a configuration built from flags: the schema's one line
+        print(f"error: {exc.title}: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

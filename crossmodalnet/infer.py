@@ -24,18 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
 from tqdm.auto import tqdm
 
-from crossmodalnet.config import TrainConfig, load_run_config
+from crossmodalnet.config import TrainConfig
 from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset
 from crossmodalnet.data.io import Geometry, write_label, write_probabilities
 from crossmodalnet.data.labels import to_codes
 from crossmodalnet.data.mmwhs import load_record, restore_to_original
 from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.errors import CrossModalNetError
-from crossmodalnet.train.checkpoint import BEST, CONFIG, PREPROCESS, load_weights
+from crossmodalnet.models.inference import PRECISIONS, autocast_dtype, sliding_window_probabilities
+from crossmodalnet.runs import RunFolder
 from crossmodalnet.train.distributed import resolve_device
 
 __all__ = [
@@ -71,67 +71,10 @@ class LoadedRun:
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> LoadedRun:
     """Rebuild the model of run folder `run_dir` from config.yaml + model.safetensors (best)."""
-    from crossmodalnet.models.registry import build_model
-
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise CrossModalNetError(f"{run_dir}: not a run folder (no {CONFIG}); train one with `crossmodalnet train`")
-    if not (run_dir / BEST).is_file():
-        raise CrossModalNetError(f"{run_dir / BEST}: no trained weights yet (training has not validated once)")
-    config = load_run_config(run_dir / CONFIG)
+    run = RunFolder(run_dir)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    model = load_weights(build_model(config.model.name, config.model), run_dir / BEST)
-    return LoadedRun(model.to(dev).eval(), config, Preprocessor.load(run_dir / PREPROCESS), dev)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of an inference `precision` on `device`; None means plain float32."""
-    if precision not in PRECISIONS:
-        raise CrossModalNetError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise CrossModalNetError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def sliding_window_probabilities(
-    model: nn.Module,
-    ct: torch.Tensor | None,
-    mr: torch.Tensor | None,
-    roi_size: Sequence[int],
-    overlap: float = 0.25,
-    sw_batch_size: int = 2,
-    device: torch.device | None = None,
-    precision: str = "auto",
-) -> torch.Tensor:
-    """Softmax probabilities (B, C, D, H, W) on the CPU of a whole volume, by sliding window.
-
-    ct, mr: (B, 1, D, H, W) or None (not both). Windows of `roi_size` are blended with Gaussian
-    weights (centre of a window counts more than its border). The model's mode is left as is;
-    call `model.eval()` first. precision: "auto" (float16 autocast on CUDA, float32 on the CPU),
-    "fp32", "bf16" (bfloat16 autocast, CPU or CUDA) or "fp16" (CUDA); blending and softmax stay fp32.
-    """
-    if ct is None and mr is None:
-        raise ValueError("at least one of ct and mr is needed")
-    if device is None:  # where the model's weights are (CPU for a parameter-free model)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    image = torch.cat([x for x in (ct, mr) if x is not None], dim=1).to(device)
-    has_ct, has_mr = ct is not None, mr is not None
-
-    def predictor(x: torch.Tensor) -> torch.Tensor:
-        out = model(x[:, :1] if has_ct else None, x[:, -1:] if has_mr else None)
-        return (out[0] if isinstance(out, list | tuple) else out).float()
-
-    dtype = autocast_dtype(precision, device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = sliding_window_inference(
-            image, tuple(int(r) for r in roi_size), sw_batch_size, predictor, overlap=overlap, mode="gaussian"
-        )
-    return torch.softmax(logits.float(), dim=1).cpu()
+    model, config = run.load_model(dev)
+    return LoadedRun(model, config, run.read_preprocess(), dev)
 
 
 def predict_case(

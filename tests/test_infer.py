@@ -22,7 +22,7 @@ from crossmodalnet.data.registration import label_dice
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.infer import load_run, predict, predict_case
 from crossmodalnet.models.registry import build_model
-from crossmodalnet.train.checkpoint import save_weights
+from crossmodalnet.runs import save_weights
 
 SHAPE = (18, 14, 10)
 SPACING = (0.8, 1.3, 2.5)

@@ -16,55 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossmodalnet.config import ModelConfig
+from crossmodalnet.config import MODEL_SIZES, ModelConfig
 from crossmodalnet.errors import CrossModalNetError
 
 __all__ = ["EarlyFusion", "BASELINE_SIZES", "build_baseline"]
 
-# Sizes of the baselines: the one source of truth. `small` is chosen so that forward GFLOPs are
-# comparable with CrossModalNet `small` (see `crossmodalnet models`); `base` is the published size.
-BASELINE_SIZES: dict[str, dict[str, dict]] = {
-    "swinunetr": {
-        "tiny": dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)),
-        "small": dict(feature_size=12),
-        "base": dict(feature_size=48),
-    },
-    "mednext": {
-        "tiny": dict(init_filters=4, blocks_down=(1, 1, 1, 1), blocks_bottleneck=1, blocks_up=(1, 1, 1, 1),
-                     kernel_size=3),
-        "small": dict(init_filters=8, kernel_size=3),
-        "base": dict(init_filters=32, kernel_size=3),  # MedNeXt-S, k=3
-    },
-    "unetr": {
-        "tiny": dict(feature_size=8, hidden_size=96, mlp_dim=192, num_heads=4),
-        "small": dict(feature_size=16, hidden_size=384, mlp_dim=1536, num_heads=6),
-        "base": dict(feature_size=16, hidden_size=768, mlp_dim=3072, num_heads=12),
-    },
-    "unet": {
-        "tiny": dict(channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1),
-        "small": dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2),
-        "base": dict(channels=(32, 64, 128, 256, 512), strides=(2, 2, 2, 2), num_res_units=2),
-    },
-    # Paper baselines implemented here. `small`: forward GFLOPs at 96³ 0.77-1.15x those of CrossModalNet
-    # `small` (head width 16 as there); `base`: the published model (nnFormer's volumetric BraTS/ACDC
-    # configuration, VT-UNet-B, Swin-Unet/Swin-T), with window 7 where the paper uses it.
-    "nnformer": {
-        "tiny": dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),
-        "small": dict(feature_size=64, depths=(2, 2, 2, 2), num_heads=(4, 8, 16, 32), window_size=4),
-        "base": dict(feature_size=96, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=4),
-    },
-    "vtunet": {
-        "tiny": dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),
-        # VT-UNet-S's width and heads, with CPU windows.
-        "small": dict(feature_size=48, depths=(2, 2, 2, 1), num_heads=(3, 6, 12, 24), window_size=4),
-        "base": dict(feature_size=72, depths=(2, 2, 2, 1), num_heads=(3, 6, 12, 24), window_size=7),
-    },
-    "swinunet": {
-        "tiny": dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),
-        "small": dict(feature_size=64, depths=(2, 2, 2, 2), num_heads=(4, 8, 16, 32), window_size=4),
-        "base": dict(feature_size=96, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7),
-    },
-}
+# Sizes of the baselines: their entries of the one table of sizes, `config.MODEL_SIZES`.
+BASELINE_SIZES: dict[str, dict[str, dict]] = {k: v for k, v in MODEL_SIZES.items() if k != "crossmodalnet"}
 
 # Input edge multiple each network needs.
 _MULTIPLE = {"swinunetr": 32, "mednext": 16, "unetr": 16, "unet": 16, "nnformer": 32, "vtunet": 32, "swinunet": 32}

@@ -91,20 +91,12 @@ class CrossModalNet(nn.Module):
         super().__init__()
         cfg = config
         n = len(cfg.depths)
-        if len(cfg.num_heads) != n:
-            raise ValueError(f"depths {cfg.depths} and num_heads {cfg.num_heads} must have the same length")
-        if cfg.fine_skips not in ("reference", "both"):
-            raise ValueError(f"fine_skips must be 'reference' or 'both', got {cfg.fine_skips!r}")
-        if cfg.light_decoder_levels < 1:
-            raise ValueError(f"light_decoder_levels must be >= 1 (the full-resolution block), "
-                             f"got {cfg.light_decoder_levels}")
+        # The configuration was validated by its schema (`crossmodalnet.config.ModelConfig`).
         self.config = cfg
         dims = [cfg.feature_size * 2**i for i in range(n)]
         drop_path = drop_path_schedule(cfg.depths, cfg.drop_path_rate)
         self.ct = _Stream(cfg, dims, drop_path)
         self.mr = _Stream(cfg, dims, drop_path)
-        if not 0 <= cfg.cross_first_stage < n:
-            raise ValueError(f"cross_first_stage must be in [0, {n - 1}], got {cfg.cross_first_stage}")
         # self.cross[j] follows stage cross_first_stage + j (the finest stages are the dearest to cross).
         self.cross = nn.ModuleList(
             CrossTransformerBlock(
@@ -120,6 +112,9 @@ class CrossModalNet(nn.Module):
         stem_ch = self.ct.stem.channels[:-1]  # stride 2 .. patch_size/2 maps
         k = 1 if cfg.fine_skips == "reference" else 2
         self.reference_stages = cfg.cross_first_stage if cfg.cross_blocks and k == 1 else 0
+        # The fused map of each encoder stage passes through a named identity, so that a feature tap
+        # (JADA's discriminators, `crossmodalnet.train.adapt`) reads it by name: `fused_skips[stage]`.
+        self.fused_skips = nn.ModuleList(nn.Identity() for _ in range(n))
         self.bottleneck = UnetResBlock(3, 2 * dims[-1], dims[-1], kernel_size=3, stride=1, norm_name=_NORM)
         ups: list[_UpBlock] = [_UpBlock(dims[i + 1], (1 if i < self.reference_stages else 2) * dims[i], dims[i])
                                for i in reversed(range(n - 1))]
@@ -212,9 +207,9 @@ class CrossModalNet(nn.Module):
                 if keep_layers:
                     layers.append((f"cross{i + 1}", fa, fb))
             if i < self.reference_stages:  # no cross block yet: the MR would enter unaligned
-                skips.append(reference(fa, fb).permute(0, 4, 1, 2, 3))
+                skips.append(self.fused_skips[i](reference(fa, fb).permute(0, 4, 1, 2, 3)))
             else:
-                skips.append(torch.cat([fa, fb], dim=-1).permute(0, 4, 1, 2, 3))
+                skips.append(self.fused_skips[i](torch.cat([fa, fb], dim=-1).permute(0, 4, 1, 2, 3)))
             if i < len(self.ct.merges):
                 fa, fb = self.ct.merges[i](fa), self.mr.merges[i](fb)
         if self.config.fine_skips == "reference":

@@ -6,7 +6,8 @@ augmentation on the CPU.
 
 Every batch is a pure function of (seed, rank, step): the random generator is re-made from
 those three numbers at each step, so a resumed run draws exactly the patches the uninterrupted
-run drew, and DDP processes (different ranks) draw different patches.
+run drew, DDP processes (different ranks) draw different patches, and the batches are the same
+whether they are drawn in the training loop or in background workers (`train.engine`).
 
 Foreground oversampling: a share `foreground_ratio` of patches is centred on a voxel of one
 structure, the structure picked uniformly among those present, so that small structures (PA,
@@ -30,17 +31,12 @@ from crossmodalnet.data.labels import NUM_CLASSES
 from crossmodalnet.data.preprocess import PreparedCase
 from crossmodalnet.errors import CrossModalNetError
 
-__all__ = ["PatchSampler", "step_generator", "step_seed"]
+__all__ = ["PatchSampler", "step_generator"]
 
 
 def step_generator(seed: int, rank: int, step: int, sample: int = 0) -> np.random.Generator:
     """The numpy generator of one sample of one training step of one process."""
     return np.random.default_rng(np.random.SeedSequence([seed, rank, step, sample]))
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A torch seed for the model's own randomness (dropout, drop-path, modality dropout)."""
-    return int(np.random.SeedSequence([seed, rank, step, 2**31]).generate_state(1)[0])
 
 
 class _CachedCase:
@@ -77,11 +73,6 @@ class PatchSampler:
         self.batch_size = batch_size or config.batch_size
         self.patch = tuple(int(p) for p in config.patch_size)
         self.spacing = np.asarray(spacing if spacing is not None else (1.0, 1.0, 1.0), dtype=np.float64)
-        for name in ("spatial_prob", "intensity_prob", "misalign_prob"):
-            if not 0.0 <= getattr(config, name) <= 1.0:
-                raise CrossModalNetError(f"{name} must be a probability in [0, 1], got {getattr(config, name)}")
-        if config.misalign_voxels < 0:
-            raise CrossModalNetError(f"misalign_voxels must be >= 0, got {config.misalign_voxels}")
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of training step `step` (global step count, from 0)."""

@@ -26,6 +26,7 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
     "main_first",
+    "all_gather_objects",
 ]
 
 T = TypeVar("T")
@@ -125,3 +126,12 @@ def main_first(fn: Callable[[], T], info: DistInfo) -> T:
     if status == "crash":
         raise RuntimeError(value)
     return value
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every process's `obj` (picklable, small: e.g. per-case scores), in rank order; [obj] for one process."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

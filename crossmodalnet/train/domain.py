@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "grad_reverse", "grl_coefficient", "DomainDiscriminator", "MultilinearMap", "voxel_entropy", "entropy_weights",
-    "domain_loss",
+    "domain_loss", "random_transfer", "discriminator_inputs", "mean_entropy",
 ]
 
 
@@ -147,3 +148,53 @@ def domain_loss(logits: torch.Tensor, domain: torch.Tensor,
     loss = per.mean() if weights is None else (per * weights).sum() / weights.sum()
     accuracy = float(((logits.detach() > 0).to(target.dtype) == target).float().mean())
     return loss, accuracy
+
+
+def random_transfer(images: torch.Tensor, prob: float, rng: np.random.Generator, knots: int = 6) -> torch.Tensor:
+    """Random intensity transfer functions: images (B, 1, *patch) -> same shape, new tensor.
+
+    Each image is remapped, with probability `prob`, through a random piecewise-linear curve over
+    its own intensity range: `knots` evenly spaced inputs mapped to uniform random outputs in that
+    range, so the curve is generally not monotone and tissue contrasts are reshuffled (domain
+    randomisation, as Bezier-curve remapping or random-convolution augmentation). The result keeps
+    the image's mean and standard deviation. Edges and shapes are untouched: a model trained on
+    such sources must recognise structures by shape and context more than by their brightness.
+    """
+    out = images.clone()
+    for i in range(images.shape[0]):
+        if rng.random() >= prob:
+            continue
+        x = images[i]
+        lo, hi = float(x.min()), float(x.max())
+        if hi - lo < 1e-6:
+            continue
+        xs = torch.linspace(lo, hi, knots, dtype=x.dtype)
+        ys = torch.as_tensor(rng.uniform(lo, hi, knots), dtype=x.dtype)
+        j = torch.bucketize(x.clamp(lo, hi), xs[1:-1])  # segment index 0 .. knots - 2
+        t = (x - xs[j]) / (xs[j + 1] - xs[j])
+        y = ys[j] + t * (ys[j + 1] - ys[j])
+        out[i] = (y - y.mean()) / y.std().clamp_min(1e-6) * x.std() + x.mean()
+    return out
+
+
+def discriminator_inputs(features: torch.Tensor, probs: torch.Tensor, domain: torch.Tensor,
+                          token_level: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the discriminators see: (features (N, 2C), class probabilities (N, K), domain (N,)).
+
+    features (2B, 2C, d, h, w), probs (2B, K, *patch), domain (2B,). Global: N = 2B, the patch
+    averages. Token level: N = 2B * d * h * w, every position of the feature map with the
+    probabilities averaged over the voxels it covers, so that the discriminator judges local
+    appearance (as patch discriminators of segmentation UDA do) and sees 2B * dhw samples a step.
+    """
+    if not token_level:
+        return features.mean(dim=(2, 3, 4)), probs.mean(dim=(2, 3, 4)), domain
+    grid = features.shape[2:]
+    g = torch.nn.functional.adaptive_avg_pool3d(probs, grid)  # 2B, K, d, h, w
+    n = math.prod(grid)
+    return (features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1]),
+            g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1]), domain.repeat_interleave(n))
+
+
+def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean voxel entropy of probabilities (B, K, *spatial), divided by log K: in [0, 1]."""
+    return voxel_entropy(probs).mean() / math.log(probs.shape[1])

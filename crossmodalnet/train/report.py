@@ -1,53 +1,35 @@
-"""Training logs of a run folder: `metrics.csv` (one row per epoch), `steps.csv` (one row per
-optimizer step, with the loss-balancing weights) and `curves.png`.
-
-Each file is rewritten whole and atomically from the history kept in the resume checkpoint, so
-a killed and resumed run never holds duplicated or missing rows.
+"""What a training run logs: the columns of `metrics.csv` (one row per epoch) and `steps.csv` (one
+row per optimizer step, with the loss-balancing weights), the figure saved as `curves.png`, and the
+line printed at each validation. The engine writes them through the run folder, rewritten whole
+from the history kept in the resume checkpoint, so a killed and resumed run never holds duplicated
+or missing rows.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from crossmodalnet.data.io import atomic_path
+from matplotlib.figure import Figure
+
 from crossmodalnet.data.labels import NAMES
 
-__all__ = ["METRIC_COLUMNS", "STEP_COLUMNS", "write_csv", "plot_curves", "format_summary"]
+__all__ = ["METRIC_COLUMNS", "STEP_TERMS", "plot_curves", "plot_adaptation", "format_summary"]
 
+STEP_TERMS: tuple[str, ...] = ("loss", "loss_dice", "loss_ce", "weight_dice", "weight_ce")
 METRIC_COLUMNS: tuple[str, ...] = (
-    "epoch", "step", "lr", "loss", "loss_dice", "loss_ce", "weight_dice", "weight_ce",
-    "val_dice_mean", *(f"val_dice_{n}" for n in NAMES), "best_val_dice", "time_s",
+    "epoch", "step", "lr", *STEP_TERMS, "val_dice_mean", *(f"val_dice_{n}" for n in NAMES), "best_val_dice", "time_s",
 )
-STEP_COLUMNS: tuple[str, ...] = ("step", "epoch", "lr", "loss", "loss_dice", "loss_ce", "weight_dice", "weight_ce")
 
 
-def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> Path:
-    """Write `rows` (dicts; missing or NaN values left empty) under `columns`, atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return Path(path)
+def plot_curves(history: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]], balancing: bool = True) -> Figure:
+    """Three panels: training losses per epoch, validation Dice per structure, balancing weights.
 
-
-def plot_curves(path: str | os.PathLike, history: Sequence[dict[str, Any]],
-                steps: Sequence[dict[str, Any]], balancing: bool = True) -> Path:
-    """Three panels: training losses per epoch, validation Dice per structure, balancing weights."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    A bare `Figure` (no pyplot): it renders on its own Agg canvas and leaves the user's backend alone.
+    """
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     epochs = [r["epoch"] for r in history]
     for key, label in (("loss", "total"), ("loss_dice", "Dice term"), ("loss_ce", "CE term")):
         axes[0].plot(epochs, [r.get(key) for r in history], marker=".", label=label)
@@ -65,10 +47,36 @@ def plot_curves(path: str | os.PathLike, history: Sequence[dict[str, Any]],
     axes[2].set(title="loss weights (Def. 4)" if balancing else "loss weights (balancing off)", xlabel="step")
     axes[2].legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return Path(path)
+    return fig
+
+
+def plot_adaptation(history: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]],
+                    terms: Sequence[str]) -> Figure:
+    """Four panels per step/epoch: segmenter losses, discriminators, balancing weights and lambda, source Dice."""
+    fig = Figure(figsize=(19, 4))
+    axes = fig.subplots(1, 4)
+    x = [r["step"] for r in steps]
+    for key in ("loss", "loss_dice", "loss_ce", *(["loss_topology"] if "topology" in terms else [])):
+        axes[0].plot(x, [r[key] for r in steps], lw=0.8, label=key.removeprefix("loss_"))
+    axes[0].set(title="segmenter losses", xlabel="step")
+    for term in ("marginal", "conditional"):
+        if term in terms:
+            axes[1].plot(x, [r[f"loss_{term}"] for r in steps], lw=0.8, label=f"{term} BCE")
+            axes[1].plot(x, [r[f"disc_acc_{term}"] for r in steps], lw=0.8, ls="--", label=f"{term} accuracy")
+    axes[1].axhline(math.log(2), color="grey", lw=0.5)  # BCE of a discriminator that cannot tell
+    axes[1].set(title="domain discriminators", xlabel="step")
+    for name in ("dice", "ce", *terms):
+        axes[2].plot(x, [r[f"weight_{name}"] for r in steps], lw=0.8, label=f"w_{name}")
+    axes[2].plot(x, [r["grl_lambda"] for r in steps], "k--", lw=0.8, label="GRL lambda")
+    axes[2].set(title="loss weights (Def. 4) and GRL lambda", xlabel="step")
+    val = [r for r in history if isinstance(r.get("source_val_dice"), float)]
+    axes[3].plot([r["epoch"] for r in val], [r["source_val_dice"] for r in val], "k-o")
+    axes[3].set(title="source validation Dice (diagnostic)", xlabel="epoch", ylim=(0, 1))
+    for ax in axes[:3]:
+        if ax.get_legend_handles_labels()[0]:  # topology alone leaves the discriminator panel empty
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def format_summary(row: dict[str, Any], epochs: int) -> str:
@@ -80,9 +88,3 @@ def format_summary(row: dict[str, Any], epochs: int) -> str:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and math.isfinite(v)
-
-
-def _fmt(v: Any) -> Any:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return ""
-    return f"{v:.6g}" if isinstance(v, float) else v

@@ -31,7 +31,9 @@ from crossmodalnet.cli import main
 from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
 from crossmodalnet.data.dataset import load_case, load_dataset
 from crossmodalnet.data.preprocess import fit_preprocessor
-from crossmodalnet.train.checkpoint import BEST, CONFIG, PREPROCESS, save_weights
+from crossmodalnet.runs import RunFolder, save_weights
+
+BEST, CONFIG, PREPROCESS = RunFolder.WEIGHTS, RunFolder.CONFIG, RunFolder.PREPROCESS
 
 SMALL_TIMING = {"global_tokens": (256, 512, 1024, 2048), "windowed_tokens": (2048, 4096, 8192, 16384), "repeats": 3}
 QUICK_LIPSCHITZ = {"random_draws": 2, "power_iterations": 2}

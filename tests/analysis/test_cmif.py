@@ -22,7 +22,9 @@ from crossmodalnet.cli import main
 from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
 from crossmodalnet.data.dataset import load_case, load_dataset
 from crossmodalnet.data.preprocess import fit_preprocessor
-from crossmodalnet.train.checkpoint import BEST, CONFIG, PREPROCESS, save_weights
+from crossmodalnet.runs import RunFolder, save_weights
+
+BEST, CONFIG, PREPROCESS = RunFolder.WEIGHTS, RunFolder.CONFIG, RunFolder.PREPROCESS
 
 NAMES = ["input", "stem", "stage1", "cross1", "stage2", "cross2", "stage3", "cross3"]
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from crossmodalnet.config import ModelConfig
+from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models import build_model
 
 
@@ -165,7 +166,7 @@ def test_cross_blocks_can_start_at_a_coarser_stage():
     with torch.no_grad():
         *_, layers = later.eval().encode(*_pair((32, 32, 32)), keep_layers=True)
     assert [n for n, _, _ in layers] == ["stage1", "stage2", "cross2", "stage3", "cross3"]
-    with pytest.raises(ValueError, match="cross_first_stage"):
+    with pytest.raises(CrossModalNetError, match="cross_first_stage must be below the 3 stages"):
         _model(cross_first_stage=3)
 
 
@@ -178,13 +179,14 @@ def test_encode_exposes_every_layer_for_analysis():
 
 
 def test_bad_config_is_refused():
-    with pytest.raises(ValueError, match="same length"):
+    # The schema refuses them before a model is built (crossmodalnet.config).
+    with pytest.raises(CrossModalNetError, match="need one entry per stage"):
         _model(num_heads=(1, 2))
-    with pytest.raises(ValueError, match="cross_attention"):
+    with pytest.raises(CrossModalNetError, match="cross_attention"):
         _model(cross_attention="sideways")
-    with pytest.raises(ValueError, match="light_decoder_levels"):
+    with pytest.raises(CrossModalNetError, match="light_decoder_levels"):
         _model(light_decoder_levels=0)
-    with pytest.raises(ValueError, match="fine_skips"):
+    with pytest.raises(CrossModalNetError, match="fine_skips"):
         _model(fine_skips="mr")
     ct, _ = _pair((16, 16, 16))
     with pytest.raises(ValueError, match="same shape"):

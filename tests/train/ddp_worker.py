@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from crossmodalnet.config import ModelConfig, TrainConfig
+from crossmodalnet.runs import save_weights
 from crossmodalnet.train import distributed as ddp
-from crossmodalnet.train.checkpoint import save_weights
 from crossmodalnet.train.trainer import Trainer
 
 

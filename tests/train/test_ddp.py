@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from crossmodalnet.config import ModelConfig
 from crossmodalnet.models.registry import build_model
-from crossmodalnet.train import checkpoint as ckpt
+from crossmodalnet.runs import RunFolder
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -37,6 +37,6 @@ def test_two_cpu_processes_keep_identical_weights(ellipsoid_data, tmp_path, name
     assert all(torch.equal(saved[k], w0[k]) for k in w0)
     # Per-rank seeding: the two processes trained on different patches.
     assert not torch.equal(torch.load(tmp_path / "batch0.pt"), torch.load(tmp_path / "batch1.pt"))
-    state = ckpt.load_last(tmp_path / "run" / "last")
+    state = RunFolder(tmp_path / "run").load_checkpoint()
     assert state["step"] == 3 and len(state["history"]) == 1
     assert (tmp_path / "run" / "model.safetensors").is_file()  # rank 0 validated and saved the best

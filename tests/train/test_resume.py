@@ -14,8 +14,9 @@ from conftest import fast_config
 from safetensors.torch import load_file
 from torch import nn
 
+from crossmodalnet import runs as ckpt
 from crossmodalnet.config import dump_yaml
-from crossmodalnet.train import checkpoint as ckpt
+from crossmodalnet.runs import RunFolder
 from crossmodalnet.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +36,7 @@ def _assert_same_run(a: Path, b: Path, same_validations: bool = True) -> None:
         assert wa.keys() == wb.keys()
         for key in wa:
             assert torch.equal(wa[key], wb[key]), f"{name}: {key} differs"
-    sa, sb = ckpt.load_last(a / "last"), ckpt.load_last(b / "last")
+    sa, sb = RunFolder(a).load_checkpoint(), RunFolder(b).load_checkpoint()
     assert sa["step"] == sb["step"] == CONFIG.epochs * CONFIG.iterations_per_epoch
     assert torch.equal(sa["step_log"], sb["step_log"])  # same losses, lr, weights at every step
     skip = {"time_s"} if same_validations else {"time_s", "best_val_dice"}
@@ -57,7 +58,7 @@ def test_sigkill_then_resume_gives_the_same_weights(ellipsoid_data, straight, tm
     proc.send_signal(signal.SIGKILL)  # right after the first checkpoint, mid-way through the run
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = ckpt.load_last(ckpt.find_last(run))["step"]
+    killed_at = RunFolder(run).load_checkpoint()["step"]
     assert 0 < killed_at < CONFIG.epochs * CONFIG.iterations_per_epoch
     train(ellipsoid_data, run, CONFIG, resume=True)
     _assert_same_run(straight, run)
@@ -67,7 +68,7 @@ def test_stop_mid_epoch_then_resume_gives_the_same_weights(ellipsoid_data, strai
     run = tmp_path / "run"
     # A time budget that is over after the first step: stops at step 1 of 2 in epoch 1.
     train(ellipsoid_data, run, fast_config(epochs=3, iterations_per_epoch=2, val_every=3, max_minutes=1e-9))
-    assert ckpt.load_last(run / "last")["step"] == 1
+    assert RunFolder(run).load_checkpoint()["step"] == 1
     train(ellipsoid_data, run, CONFIG, resume=True)  # max_minutes may differ on resume
     # The stop validated once more (mid-epoch 1), which may pick another best: weights and logs agree.
     _assert_same_run(straight, run, same_validations=False)
@@ -81,7 +82,7 @@ class _Crash(Exception):
 def test_checkpoint_swap_leaves_a_complete_checkpoint(tmp_path, monkeypatch, crash_at):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    ckpt.save_last(tmp_path, model, {"step": 1, "epoch": 1})
+    RunFolder(tmp_path).save_checkpoint(model, {"step": 1, "epoch": 1})
     old_weights = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -100,11 +101,11 @@ def test_checkpoint_swap_leaves_a_complete_checkpoint(tmp_path, monkeypatch, cra
     monkeypatch.setattr(os, "replace", dying(real_replace))
     monkeypatch.setattr(ckpt.shutil, "rmtree", dying(real_rmtree))
     with pytest.raises(_Crash):
-        ckpt.save_last(tmp_path, model, {"step": 2, "epoch": 2})
+        RunFolder(tmp_path).save_checkpoint(model, {"step": 2, "epoch": 2})
     monkeypatch.undo()
-    last = ckpt.find_last(tmp_path)
+    last = RunFolder(tmp_path).find_checkpoint()
     assert last == tmp_path / "last"
-    state = ckpt.load_last(last, restored := nn.Linear(3, 2))
+    state = RunFolder(tmp_path).load_checkpoint(restored := nn.Linear(3, 2))
     expected = old_weights if state["step"] == 1 else model.state_dict()
     assert state["step"] in (1, 2)
     for key, value in restored.state_dict().items():

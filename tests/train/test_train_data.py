@@ -1,13 +1,15 @@
 """Patch sampling: a pure function of (seed, rank, step), foreground oversampling by structure,
 augmentation that keeps labels valid and never mirrors unless asked."""
 
-from dataclasses import replace
+from dataclasses import replace as replace_case
 
 import numpy as np
 import pytest
 import torch
 from conftest import fast_config, make_label
+from pydantic import ValidationError
 
+from crossmodalnet.config import replace
 from crossmodalnet.data.io import Geometry
 from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.errors import CrossModalNetError
@@ -103,7 +105,7 @@ def test_small_volumes_are_padded(cases):
 
 
 def test_cases_without_label_are_refused(cases):
-    bad = replace(cases[0], label=None)
+    bad = replace_case(cases[0], label=None)
     with pytest.raises(CrossModalNetError, match="needs CT, MR and a label"):
         PatchSampler([bad], fast_config())
     with pytest.raises(CrossModalNetError, match="no training cases"):
@@ -143,8 +145,9 @@ def test_misalignment_in_the_resampled_path_equals_a_displaced_crop(cases):
     assert torch.allclose(img[1], moved[1], atol=1e-4)
 
 
-def test_bad_augmentation_settings_are_refused(cases):
-    with pytest.raises(CrossModalNetError, match="misalign_prob"):
-        PatchSampler(cases, fast_config(misalign_prob=1.5))
-    with pytest.raises(CrossModalNetError, match="misalign_voxels"):
-        PatchSampler(cases, fast_config(misalign_voxels=-1.0))
+def test_bad_augmentation_settings_are_refused():
+    # Refused by the schema, before any sampler exists.
+    with pytest.raises(ValidationError, match="misalign_prob\n  Input should be less than or equal to 1"):
+        fast_config(misalign_prob=1.5)
+    with pytest.raises(ValidationError, match="misalign_voxels\n  Input should be greater than or equal to 0"):
+        fast_config(misalign_voxels=-1.0)

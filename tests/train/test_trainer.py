@@ -11,16 +11,16 @@ import pytest
 import torch
 from conftest import fast_config, make_dataset, write_case
 
+from crossmodalnet import runs as ckpt
 from crossmodalnet.cli import main
-from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml, load_yaml
+from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml, load_config_file, load_yaml
 from crossmodalnet.data.dataset import write_dataset_json
 from crossmodalnet.data.io import Geometry
 from crossmodalnet.data.labels import NAMES
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.registry import MODEL_NAMES, build_model
-from crossmodalnet.train import checkpoint as ckpt
+from crossmodalnet.runs import RunFolder
 from crossmodalnet.train.losses import DiceCETerms
-from crossmodalnet.train.preflight import load_config_file
 from crossmodalnet.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def test_every_registered_model_trains_two_steps(name, train_only_data, tmp_path
     model = ModelConfig.from_size(name, "tiny", img_size=32)
     cfg = fast_config(model, epochs=1, iterations_per_epoch=2, patch_size=patch, batch_size=1, val_fraction=0.0)
     run = train(train_only_data, tmp_path / name, cfg)
-    state = ckpt.load_last(run / "last")
+    state = RunFolder(run).load_checkpoint()
     assert state["step"] == 2
     first = build_model(name, cfg.model)
     trained = ckpt.load_weights(build_model(name, cfg.model), run / "last" / "model.safetensors")
@@ -85,7 +85,7 @@ def test_loss_balancing_weights_are_logged_per_step(ellipsoid_data, tmp_path):
 
 def test_max_minutes_stops_after_one_step_validates_and_saves(ellipsoid_data, tmp_path):
     run = train(ellipsoid_data, tmp_path / "run", fast_config(max_minutes=1e-9))
-    assert ckpt.load_last(run / "last")["step"] == 1
+    assert RunFolder(run).load_checkpoint()["step"] == 1
     assert (run / "model.safetensors").is_file()
     assert _rows(run / "metrics.csv")[0]["val_dice_mean"] != ""
 
@@ -105,7 +105,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ellipsoid_data, tmp_p
     with pytest.raises(CrossModalNetError, match=r"step 2: loss is nan.*last good checkpoint") as err:
         train(ellipsoid_data, tmp_path / "run", fast_config(epochs=3))
     assert "\n" not in str(err.value)
-    state = ckpt.load_last(tmp_path / "run" / "last")
+    state = RunFolder(tmp_path / "run").load_checkpoint()
     assert state["step"] == 2 and len(state["history"]) == 1
     model = ckpt.load_weights(build_model("unet", fast_config().model), tmp_path / "run" / "last" / "model.safetensors")
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,336 @@
+"""The run folder: the one owner of its layout. Every reader and writer of a run goes through `RunFolder`.
+
+    run = RunFolder("runs/cmn")
+    run.open_new()                          # refuses a non-empty folder (before anything is written)
+    run.write_config(config); run.write_preprocess(preprocessor)
+    run.save_weights(model, config.model, epoch=3)         # RUN/model.safetensors, atomically
+    model = run.load_model(device)                          # rebuilt from config.yaml + weights
+
+Layout (a trained run; an adapted run adds the `adapt*` files):
+
+    RUN/config.yaml                      the resolved TrainConfig
+    RUN/preprocess.json                  normalisation statistics and target spacing (training data)
+    RUN/model.safetensors                weights to predict with (best by validation Dice, or the
+                                         adaptation's final ones); metadata: the ModelConfig
+    RUN/last/                            resume checkpoint: model.safetensors, state.pt, manifest.json
+    RUN/metrics.csv, steps.csv, curves.png   logs, rewritten whole at every epoch end
+    RUN/adapt.yaml, adapt.json           adaptation settings and inputs; its end-of-run summary
+    RUN/model_best_source.safetensors    adaptation: best source-validation weights (a diagnostic)
+
+`last/` is replaced as a unit: a new checkpoint is written into `last.tmp/` (manifest written
+last), then `last/` is renamed to `last.old/`, `last.tmp/` to `last/`, and `last.old/` removed.
+A SIGKILL at any moment leaves either `last/` or `last.old/` complete; `find_last` recovers the
+newest complete one. `state.pt` holds only tensors and plain Python values, so it loads with
+`torch.load(..., weights_only=True)`; no pickle is ever executed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+import yaml
+from torch import nn
+
+from crossmodalnet.config import (
+    AdaptConfig,
+    ModelConfig,
+    TrainConfig,
+    config_differences,
+    from_dict,
+    load_run_config,
+    read_yaml,
+    to_dict,
+    to_yaml,
+)
+from crossmodalnet.data.io import atomic_path
+from crossmodalnet.data.preprocess import Preprocessor
+from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.models.registry import build_model
+
+__all__ = ["RunFolder", "write_csv"]
+
+_WEIGHTS = "model.safetensors"
+_STATE = "state.pt"
+_MANIFEST = "manifest.json"
+
+
+class RunFolder:
+    """A run folder at `path` (see the module docstring). Nothing is read or written on construction."""
+
+    CONFIG = "config.yaml"
+    PREPROCESS = "preprocess.json"
+    WEIGHTS = _WEIGHTS
+    LAST = "last"
+    METRICS = "metrics.csv"
+    STEPS = "steps.csv"
+    CURVES = "curves.png"
+    ADAPT_CONFIG = "adapt.yaml"
+    ADAPT_SUMMARY = "adapt.json"
+    BEST_SOURCE = "model_best_source.safetensors"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # --- opening -------------------------------------------------------------------------------
+    def check_writable_target(self) -> None:
+        """Refuse a path that exists and is not a folder, or lies below a file."""
+        if self.path.exists() and not self.path.is_dir():
+            raise CrossModalNetError(f"{self.path}: exists and is not a folder; choose another --out")
+        for parent in self.path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise CrossModalNetError(f"{self.path}: {parent} is a file, not a folder; choose another --out")
+                if not os.access(parent, os.W_OK | os.X_OK):
+                    raise CrossModalNetError(f"{self.path}: cannot write in {parent} (permission denied)")
+                break
+
+    def is_empty(self) -> bool:
+        return not self.path.exists() or not any(self.path.iterdir())
+
+    def open_new(self, what: str = "run") -> None:
+        """Refuse a non-empty folder (a new run must not mix with an old one). Writes nothing."""
+        self.check_writable_target()
+        if not self.is_empty():
+            raise CrossModalNetError(f"{self.path}: {what} folder is not empty; pass --resume to continue that "
+                                     f"{what} or choose another --out")
+
+    def create(self) -> None:
+        """Make the folder (after every check has passed)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CrossModalNetError(f"{self.path}: cannot create the folder ({exc.strerror})") from None
+
+    def check_resumable(self, config: TrainConfig) -> None:
+        """Refuse a resume of a folder without a run, or with another configuration."""
+        self.check_writable_target()
+        if not self.config_path.is_file():
+            raise CrossModalNetError(f"{self.path}: nothing to resume (no {self.CONFIG}); train without --resume")
+        diffs = config_differences(self.read_config(), config)
+        if diffs:
+            raise CrossModalNetError(f"{self.config_path}: --resume refused, this run holds another configuration "
+                                     f"({'; '.join(diffs)}); resume with its settings or train into a new folder")
+
+    # --- configuration and preprocessing ---------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    def has_config(self) -> bool:
+        return self.config_path.is_file()
+
+    def read_config(self) -> TrainConfig:
+        """The TrainConfig the run was trained with (fields added later read as they were meant then)."""
+        if not self.config_path.is_file():
+            raise CrossModalNetError(f"{self.path}: not a run folder (no {self.CONFIG}); train one with "
+                                     "`crossmodalnet train`")
+        return load_run_config(self.config_path)
+
+    def write_config(self, config: TrainConfig) -> Path:
+        return self._write_text(self.CONFIG, to_yaml(config))
+
+    def read_preprocess(self) -> Preprocessor:
+        return Preprocessor.load(self.path / self.PREPROCESS)
+
+    def has_preprocess(self) -> bool:
+        return (self.path / self.PREPROCESS).is_file()
+
+    def write_preprocess(self, preprocessor: Preprocessor) -> Path:
+        return preprocessor.save(self.path / self.PREPROCESS)
+
+    def copy_definition_from(self, source: RunFolder) -> None:
+        """Copy what `predict` needs besides weights (config and preprocessing) from another run."""
+        for name in (self.CONFIG, self.PREPROCESS):
+            if not (self.path / name).is_file():
+                with atomic_path(self.path / name) as tmp:
+                    shutil.copyfile(source.path / name, tmp)
+
+    # --- adaptation ------------------------------------------------------------------------------
+    def read_adapt(self) -> tuple[dict[str, str], AdaptConfig]:
+        """The inputs (source run and data folders) and AdaptConfig of an adapted run."""
+        path = self.path / self.ADAPT_CONFIG
+        if not path.is_file():
+            raise CrossModalNetError(f"{self.path}: nothing to resume (no {self.ADAPT_CONFIG}); adapt without --resume")
+        saved = read_yaml(path)
+        if not isinstance(saved, dict):
+            raise CrossModalNetError(f"{path}: expected a mapping")
+        inputs = {k: v for k, v in saved.items() if k != "adapt"}
+        return inputs, from_dict(AdaptConfig, saved.get("adapt", {}), str(path))
+
+    def write_adapt(self, inputs: dict[str, str], config: AdaptConfig) -> Path:
+        return self._write_text(self.ADAPT_CONFIG,
+                                yaml.safe_dump({**inputs, "adapt": to_dict(config)}, sort_keys=False))
+
+    def write_summary(self, name: str, summary: dict[str, Any]) -> Path:
+        return self._write_text(name, json.dumps(summary, indent=2))
+
+    # --- weights ---------------------------------------------------------------------------------
+    @property
+    def weights_path(self) -> Path:
+        return self.path / self.WEIGHTS
+
+    def has_weights(self) -> bool:
+        return self.weights_path.is_file()
+
+    def save_weights(self, model: nn.Module, model_config: ModelConfig | None = None, name: str = WEIGHTS,
+                     **metadata: Any) -> Path:
+        """RUN/name (default model.safetensors) from `model`'s state dict, atomically."""
+        return save_weights(model, self.path / name, model_config, **metadata)
+
+    def load_model(self, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
+        """The trained model (eval mode, on `device`) and the config it was trained with."""
+        config = self.read_config()
+        if not self.has_weights():
+            raise CrossModalNetError(f"{self.weights_path}: no trained weights yet (training has not validated once)")
+        model = load_weights(build_model(config.model.name, config.model), self.weights_path)
+        return model.to(device).eval(), config
+
+    # --- resume checkpoint -----------------------------------------------------------------------
+    def save_checkpoint(self, model: nn.Module, state: dict[str, Any], model_config: ModelConfig | None = None) -> Path:
+        """Replace RUN/last/ with a new complete checkpoint (see the module docstring)."""
+        tmp, last, old = self.path / f"{self.LAST}.tmp", self.path / self.LAST, self.path / f"{self.LAST}.old"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_weights(model, tmp / _WEIGHTS, model_config)
+        with atomic_path(tmp / _STATE) as t:
+            torch.save(state, t)
+            _fsync(t)
+        with atomic_path(tmp / _MANIFEST) as t:  # written last: its presence marks the folder complete
+            t.write_text(json.dumps({"step": state.get("step"), "epoch": state.get("epoch")}))
+            _fsync(t)
+        if last.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(last, old)
+        os.replace(tmp, last)
+        _fsync_dir(self.path)
+        if old.exists():
+            shutil.rmtree(old)
+        return last
+
+    def find_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint folder, repairing an interrupted swap; None if there is none."""
+        last, old, tmp = self.path / self.LAST, self.path / f"{self.LAST}.old", self.path / f"{self.LAST}.tmp"
+        if not (last / _MANIFEST).is_file() and (old / _MANIFEST).is_file():
+            if last.exists():
+                shutil.rmtree(last)
+            os.replace(old, last)  # killed between the two renames: the old checkpoint is the last complete
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a half-written (or never swapped) checkpoint
+        if old.exists() and (last / _MANIFEST).is_file():
+            shutil.rmtree(old)
+        return last if (last / _MANIFEST).is_file() else None
+
+    def load_checkpoint(self, model: nn.Module | None = None) -> dict[str, Any] | None:
+        """The training state of the newest complete checkpoint (None if there is none); loads its
+        weights into `model` if given."""
+        path = self.find_checkpoint()
+        if path is None:
+            return None
+        if model is not None:
+            load_weights(model, path / _WEIGHTS)
+        try:
+            return torch.load(path / _STATE, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CrossModalNetError(f"{path / _STATE}: cannot load the resume state ({type(exc).__name__})") from None
+
+    # --- logs ------------------------------------------------------------------------------------
+    def write_csv(self, name: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> Path:
+        return write_csv(self.path / name, columns, rows)
+
+    def save_figure(self, name: str, figure: Any, dpi: int = 80) -> Path:
+        """Save a matplotlib Figure as RUN/name (PNG), atomically."""
+        with atomic_path(self.path / name) as tmp:
+            figure.savefig(tmp, dpi=dpi, format="png")
+        return self.path / name
+
+    def _write_text(self, name: str, text: str) -> Path:
+        with atomic_path(self.path / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        return self.path / name
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, model_config: ModelConfig | None = None,
+                 **metadata: Any) -> Path:
+    """Write the model's state dict as safetensors, atomically; metadata holds the ModelConfig."""
+    # clone(): safetensors refuses tensors sharing storage; copies are independent.
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    meta = {k: str(v) for k, v in metadata.items()}
+    if model_config is not None:
+        meta["model_config"] = json.dumps(to_dict(model_config))
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
+        _fsync(tmp)
+    return Path(path)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load safetensors weights into `model` (strict). Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CrossModalNetError(f"{path}: weights not found")
+    try:
+        state = safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CrossModalNetError(f"{path}: cannot read safetensors ({type(exc).__name__}: {exc})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CrossModalNetError(f"{path}: weights do not fit the configured model ({first})") from None
+    return model
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig | None:
+    """The ModelConfig stored in a weights file's metadata, if any."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return from_dict(ModelConfig, json.loads(meta["model_config"]), str(path)) if "model_config" in meta else None
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> Path:
+    """Write `rows` (dicts; missing or NaN values left empty) under `columns`, atomically."""
+    def fmt(v: Any) -> Any:
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return ""
+        return f"{v:.6g}" if isinstance(v, float) else v
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: fmt(row.get(k)) for k in columns})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+    return Path(path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
