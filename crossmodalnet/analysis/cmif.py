@@ -310,10 +310,8 @@ def _csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def plot_cmif(results: dict[str, Any], path: str | os.PathLike) -> Path:
     """Two panels against depth: I(F_a^l; F_b^l) and CMIF(l), one line per model and estimator."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): the caller's backend and figures are untouched; savefig uses Agg.
+    from matplotlib.figure import Figure  # heavy: matplotlib loads only when a plot is drawn
 
     names: list[str] = []
     for model in results["models"].values():  # union of layer names, in depth order
@@ -322,7 +320,8 @@ def plot_cmif(results: dict[str, Any], path: str | os.PathLike) -> Path:
                 names.append(layer["name"])
     names.sort(key=lambda n: max(layer["depth"] for m in results["models"].values() for layer in m["layers"]
                                  if layer["name"] == n))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig = Figure(figsize=(13, 4.8))
+    axes = fig.subplots(1, 2)
     styles = {"gaussian": "-o", "ksg": "--s"}  # line style per estimator, colour per model
     for colour, (key, model) in enumerate(results["models"].items()):
         for est in results["estimators"]:
@@ -347,7 +346,6 @@ def plot_cmif(results: dict[str, Any], path: str | os.PathLike) -> Path:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
     return Path(path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -35,11 +36,6 @@ __all__ = [
 
 # Two grids agree when affines differ by at most this many mm (header float32 round-off).
 GRID_ATOL_MM = 1e-3
-
-# The process umask, read once at import (reading it means setting it, briefly).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 
 @dataclass(frozen=True)
 class Geometry:
@@ -69,6 +65,23 @@ class Geometry:
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol))
 
 
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create a new empty file `folder/prefix<random>suffix` and return its path.
+
+    Created with mode 0o666, which the kernel reduces by the process umask: the permissions a plain
+    open() gives (mkstemp would make it 0o600), without reading or changing the umask.
+    """
+    for _ in range(tempfile.TMP_MAX):
+        candidate = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"{folder}: no free temporary file name with prefix {prefix!r}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -78,13 +91,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_file(path.parent, f".{path.name.split('.')[0]}.", suffix)
     try:
         yield tmp_path
-        # mkstemp creates the file 0600; give the result the permissions a plain open() would.
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

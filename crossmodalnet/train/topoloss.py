@@ -7,7 +7,7 @@ topology:
 
 - persistence of the superlevel sets {p >= t} (computed as the sublevel persistence of f = 1 - p,
   cubical complex of the T-construction: voxels are closed cubes, so the foreground is
-  26-connected exactly as in `analysis.topology.betti_numbers`), by gudhi (MIT licence);
+  26-connected exactly as in `evaluate.topology.betti_numbers`), by gudhi (MIT licence);
 - dimension 0: the one essential bar is the component kept; every finite bar (a second component)
   should vanish: sum of (death - birth)^2; and the kept component should be certain: birth^2,
   i.e. (1 - max p)^2;
@@ -66,7 +66,7 @@ def persistence_diagram(values: np.ndarray, maxdim: int = 2) -> np.ndarray:
 
     By gudhi's cubical complex built from top-dimensional cells: every voxel is a closed cube
     with its value and a lower-dimensional cell takes the minimum over the cubes that contain it,
-    so a sublevel set is a union of closed voxel cubes (26-connected, as `analysis.topology`).
+    so a sublevel set is a union of closed voxel cubes (26-connected, as `evaluate.topology`).
     """
     import gudhi
 

@@ -14,6 +14,7 @@ from crossmodalnet.analysis.cmif import (
     layer_features,
     load_analysis_cases,
     measure_cmif,
+    plot_cmif,
     summarize_flow,
     untrained_model,
     write_cmif,
@@ -138,3 +139,23 @@ def test_cli_errors_are_one_line(tiny_dataset, tiny_run, tmp_path, capsys):
     assert "--cases" in capsys.readouterr().err
     assert main(["cmif", str(tiny_run), str(tiny_dataset), "--out", str(tmp_path / "o"), "--split", "nope"]) == 2
     assert "unknown split" in capsys.readouterr().err
+
+
+def test_plot_keeps_the_callers_backend(tmp_path):
+    """plot_cmif draws on a bare Figure: no switch to Agg, no pyplot figure left open."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    layers = [{"name": n, "depth": i, "mi_mean": {"gaussian": 0.1 * i}, "mi_std": {"gaussian": 0.01},
+               "cmif_mean": {"gaussian": 0.1} if i else {}, "cmif_std": {"gaussian": 0.01} if i else {}}
+              for i, n in enumerate(NAMES)]
+    results = {"models": {"trained": {"layers": layers}}, "estimators": ["gaussian"], "cases": ["a"], "pca_dim": 4}
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        before = plt.get_fignums()
+        path = plot_cmif(results, tmp_path / "cmif.png")
+        assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == before
+    finally:
+        matplotlib.use(old)

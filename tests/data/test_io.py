@@ -112,6 +112,22 @@ def test_atomic_path_leaves_only_the_final_file(tmp_path):
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o007])
+def test_atomic_path_mode_follows_the_current_umask(tmp_path, umask):
+    """The mode is 0o666 less the umask in force at write time (the kernel applies it), as open() gives;
+    nothing is read (or set) at import time."""
+    old = os.umask(umask)
+    try:
+        for name in ("table.csv", "volume.nii.gz"):
+            with atomic_path(tmp_path / name) as tmp:
+                tmp.write_bytes(b"x")
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+        (tmp_path / "plain.txt").write_text("x")
+        assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    finally:
+        os.umask(old)
+
+
 def test_atomic_path_failure_mid_write_leaves_no_file(tmp_path):
     target = tmp_path / "volume.nii.gz"
     with pytest.raises(RuntimeError):

@@ -16,7 +16,7 @@ from crossmodalnet.data.labels import (
 
 
 def test_table_matches_the_design():
-    # DESIGN.md section 2: ascending MM-WHS codes -> indices 1..7, background 0.
+    # docs/design.md, section 1 (the label table): ascending MM-WHS codes -> indices 1..7, background 0.
     assert NUM_CLASSES == 8
     assert CODES == (205, 420, 500, 550, 600, 820, 850)
     assert NAMES == ("MYO", "LA", "LV", "RA", "RV", "AO", "PA")

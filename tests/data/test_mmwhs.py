@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import crossmodalnet.data.mmwhs as mmwhs
+import crossmodalnet.data.mmwhs.pipeline as mmwhs_pipeline
 from crossmodalnet.cli import main
 from crossmodalnet.data.dataset import load_dataset
 from crossmodalnet.data.io import Geometry, read_image, read_label, write_image, write_label
@@ -30,7 +30,8 @@ from crossmodalnet.data.mmwhs import (
     restore_to_moving,
     restore_to_original,
 )
-from crossmodalnet.data.registration import RegistrationConfig, label_dice
+from crossmodalnet.data.mmwhs.grid import label_dice
+from crossmodalnet.data.mmwhs.register import RegistrationConfig
 from crossmodalnet.errors import CrossModalNetError
 
 # (centre mm, radii mm) of structures 1..7, painted in order (the LV cavity inside the myocardium).
@@ -222,8 +223,8 @@ def test_resumption_skips_done_cases_and_redoes_half_written_ones(tmp_path, monk
     data = load_dataset(out)  # every listed file exists
     assert sum(len(data[s]) for s in ("training", "validation", "test")) == 3
     calls = []
-    real = mmwhs.prepare_case
-    monkeypatch.setattr(mmwhs, "prepare_case", lambda pair, *a: calls.append(pair.id) or real(pair, *a))
+    real = mmwhs_pipeline.prepare_case
+    monkeypatch.setattr(mmwhs_pipeline, "prepare_case", lambda pair, *a: calls.append(pair.id) or real(pair, *a))
     assert _cli(raw, out) == 0
     assert calls == []
     # Files present but no record (the marker written last): the case was cut short and is redone.

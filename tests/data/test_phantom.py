@@ -18,7 +18,7 @@ from crossmodalnet.data.dataset import check_case, load_case, load_dataset
 from crossmodalnet.data.io import read_image, read_label
 from crossmodalnet.data.labels import CODES, NUM_CLASSES, to_codes
 from crossmodalnet.data.phantom import FOV_MM, generate_case, split_cases, synthesize
-from crossmodalnet.data.render import (
+from crossmodalnet.data.phantom.render import (
     DOMAINS,
     SOURCE,
     TARGET,

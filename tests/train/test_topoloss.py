@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from crossmodalnet.analysis.topology import betti_numbers
+from crossmodalnet.evaluate.topology import betti_numbers
 from crossmodalnet.train.topoloss import persistence_diagram, persistence_penalty, persistence_terms, topology_loss
 
 N = 16

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from crossmodalnet.analysis.topology import betti_errors, betti_numbers, euler_characteristic
+from crossmodalnet.evaluate.topology import betti_errors, betti_numbers, euler_characteristic
 
 N = 40
 _G = np.indices((N, N, N)) - (N - 1) / 2  # voxel centres relative to the volume centre

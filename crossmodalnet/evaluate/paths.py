@@ -1,0 +1,160 @@
+"""Files: pairing predicted label maps with references, reading them lazily, writing the report.
+
+`evaluate_paths` writes into OUT: `metrics.csv` (case, structure, dice, iou, hd95, note
+[, betti_error_0, betti_error_1, betti_error_2]), `summary.json`, `hd95.png`, `dice.png`.
+Label files hold (X, Y, Z) class indices or MM-WHS codes (`io.read_label` detects which per file).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crossmodalnet.data.io import atomic_path, check_same_grid, read_label
+from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.evaluate.metrics import COLUMNS, TOPOLOGY_COLUMNS, Row, Spacing, check_convention
+from crossmodalnet.evaluate.plots import plot_dice, plot_hd95
+from crossmodalnet.evaluate.summary import evaluate_arrays, format_table
+
+__all__ = ["match_cases", "evaluate_paths"]
+
+_NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+
+
+def _case_name(path: Path) -> str | None:
+    for suffix in _NIFTI_SUFFIXES:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def _list_nifti(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        name = _case_name(path)
+        # Dot files are skipped: they are temp files of atomic writes (ours included).
+        if name is None or path.name.startswith(".") or not path.is_file():
+            continue
+        if name in found:
+            raise CrossModalNetError(
+                f"{folder}: case {name!r} is there twice ({found[name].name}, {path.name})"
+            )
+        found[name] = path
+    return found
+
+
+def match_cases(
+    pred: str | os.PathLike, ref: str | os.PathLike
+) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
+    """Pair predictions with references: two files, or two folders matched by case name.
+
+    The case name is the file name without `.nii.gz`/`.nii`. Returns ({case: (pred, ref)},
+    names of predictions with no reference). A reference with no prediction is an error: a score
+    over fewer cases than the reference set would look better than it is. A prediction with no
+    reference is only reported (a test split may be predicted in full and scored on a subset).
+    """
+    pred, ref = Path(pred), Path(ref)
+    for what, path in (("prediction", pred), ("reference", ref)):
+        if not path.exists():
+            raise CrossModalNetError(f"{path}: {what} not found")
+    if pred.is_file() and ref.is_file():
+        return {_case_name(ref) or ref.name: (pred, ref)}, []
+    if not (pred.is_dir() and ref.is_dir()):
+        raise CrossModalNetError(f"{pred} and {ref}: give two files or two folders, not one of each")
+    preds, refs = _list_nifti(pred), _list_nifti(ref)
+    if not refs:
+        raise CrossModalNetError(f"{ref}: no .nii.gz or .nii reference files in the folder")
+    missing = [name for name in refs if name not in preds]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        listed = ", ".join(refs[n].name for n in missing[:3])
+        raise CrossModalNetError(f"{pred}: no prediction for reference {listed}{more} (from {ref})")
+    extra = [name for name in preds if name not in refs]
+    return {name: (preds[name], refs[name]) for name in refs}, extra
+
+
+class _FileCases(Mapping):
+    """{case: (pred indices, ref indices, ref spacing)}, read on access so one case is in memory."""
+
+    def __init__(self, pairs: dict[str, tuple[Path, Path]]) -> None:
+        self.pairs = pairs
+
+    def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray, Spacing]:
+        pred_path, ref_path = self.pairs[name]
+        ref, ref_geom, _ = read_label(ref_path)
+        pred, pred_geom, _ = read_label(pred_path)
+        check_same_grid({str(ref_path): ref_geom, str(pred_path): pred_geom})
+        # Index-space distances scaled per axis are world distances for any rotation in the affine.
+        return pred, ref, ref_geom.spacing
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        # 7 significant digits: MONAI's distances are float32, more digits would print its noise.
+        return "nan" if math.isnan(value) else format(value, ".7g")
+    return str(value)
+
+
+def _csv_text(rows: Sequence[Row], columns: Sequence[str]) -> str:
+    buf = _stdio.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_fmt(row[c]) for c in columns])
+    return buf.getvalue()
+
+
+def evaluate_paths(
+    pred: str | os.PathLike,
+    ref: str | os.PathLike,
+    out: str | os.PathLike,
+    hd95: str = "monai",
+    topology: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score predicted label maps against references and write the report into `out`.
+
+    pred, ref: two NIfTI files or two folders of them (matched by case name). Every input is read
+    and checked (readable, 3D, label values, same grid as its reference) and every output is made
+    in memory before the first file is written, so an error leaves `out` untouched. Each file is
+    then written atomically. Prints the markdown table; returns the summary.
+    """
+    check_convention(hd95)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CrossModalNetError(f"{out}: exists and is not a folder")
+    pairs, extra = match_cases(pred, ref)
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        print(f"warning: {len(extra)} prediction(s) in {pred} have no reference and are ignored: "
+              f"{', '.join(extra[:3])}{more}", file=sys.stderr)
+    rows, summary = evaluate_arrays(_FileCases(pairs), hd95=hd95, topology=topology, progress=progress)
+    summary["unmatched_predictions"] = extra
+    columns = COLUMNS + (TOPOLOGY_COLUMNS if topology else ())
+    outputs = {
+        "metrics.csv": _csv_text(rows, columns).encode(),
+        "summary.json": (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode(),
+        "hd95.png": plot_hd95(rows, summary),
+        "dice.png": plot_dice(rows, summary),
+    }
+    for name, data in outputs.items():
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(data)
+    print(format_table(summary))
+    print(f"wrote {', '.join(outputs)} to {out}")
+    return summary
