@@ -40,8 +40,8 @@ from scipy import ndimage
 
 from crossmodalnet.config import TrainConfig, from_dict
 from crossmodalnet.data.dataset import load_case, load_dataset
-from crossmodalnet.data.io import atomic_path
 from crossmodalnet.data.labels import NUM_CLASSES
+from crossmodalnet.files import atomic_path
 
 __all__ = [
     "write_json", "write_section", "merge_settings", "read_json", "fingerprint", "machine_info", "make_dataset",

@@ -44,8 +44,8 @@ import _harness as h
 import numpy as np
 
 from crossmodalnet.config import CROSSMODALNET_SIZES, ModelConfig, TrainConfig, to_dict
-from crossmodalnet.data.io import atomic_path
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
 from crossmodalnet.models.baselines import BASELINE_SIZES
 from crossmodalnet.models.registry import MODEL_NAMES
 

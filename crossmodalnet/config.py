@@ -23,6 +23,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
 
 __all__ = [
     "MODEL_SIZES",
@@ -37,6 +38,7 @@ __all__ = [
     "from_dict",
     "replace",
     "to_yaml",
+    "dump_yaml",
     "read_yaml",
     "load_yaml",
     "load_config_file",
@@ -400,6 +402,13 @@ def _short(value: Any) -> str:
 def to_yaml(obj: BaseModel) -> str:
     """The YAML text of a config (plain lists, no Python tags)."""
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+def dump_yaml(obj: BaseModel, path: str | os.PathLike) -> Path:
+    """Write a config as YAML, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(to_yaml(obj), encoding="utf-8")
+    return Path(path)
 
 
 def read_yaml(path: str | os.PathLike) -> Any:

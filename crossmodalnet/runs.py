@@ -53,9 +53,9 @@ from crossmodalnet.config import (
     to_dict,
     to_yaml,
 )
-from crossmodalnet.data.io import atomic_path
 from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
 from crossmodalnet.models.registry import build_model
 
 __all__ = ["RunFolder", "write_csv"]

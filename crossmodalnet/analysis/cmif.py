@@ -45,8 +45,8 @@ from torch import nn
 
 from crossmodalnet.analysis.mi import MI_ESTIMATORS, estimate_mi
 from crossmodalnet.config import ModelConfig
-from crossmodalnet.data.io import atomic_path
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
 
 __all__ = [
     "LAYER0",

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from crossmodalnet.data.io import Geometry, atomic_path, check_same_grid, read_image, read_label
+from crossmodalnet.data.io import Geometry, check_same_grid, read_image, read_label
 from crossmodalnet.data.labels import NUM_CLASSES, STRUCTURES
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
 
 __all__ = ["Case", "Dataset", "CHANNELS", "SPLITS", "load_dataset", "write_dataset_json", "check_case", "load_case"]
 

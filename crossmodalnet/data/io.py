@@ -8,11 +8,8 @@ half-written file. Every check raises `CrossModalNetError` with one line naming 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +18,10 @@ import numpy as np
 
 from crossmodalnet.data.labels import detect_encoding, to_indices
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
 
 __all__ = [
     "Geometry",
-    "atomic_path",
     "read_geometry",
     "read_image",
     "read_label",
@@ -36,6 +33,7 @@ __all__ = [
 
 # Two grids agree when affines differ by at most this many mm (header float32 round-off).
 GRID_ATOL_MM = 1e-3
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -65,39 +63,6 @@ class Geometry:
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol))
 
 
-def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
-    """Create a new empty file `folder/prefix<random>suffix` and return its path.
-
-    Created with mode 0o666, which the kernel reduces by the process umask: the permissions a plain
-    open() gives (mkstemp would make it 0o600), without reading or changing the umask.
-    """
-    for _ in range(tempfile.TMP_MAX):
-        candidate = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
-        try:
-            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return candidate
-    raise FileExistsError(f"{folder}: no free temporary file name with prefix {prefix!r}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    The temp name keeps the final suffixes (nibabel picks gzip from `.nii.gz`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    tmp_path = _new_file(path.parent, f".{path.name.split('.')[0]}.", suffix)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def _load(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, io_orientation
 
-from crossmodalnet.data.io import Geometry, atomic_path
+from crossmodalnet.data.io import Geometry
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
 
 __all__ = ["Preprocessor", "PreparedCase", "fit_preprocessor", "CT_PERCENTILES"]
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from crossmodalnet.data.io import atomic_path, check_same_grid, read_label
+from crossmodalnet.data.io import check_same_grid, read_label
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.evaluate.metrics import COLUMNS, TOPOLOGY_COLUMNS, Row, Spacing, check_convention
 from crossmodalnet.evaluate.plots import plot_dice, plot_hd95
 from crossmodalnet.evaluate.summary import evaluate_arrays, format_table
+from crossmodalnet.files import atomic_path
 
 __all__ = ["match_cases", "evaluate_paths"]
 

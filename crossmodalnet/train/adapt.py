@@ -41,6 +41,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from dataclasses import replace as replace_case
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ from crossmodalnet.train.report import plot_adaptation
 from crossmodalnet.train.topoloss import topology_loss
 from crossmodalnet.train.trainer import validation_dice
 
-__all__ = ["AdaptationTask", "PairedBatches", "adapt", "adapt_from_cli", "forward_with_features"]
+__all__ = ["COLUMNS", "AdaptationTask", "PairedBatches", "Adaptation", "prepare_adaptation", "adapt", "adapt_from_cli",
+           "forward_with_features"]
 
 _LOSSES = ("dice", "ce", "marginal", "conditional", "topology", "entropy")
 COLUMNS: tuple[str, ...] = (
@@ -293,65 +295,89 @@ def _prepare_labeled(case: Case, preprocessor: Preprocessor) -> PreparedCase:
     return preprocessor.prepare(d["ct"], d["mr"], d["geometry"], d["label"], case.id)
 
 
-def adapt(source_run: str | os.PathLike, source_data: str | os.PathLike, target_data: str | os.PathLike,
-          out_dir: str | os.PathLike, config: AdaptConfig | None = None, resume: bool = False) -> Path:
-    """Adapt the model of `source_run` to the images of `target_data` into `out_dir` (see the module docstring).
+@dataclass
+class Adaptation:
+    """An adaptation ready to run: its task, loop settings, output run folder and resume state."""
 
-    Every input is checked and every case loaded before `out_dir` is created or written.
-    """
-    config = config or AdaptConfig()
-    dist = ddp.init_distributed(config.device)
-    try:
-        source, out = RunFolder(source_run), RunFolder(out_dir)
-        run_config, preprocessor = ddp.main_first(lambda: _open_source_run(source, out), dist)
-        stages = len(run_config.model.depths)
-        if not -stages <= config.feature_stage <= -1:
-            raise CrossModalNetError(f"adapt config: feature_stage must be in [-{stages}, -1] for the model of "
-                                     f"{source.path}, got {config.feature_stage}")
-        inputs = {"source_run": str(source.path.resolve()), "source_data": str(Path(source_data).resolve()),
-                  "target_data": str(Path(target_data).resolve())}
-        ddp.main_first(lambda: _check_resume(out, config, inputs) if resume else out.open_new("adaptation"), dist)
-        batch = config.batch_size or run_config.batch_size
-        preflight.check_runnable(replace(run_config, batch_size=batch), dist.world_size)
-        train_cases, val_cases = ddp.main_first(lambda: preflight.dataset_splits(source_data, run_config), dist)
-        source_cases = [_prepare_labeled(c, preprocessor) for c in train_cases]
-        val_prepared = [_prepare_labeled(c, preprocessor) for c in val_cases[dist.rank::dist.world_size]]
-        target_cases = _prepare_target(Path(target_data), preprocessor)
-        if dist.is_main:  # every check passed: now the folder may be written
-            out.create()
-            out.copy_definition_from(source)  # what `predict` needs besides weights
-            if not (out / RunFolder.ADAPT_CONFIG).is_file():
-                out.write_adapt(inputs, config)
-        ddp.barrier(dist)
-        spacing = preprocessor.target_spacing
-        per_rank = batch // dist.world_size
-        batches = PairedBatches(
-            PatchSampler(source_cases, replace(run_config, seed=config.seed), rank=dist.rank, batch_size=per_rank,
-                         spacing=spacing),
-            PatchSampler(target_cases, replace(run_config, seed=config.seed + _TARGET_STREAM, foreground_ratio=0.0),
-                         rank=dist.rank, batch_size=per_rank, spacing=spacing),
-            config.seed, config.source_remap)
-        model = build_model(run_config.model.name, run_config.model)
-        state = out.load_checkpoint(model) if resume else None
-        if state is None:
-            load_weights(model, source.weights_path)
-        model.to(dist.device)
-        task = AdaptationTask(config, run_config, model, batches, val_prepared, dist.device)
-        settings = LoopSettings(
-            total_steps=task.total_steps, iterations_per_epoch=config.iterations_per_epoch, seed=config.seed,
-            max_minutes=config.max_minutes, grad_clip=run_config.grad_clip, precision=run_config.precision,
-            num_workers=config.num_workers, val_every=config.val_every,
-            desc=f"adapt ({'+'.join(config.terms) or 'source fine-tuning only'})")
-        engine = Engine(task, settings, run=out, dist=dist, model_config=run_config.model, resume_state=state).fit()
-        if dist.is_main:
+    task: AdaptationTask
+    settings: LoopSettings
+    out: RunFolder
+    dist: ddp.DistInfo
+    state: dict[str, Any] | None
+
+    def run(self) -> Path:
+        """Adapt (see the module docstring); write the summary; return the run folder."""
+        task, settings, out = self.task, self.settings, self.out
+        engine = Engine(task, settings, run=out, dist=self.dist, model_config=task.run_config.model,
+                        resume_state=self.state).fit()
+        if self.dist.is_main:
             best = task.best_source if math.isfinite(task.best_source) else None
             out.write_summary(RunFolder.ADAPT_SUMMARY, {
                 "status": "finished" if engine.finished else "stopped", "step": engine.step,
-                "total_steps": settings.total_steps, "elapsed_s": engine.elapsed, "terms": list(config.terms),
+                "total_steps": settings.total_steps, "elapsed_s": engine.elapsed, "terms": list(task.config.terms),
                 "best_source_val_dice": best})
             status = "finished" if engine.finished else "stopped at the time budget"
             print(f"adaptation {status}: step {engine.step}/{settings.total_steps}; final weights {out.weights_path}")
         return out.path
+
+
+def prepare_adaptation(source_run: str | os.PathLike, source_data: str | os.PathLike,
+                       target_data: str | os.PathLike, out_dir: str | os.PathLike, config: AdaptConfig,
+                       resume: bool = False, dist: ddp.DistInfo | None = None) -> Adaptation:
+    """Check every input and load every case, then create `out_dir` (nothing is written before)."""
+    dist = dist or ddp.DistInfo(device=ddp.resolve_device(config.device))
+    source, out = RunFolder(source_run), RunFolder(out_dir)
+    run_config, preprocessor = ddp.main_first(lambda: _open_source_run(source, out), dist)
+    stages = len(run_config.model.depths)
+    if not -stages <= config.feature_stage <= -1:
+        raise CrossModalNetError(f"adapt config: feature_stage must be in [-{stages}, -1] for the model of "
+                                 f"{source.path}, got {config.feature_stage}")
+    inputs = {"source_run": str(source.path.resolve()), "source_data": str(Path(source_data).resolve()),
+              "target_data": str(Path(target_data).resolve())}
+    ddp.main_first(lambda: _check_resume(out, config, inputs) if resume else out.open_new("adaptation"), dist)
+    batch = config.batch_size or run_config.batch_size
+    preflight.check_runnable(replace(run_config, batch_size=batch), dist.world_size)
+    train_cases, val_cases = ddp.main_first(lambda: preflight.dataset_splits(source_data, run_config), dist)
+    source_cases = [_prepare_labeled(c, preprocessor) for c in train_cases]
+    val_prepared = [_prepare_labeled(c, preprocessor) for c in val_cases[dist.rank::dist.world_size]]
+    target_cases = _prepare_target(Path(target_data), preprocessor)
+    if dist.is_main:  # every check passed: now the folder may be written
+        out.create()
+        out.copy_definition_from(source)  # what `predict` needs besides weights
+        if not (out / RunFolder.ADAPT_CONFIG).is_file():
+            out.write_adapt(inputs, config)
+    ddp.barrier(dist)
+    spacing, per_rank = preprocessor.target_spacing, batch // dist.world_size
+    batches = PairedBatches(
+        PatchSampler(source_cases, replace(run_config, seed=config.seed), rank=dist.rank, batch_size=per_rank,
+                     spacing=spacing),
+        PatchSampler(target_cases, replace(run_config, seed=config.seed + _TARGET_STREAM, foreground_ratio=0.0),
+                     rank=dist.rank, batch_size=per_rank, spacing=spacing),
+        config.seed, config.source_remap)
+    model = build_model(run_config.model.name, run_config.model)
+    state = out.load_checkpoint(model) if resume else None
+    if state is None:
+        load_weights(model, source.weights_path)
+    if dist.distributed:  # every rank needs the step count; DDP broadcasts rank 0's weights
+        state = ddp.main_first(lambda: state, dist)
+    model.to(dist.device)
+    task = AdaptationTask(config, run_config, model, batches, val_prepared, dist.device)
+    settings = LoopSettings(
+        total_steps=task.total_steps, iterations_per_epoch=config.iterations_per_epoch, seed=config.seed,
+        max_minutes=config.max_minutes, grad_clip=run_config.grad_clip, precision=run_config.precision,
+        num_workers=config.num_workers, val_every=config.val_every,
+        desc=f"adapt ({'+'.join(config.terms) or 'source fine-tuning only'})")
+    return Adaptation(task, settings, out, dist, state)
+
+
+def adapt(source_run: str | os.PathLike, source_data: str | os.PathLike, target_data: str | os.PathLike,
+          out_dir: str | os.PathLike, config: AdaptConfig | None = None, resume: bool = False) -> Path:
+    """Adapt the model of `source_run` to the images of `target_data` into `out_dir` (see the module
+    docstring); DDP under torchrun."""
+    config = config or AdaptConfig()
+    dist = ddp.init_distributed(config.device)
+    try:
+        return prepare_adaptation(source_run, source_data, target_data, out_dir, config, resume, dist).run()
     finally:
         ddp.cleanup(dist)
 

@@ -326,10 +326,12 @@ class Engine:
         """Average the epoch's steps, validate when due, save the weights, `last/` and the logs."""
         s, task, main = self.settings, self.task, self.dist.is_main
         epoch = math.ceil(self.step / s.iterations_per_epoch)
-        rows = [r for r in self.step_log if int(r[1]) == epoch]
+        rows = np.array([r[3:] for r in self.step_log if int(r[1]) == epoch], dtype=np.float64).reshape(
+            -1, len(task.columns))
+        counts = np.isfinite(rows).sum(0)
+        means = np.where(counts > 0, np.nansum(rows, 0) / np.maximum(counts, 1), math.nan)  # NaN: term not in use
         row: dict[str, Any] = {"epoch": epoch, "step": self.step, "lr": self.step_log[-1][2],
-                               **{c: float(np.nanmean([r[3 + i] for r in rows])) if rows else math.nan
-                                  for i, c in enumerate(task.columns)}}
+                               **{c: float(m) for c, m in zip(task.columns, means, strict=True)}}
         due = s.val_every > 0 and (epoch % s.val_every == 0 or self.step >= s.total_steps or stop)
         scores = task.validate(self.dist) if due else None
         if scores is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from crossmodalnet.train.engine import Engine, LoopSettings, Task, gather_lists,
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
 from crossmodalnet.train.report import METRIC_COLUMNS, STEP_TERMS, format_summary, plot_curves
 
-__all__ = ["SegmentationTask", "train", "train_from_cli", "validation_dice", "case_dice", "warmup_cosine"]
+__all__ = ["SegmentationTask", "Training", "prepare_training", "train", "train_from_cli", "validation_dice", "case_dice", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, total: int, warmup: int, scheduler: str = "cosine") -> float:
@@ -162,41 +163,66 @@ def _prepare(data_dir: str | os.PathLike, run: RunFolder, config: TrainConfig, r
     return preprocessor, train_prepared, val_prepared
 
 
+@dataclass
+class Training:
+    """A training run ready to go: its task, loop settings, run folder and resume state."""
+
+    task: SegmentationTask
+    settings: LoopSettings
+    run: RunFolder
+    dist: ddp.DistInfo
+    state: dict[str, Any] | None
+
+    def fit(self) -> Engine:
+        """Train (see the module docstring); returns the engine, at its last step."""
+        engine = Engine(self.task, self.settings, run=self.run, dist=self.dist, model_config=self.task.config.model,
+                        resume_state=self.state).fit()
+        if self.dist.is_main:
+            status = "finished" if engine.finished else "stopped at the time budget"
+            print(f"training {status}: step {engine.step}/{self.settings.total_steps}, best val Dice "
+                  f"{engine.best:.4f}; run folder {self.run.path}")
+        return engine
+
+
+def prepare_training(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig,
+                     resume: bool = False, dist: ddp.DistInfo | None = None) -> Training:
+    """Check every input and load every case, then create the run folder (nothing is written before)."""
+    dist = dist or ddp.DistInfo(device=ddp.resolve_device(config.device))
+    run = RunFolder(out_dir)
+    preprocessor, train_cases, val_cases = _prepare(data_dir, run, config, resume, dist)
+    if dist.is_main:  # every check passed: now the folder may be written (a resume keeps its files)
+        run.create()
+        if not run.has_config():
+            run.write_config(config)
+        if not run.has_preprocess():
+            run.write_preprocess(preprocessor)
+    ddp.barrier(dist)
+    torch.manual_seed(config.seed)  # same initial weights for a given seed
+    model = build_model(config.model.name, config.model)
+    state = run.load_checkpoint(model if dist.is_main else None) if resume else None
+    if dist.distributed:  # every rank needs the step count; DDP broadcasts rank 0's weights
+        state = ddp.main_first(lambda: state, dist)
+    model.to(dist.device)
+    sampler = PatchSampler(train_cases, config, rank=dist.rank, batch_size=config.batch_size // dist.world_size,
+                           spacing=preprocessor.target_spacing)
+    # Under DDP each process holds (and scores) its own share of the validation cases.
+    task = SegmentationTask(config, model, sampler, val_cases, dist.device)
+    settings = LoopSettings(
+        total_steps=config.epochs * config.iterations_per_epoch, iterations_per_epoch=config.iterations_per_epoch,
+        seed=config.seed, max_minutes=config.max_minutes, grad_clip=config.grad_clip, precision=config.precision,
+        num_workers=config.num_workers, val_every=config.val_every,
+        desc=f"train {config.model.name}/{config.model.size}")
+    return Training(task, settings, run, dist, state)
+
+
 def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig,
           resume: bool = False) -> Path:
     """Train `config` on the dataset folder `data_dir` into run folder `out_dir` (DDP under torchrun)."""
     dist = ddp.init_distributed(config.device)
     try:
-        run = RunFolder(out_dir)
-        preprocessor, train_cases, val_cases = _prepare(data_dir, run, config, resume, dist)
-        if dist.is_main:  # every check passed: now the folder may be written (a resume keeps its files)
-            run.create()
-            if not run.has_config():
-                run.write_config(config)
-            if not run.has_preprocess():
-                run.write_preprocess(preprocessor)
-        ddp.barrier(dist)
-        torch.manual_seed(config.seed)  # same initial weights for a given seed
-        model = build_model(config.model.name, config.model)
-        state = run.load_checkpoint(model if dist.is_main else None) if resume else None
-        if dist.distributed:  # every rank needs the step count; DDP broadcasts rank 0's weights
-            state = ddp.main_first(lambda: state, dist)
-        model.to(dist.device)
-        sampler = PatchSampler(train_cases, config, rank=dist.rank, batch_size=config.batch_size // dist.world_size,
-                               spacing=preprocessor.target_spacing)
-        # Under DDP each process holds (and scores) its own share of the validation cases.
-        task = SegmentationTask(config, model, sampler, val_cases, dist.device)
-        settings = LoopSettings(
-            total_steps=config.epochs * config.iterations_per_epoch, iterations_per_epoch=config.iterations_per_epoch,
-            seed=config.seed, max_minutes=config.max_minutes, grad_clip=config.grad_clip, precision=config.precision,
-            num_workers=config.num_workers, val_every=config.val_every,
-            desc=f"train {config.model.name}/{config.model.size}")
-        engine = Engine(task, settings, run=run, dist=dist, model_config=config.model, resume_state=state).fit()
-        if dist.is_main:
-            status = "finished" if engine.finished else "stopped at the time budget"
-            print(f"training {status}: step {engine.step}/{settings.total_steps}, best val Dice "
-                  f"{engine.best:.4f}; run folder {run.path}")
-        return run.path
+        training = prepare_training(data_dir, out_dir, config, resume, dist)
+        training.fit()
+        return training.run.path
     finally:
         ddp.cleanup(dist)
 

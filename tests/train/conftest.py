@@ -63,7 +63,8 @@ def fast_config(model: str | ModelConfig = "unet", **overrides) -> TrainConfig:
     """A config that trains a tiny model (name, size tiny) for a few steps on 16-voxel patches."""
     model = model if isinstance(model, ModelConfig) else ModelConfig.from_size(model, "tiny")
     base = dict(model=model, epochs=2, iterations_per_epoch=2, batch_size=2,
-                patch_size=(16, 16, 16), lr=1e-3, warmup_epochs=1, val_every=1, sw_batch_size=8, device="cpu")
+                patch_size=(16, 16, 16), lr=1e-3, warmup_epochs=1, val_every=1, sw_batch_size=8, device="cpu",
+                num_workers=0)  # worker processes: tested on their own (test_engine)
     base.update(overrides)
     return TrainConfig(**base)
 

@@ -1,6 +1,6 @@
 """Run by `torchrun --nproc_per_node=2` from test_ddp.py (not a test itself).
 
-Trains a tiny model with DDP through the same `Trainer` that `crossmodalnet train` uses, then
+Trains a tiny model with DDP through the same `prepare_training` that `crossmodalnet train` uses, then
 saves each rank's final weights and its first batch, so the test can compare the processes.
 Usage: ddp_worker.py DATA OUT [MODEL]
 """
@@ -13,7 +13,7 @@ import torch
 from crossmodalnet.config import ModelConfig, TrainConfig
 from crossmodalnet.runs import save_weights
 from crossmodalnet.train import distributed as ddp
-from crossmodalnet.train.trainer import Trainer
+from crossmodalnet.train.trainer import prepare_training
 
 
 def main() -> None:
@@ -26,10 +26,10 @@ def main() -> None:
                          sw_batch_size=1, device="cpu")
     info = ddp.init_distributed("cpu")
     try:
-        trainer = Trainer(data, out / "run", config, dist=info)
-        torch.save(trainer.sampler.batch(0)["ct"], out / f"batch{info.rank}.pt")
-        trainer.fit()
-        save_weights(trainer.raw_model, out / f"rank{info.rank}.safetensors")
+        training = prepare_training(data, out / "run", config, dist=info)
+        torch.save(training.task.batches.batch(0)["ct"], out / f"batch{info.rank}.pt")
+        training.fit()
+        save_weights(training.task.model, out / f"rank{info.rank}.safetensors")
         (out / f"world{info.rank}.txt").write_text(f"{info.world_size} {torch.distributed.get_backend()}")
     finally:
         ddp.cleanup(info)

@@ -18,29 +18,25 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from pydantic import ValidationError
 
 import crossmodalnet.data.dataset as dataset_module
 import crossmodalnet.data.io as io_module
 from crossmodalnet.cli import main
-from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml, to_dict
+from crossmodalnet.config import AdaptConfig, ModelConfig, TrainConfig, dump_yaml, parse_terms, to_dict
 from crossmodalnet.data.dataset import load_dataset, write_dataset_json
 from crossmodalnet.data.phantom import synthesize
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.infer import predict
 from crossmodalnet.models.registry import build_model
+from crossmodalnet.runs import RunFolder
 from crossmodalnet.train import adapt as adapt_module
-from crossmodalnet.train.adapt import (
-    ADAPT_CONFIG,
-    BEST_SOURCE,
-    STEP_COLUMNS,
-    SUMMARY,
-    AdaptConfig,
-    adapt,
-    forward_with_features,
-    parse_terms,
-    random_transfer,
-)
+from crossmodalnet.train.adapt import COLUMNS, adapt, forward_with_features, prepare_adaptation
+from crossmodalnet.train.domain import random_transfer
 from crossmodalnet.train.trainer import train
+
+ADAPT_CONFIG, BEST_SOURCE, SUMMARY = RunFolder.ADAPT_CONFIG, RunFolder.BEST_SOURCE, RunFolder.ADAPT_SUMMARY
+STEP_COLUMNS = ("step", "epoch", "lr", *COLUMNS)
 
 
 def _fast(**overrides) -> AdaptConfig:
@@ -143,8 +139,8 @@ def test_resume_equals_uninterrupted(source_run, tiny_dataset, target_data, tmp_
     a = safetensors.torch.load_file(str(whole / "model.safetensors"))
     b = safetensors.torch.load_file(str(part / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    da = torch.load(whole / "last/state.pt", weights_only=True)["discriminators"]
-    db = torch.load(part / "last/state.pt", weights_only=True)["discriminators"]
+    da = torch.load(whole / "last/state.pt", weights_only=True)["extra"]
+    db = torch.load(part / "last/state.pt", weights_only=True)["extra"]
     assert all(torch.equal(da[k], db[k]) for k in da)
     assert (whole / "steps.csv").read_text() == (part / "steps.csv").read_text()
 
@@ -152,14 +148,14 @@ def test_resume_equals_uninterrupted(source_run, tiny_dataset, target_data, tmp_
 def test_resume_after_a_kill_mid_epoch(source_run, tiny_dataset, target_data, tmp_path, monkeypatch):
     """A process that dies mid-epoch (no clean-up, nothing saved) resumes from the last epoch's checkpoint."""
     whole = adapt(source_run, tiny_dataset, target_data, tmp_path / "whole", _fast(val_every=0))
-    real_step = adapt_module.Adapter._adapt_step
+    real_loss = adapt_module.AdaptationTask.loss
 
-    def dying(self):
-        if self.step == 3:  # second step of the second epoch: killed before it is done
+    def dying(self, model, batch, step):
+        if step == 3:  # second step of the second epoch: killed before it is done
             raise KeyboardInterrupt
-        return real_step(self)
+        return real_loss(self, model, batch, step)
 
-    monkeypatch.setattr(adapt_module.Adapter, "_adapt_step", dying)
+    monkeypatch.setattr(adapt_module.AdaptationTask, "loss", dying)
     with pytest.raises(KeyboardInterrupt):
         adapt(source_run, tiny_dataset, target_data, tmp_path / "killed", _fast(val_every=0))
     monkeypatch.undo()
@@ -218,7 +214,7 @@ def test_token_level_alignment_on_a_finer_stage_with_entropy(source_run, tiny_da
             assert math.isfinite(float(row[f"loss_{term}"]))
             correct = float(row[f"disc_acc_{term}"]) * 128
             assert correct == pytest.approx(round(correct), abs=1e-3)
-    state = torch.load(out / "last/state.pt", weights_only=True)["discriminators"]
+    state = torch.load(out / "last/state.pt", weights_only=True)["extra"]
     # Stage -2 of the tiny model: both streams' 24 channels; the exact CDAN map 48 x 8.
     assert state["marginal.net.0.weight"].shape[1] == 48 and state["conditional.net.0.weight"].shape[1] == 48 * 8
 
@@ -265,7 +261,6 @@ def test_errors_name_the_problem(source_run, tiny_dataset, target_data, tmp_path
     fails("supports crossmodalnet only", run=_unet_run(tmp_path / "unet", source_run))
     fails("lists no training or validation images", target=_imageless_target(tmp_path / "imageless"))
     fails("dataset.json: not found", target=tmp_path)
-    fails("unknown term 'bogus'", terms=("marginal", "bogus"))
     fails("not the source run", out=source_run)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
@@ -277,11 +272,12 @@ def test_errors_name_the_problem(source_run, tiny_dataset, target_data, tmp_path
               (("source_run", source_run), ("source_data", tiny_dataset), ("target_data", target_data))}
     (other / ADAPT_CONFIG).write_text(yaml.safe_dump({**inputs, "adapt": to_dict(_fast(lr=0.5))}))
     fails(r"--resume refused, other settings \(lr: 0.5 -> 0.0005\)", out=other, resume=True)
-    fails("epochs must be a positive integer", epochs=0)
     fails(r"feature_stage must be in \[-3, -1\]", feature_stage=-4)
-    fails("entropy_weight must be a number >= 0", entropy_weight=-1.0)
-    fails(r"source_remap must be in \[0, 1\]", source_remap=1.5)
-    fails("topology_bars must be 'all' or 'decision'", topology_bars="some")
+    # The schema refuses bad settings before any adaptation starts.
+    for bad in (dict(epochs=0), dict(entropy_weight=-1.0), dict(source_remap=1.5), dict(topology_bars="some"),
+                dict(terms=("marginal", "bogus"))):
+        with pytest.raises(ValidationError):
+            _fast(**bad)
     assert not (tmp_path / "new").exists()  # every refusal before anything was written
 
 
@@ -294,9 +290,9 @@ def test_cli_error_is_one_line(source_run, tiny_dataset, target_data, tmp_path, 
 
 
 def test_target_patches_come_from_images_only(source_run, tiny_dataset, target_data, no_target_labels, tmp_path):
-    adapter = adapt_module.Adapter(source_run, tiny_dataset, target_data, tmp_path / "a", _fast())
-    batch = adapter.target.batch(0)
+    batches = prepare_adaptation(source_run, tiny_dataset, target_data, tmp_path / "a", _fast()).task.batches
+    batch = batches.target.batch(0)
     assert batch["ct"].shape == (1, 1, 32, 32, 32)
     assert int(batch["label"].abs().sum()) == 0  # the dummy label, never a target label
-    assert len(adapter.target.cases) == 3  # training + validation; the test case is not used
-    assert not np.array_equal(adapter.source.batch(0)["ct"].numpy(), batch["ct"].numpy())
+    assert len(batches.target.cases) == 3  # training + validation; the test case is not used
+    assert not np.array_equal(batches.source.batch(0)["ct"].numpy(), batch["ct"].numpy())

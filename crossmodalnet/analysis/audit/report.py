@@ -10,7 +10,7 @@ from typing import Any
 
 from crossmodalnet.analysis.audit.claims import VERDICTS
 from crossmodalnet.analysis.cmif import json_safe
-from crossmodalnet.data.io import atomic_path
+from crossmodalnet.files import atomic_path
 
 __all__ = ["write_audit"]
 

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from crossmodalnet.data.io import atomic_path, check_same_grid, read_image, read_label, write_image, write_label
+from crossmodalnet.data.io import check_same_grid, read_image, read_label, write_image, write_label
 from crossmodalnet.data.mmwhs.grid import crop_grid, fraction_inside, heart_box, label_dice
 from crossmodalnet.data.mmwhs.pairing import MODALITIES, Pair
 from crossmodalnet.data.mmwhs.records import RECORD_FORMAT, geometry_to_json
 from crossmodalnet.data.mmwhs.register import RegistrationConfig, register, warp
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
 
 __all__ = ["PrepareConfig", "prepare_case", "done_record", "nanmean"]
 

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from crossmodalnet.data.io import Geometry, atomic_path
+from crossmodalnet.data.io import Geometry
 from crossmodalnet.data.labels import NUM_CLASSES
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
 
 __all__ = ["METHODS", "RegistrationConfig", "Registration", "set_threads", "to_ants", "register", "warp"]
 

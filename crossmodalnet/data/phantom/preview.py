@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from crossmodalnet.data.io import Geometry, atomic_path
+from crossmodalnet.data.io import Geometry
 from crossmodalnet.data.labels import NAMES, STRUCTURES, colormap
+from crossmodalnet.files import atomic_path
 
 __all__ = ["write_preview"]
 

@@ -1,0 +1,54 @@
+"""Atomic file writes: the one way the package writes a file.
+
+    with atomic_path("runs/cmn/config.yaml") as tmp:
+        tmp.write_text(text)          # renamed onto the final path only if the block succeeds
+
+A killed process never leaves a half-written file, and a failed write leaves the old one in place.
+At the bottom of the package (below `config` and `data`), so that every stage may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path"]
+
+
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create a new empty file `folder/prefix<random>suffix` and return its path.
+
+    Created with mode 0o666, which the kernel reduces by the process umask: the permissions a plain
+    open() gives (mkstemp would make it 0o600), without reading or changing the umask.
+    """
+    for _ in range(tempfile.TMP_MAX):
+        candidate = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"{folder}: no free temporary file name with prefix {prefix!r}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The temp name keeps the final suffixes (nibabel picks gzip from `.nii.gz`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    tmp_path = _new_file(path.parent, f".{path.name.split('.')[0]}.", suffix)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
