@@ -40,8 +40,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import _harness as h
 import numpy as np
+from _dataset import make_dataset
+from _files import fingerprint, read_json, write_json, write_section
+from _machine import machine_info
+from _options import merge_settings
+from _schedule import split_steps
+from _scoring import spread
 
 from crossmodalnet.config import CROSSMODALNET_SIZES, ModelConfig, TrainConfig, to_dict
 from crossmodalnet.data.io import atomic_path
@@ -98,7 +103,7 @@ def _train_job(s: Settings, key: str, group: str, label: str, model: ModelConfig
     if budget:
         epochs, ipe, minutes = 1, 1, s.minutes  # epochs and iterations filled in by the worker's probe
     else:
-        (epochs, ipe), minutes = h.split_steps(s.steps, s.validations), s.steps_cap_minutes
+        (epochs, ipe), minutes = split_steps(s.steps, s.validations), s.steps_cap_minutes
     seed = s.seed if s.train_seed is None else s.train_seed
     config = TrainConfig(model=model, seed=seed, epochs=epochs, iterations_per_epoch=ipe, max_minutes=minutes,
                          batch_size=s.batch_size, patch_size=(s.patch,) * 3, val_every=1, warmup_epochs=1,
@@ -187,7 +192,7 @@ def plan(s: Settings) -> list[dict[str, Any]]:
         job["protocol"] = PROTOCOL
         if "source" in job:
             job["source_fingerprint"] = by_key[job["source"]]["fingerprint"]
-        job["fingerprint"] = h.fingerprint(job)
+        job["fingerprint"] = fingerprint(job)
         job["work"] = str(s.work.resolve())
     return jobs
 
@@ -208,7 +213,7 @@ def run_jobs(jobs: list[dict[str, Any]], work: Path, fresh: bool, dry_run: bool,
     results: dict[str, dict[str, Any]] = {}
     for n, job in enumerate(jobs, 1):
         key, tag = job["key"], f"[{n}/{len(jobs)}] {job['key']}"
-        cached = h.read_json(work / "results" / f"{key}.json")
+        cached = read_json(work / "results" / f"{key}.json")
         if not fresh and cached and cached.get("status") == "ok" and cached.get("fingerprint") == job["fingerprint"]:
             results[key] = cached
             print(f"{tag}: reused {work / 'results' / (key + '.json')}", file=sys.stderr)
@@ -233,7 +238,7 @@ def _run_one(job: dict[str, Any], work: Path, tag: str) -> dict[str, Any]:
         for part in ("runs", "predictions", "evaluation"):
             if (work / part / key).exists():
                 shutil.rmtree(work / part / key)
-    job_path = h.write_json(work / "jobs" / f"{key}.json", job)
+    job_path = write_json(work / "jobs" / f"{key}.json", job)
     log = work / "logs" / f"{key}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     limit = (job["config"]["max_minutes"] * 60 if job["kind"] == "train" else 0) + 1800
@@ -247,7 +252,7 @@ def _run_one(job: dict[str, Any], work: Path, tag: str) -> dict[str, Any]:
                            timeout=limit, check=False, env=env)
         except subprocess.TimeoutExpired:
             pass  # no result file: reported below as a failure
-    result = h.read_json(work / "results" / f"{key}.json")
+    result = read_json(work / "results" / f"{key}.json")
     if not result or result.get("fingerprint") != job["fingerprint"]:
         tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
         result = {"key": key, "status": "failed", "error": (tail[0] if tail else "no result")[:300]}
@@ -280,7 +285,7 @@ def _pm(sp: dict[str, Any], digits: int = 3) -> str:
 def _paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Spread over test cases of per-case Dice differences a - b (same cases, so paired)."""
     cases = [c for c in a["test"]["per_case"] if c in b["test"]["per_case"]]
-    return h.spread([a["test"]["per_case"][c]["dice"] - b["test"]["per_case"][c]["dice"] for c in cases
+    return spread([a["test"]["per_case"][c]["dice"] - b["test"]["per_case"][c]["dice"] for c in cases
                      if a["test"]["per_case"][c]["dice"] is not None and b["test"]["per_case"][c]["dice"] is not None])
 
 
@@ -533,7 +538,7 @@ def report(s: Settings, dataset: dict[str, Any], machine: dict[str, Any], comman
 
 
 def _settings(a: argparse.Namespace) -> Settings:
-    values = h.merge_settings(Settings(), a, QUICK)
+    values = merge_settings(Settings(), a, QUICK)
     if a.tables is not None:
         values["tables"] = ("budget", "steps") if a.tables == "both" else (a.tables,)
     if a.patch is None:
@@ -594,8 +599,8 @@ def main(argv: list[str] | None = None) -> None:
         s = _settings(a)
         s.work.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
-        machine = h.machine_info()
-        dataset = h.make_dataset(s.work / "data", s.cases, s.edge, s.seed, references={"test": s.work / "references"})
+        machine = machine_info()
+        dataset = make_dataset(s.work / "data", s.cases, s.edge, s.seed, references={"test": s.work / "references"})
         jobs = plan(s)
         results = run_jobs(jobs, s.work, a.fresh, a.dry_run, a.report_only, a.only)
     except CrossModalNetError as exc:
@@ -618,11 +623,11 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copyfile(png, target)
             images[name] = target.name
     text = report(s, dataset, machine, command, jobs, results, images)
-    h.write_json(s.work / "results.json", {"command": command, "settings": asdict(s), "machine": machine,
+    write_json(s.work / "results.json", {"command": command, "settings": asdict(s), "machine": machine,
                                            "dataset": dataset, "jobs": jobs, "results": results})
     print(text)
     if a.write:
-        h.write_section(a.write, "compare", text)
+        write_section(a.write, "compare", text)
         print(f"wrote the section of {a.write}", file=sys.stderr)
     failed = [k for k, r in results.items() if r.get("status") != "ok"]
     print(f"done in {(time.monotonic() - start) / 60:.1f} min; results {s.work / 'results.json'}"
