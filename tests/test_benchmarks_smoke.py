@@ -18,9 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _files  # noqa: E402
 import _machine  # noqa: E402
 import _perturb  # noqa: E402
+import _plan  # noqa: E402
+import _plots  # noqa: E402
+import _report  # noqa: E402
+import _runner  # noqa: E402
 import _schedule  # noqa: E402
 import _scoring  # noqa: E402
-import compare  # noqa: E402
 
 
 def _train_result(dices: list[float], **extra: object) -> dict:
@@ -40,10 +43,10 @@ def _dice(values: dict[str, float]) -> dict:
 
 
 @pytest.fixture
-def fabricated(tmp_path: Path) -> tuple[compare.Settings, list[dict], dict[str, dict]]:
-    s = compare.Settings(work=tmp_path, models=("crossmodalnet", "unet"), model_size="tiny", cases=8, edge=32,
+def fabricated(tmp_path: Path) -> tuple[_plan.Settings, list[dict], dict[str, dict]]:
+    s = _plan.Settings(work=tmp_path, models=("crossmodalnet", "unet"), model_size="tiny", cases=8, edge=32,
                          patch=32, ablations=True, robustness=True)
-    jobs = compare.plan(s)
+    jobs = _plan.plan(s)
     results = {j["key"]: _train_result([0.5, 0.6]) for j in jobs if j["kind"] == "train"}
     results["budget-crossmodalnet"] = _train_result([0.8, 0.9])
     results["budget-unet"] = _train_result([0.7, 0.6])
@@ -73,15 +76,15 @@ def test_plan_has_every_study_and_stable_identities(fabricated) -> None:
         if "source" in j:
             assert keys.index(j["source"]) < keys.index(j["key"])
             assert j["source_fingerprint"] == by_key[j["source"]]["fingerprint"]
-    assert [j["fingerprint"] for j in compare.plan(s)] == [j["fingerprint"] for j in jobs]
+    assert [j["fingerprint"] for j in _plan.plan(s)] == [j["fingerprint"] for j in jobs]
     # The cross-block ablation flips the size's own choice: every stage for `small`, from stage 2 for `tiny`.
-    flips = {size: {k: mo for k, _, mo, _ in compare._ablations(replace(s, model_size=size)) if "cross-" in k}
+    flips = {size: {k: mo for k, _, mo, _ in _plan.ablations(replace(s, model_size=size)) if "cross-" in k}
              for size in ("tiny", "small")}
     assert flips["small"] == {"ablation-cross-blocks-off": {"cross_blocks": False},
                               "ablation-cross-every-stage": {"cross_first_stage": 0}}
     assert flips["tiny"] == {"ablation-cross-blocks-off": {"cross_blocks": False},
                              "ablation-cross-from-stage-2": {"cross_first_stage": 1}}
-    longer = compare.plan(replace(s, minutes=9.0))
+    longer = _plan.plan(replace(s, minutes=9.0))
     assert longer[0]["fingerprint"] != jobs[0]["fingerprint"]
     steps = by_key["steps-unet"]["config"]
     assert steps["epochs"] * steps["iterations_per_epoch"] == s.steps
@@ -89,19 +92,19 @@ def test_plan_has_every_study_and_stable_identities(fabricated) -> None:
 
 def test_tables_rank_and_compare(fabricated) -> None:
     s, jobs, results = fabricated
-    table = compare.main_table(jobs, results, "budget", s.edge).splitlines()
+    table = _report.main_table(jobs, results, "budget", s.edge).splitlines()
     assert table[2].startswith("| crossmodalnet |") and table[3].startswith("| unet |")  # best Dice first
     assert "0.850 ± 0.050" in table[2]
-    assert "80/120 (cap)" in compare.main_table(jobs, results, "steps", s.edge)
-    text = compare.findings(jobs, results, "budget")
+    assert "80/120 (cap)" in _report.main_table(jobs, results, "steps", s.edge)
+    text = _report.findings(jobs, results, "budget")
     assert "ranks 1 of 2" in text and "0.200 ± 0.100" in text  # paired: (0.8-0.7, 0.9-0.6)
-    assert "-0.300 ± 0.000" in compare.ablation_table(jobs, results)  # per case (0.5-0.8, 0.6-0.9)
-    misreg = compare.misregistration_table(s, results)
+    assert "-0.300 ± 0.000" in _report.ablation_table(jobs, results)  # per case (0.5-0.8, 0.6-0.9)
+    misreg = _report.misregistration_table(s, results)
     assert "ratio 0.25" in misreg  # shift 4: 0.05 lost against 0.20
     assert "ratio 0.20" in misreg  # warp 4: 0.02 against 0.10
-    missing = compare.missing_table(s, results)
+    missing = _report.missing_table(s, results)
     assert "| 0.800 | 0.700 | 0.600 | 0.100 | 0.200 |" in missing and "for reference" in missing
-    section = compare.report(s, {"splits": {"training": 5, "validation": 1, "test": 2}}, _machine.machine_info(),
+    section = _report.report(s, {"splits": {"training": 5, "validation": 1, "test": 2}}, _machine.machine_info(),
                              "cmd", jobs, results, {})
     assert section.count("|---|") >= 5
 
@@ -119,14 +122,14 @@ def test_write_section_replaces_only_its_block(tmp_path: Path) -> None:
 
 def test_report_only_runs_nothing(fabricated, tmp_path: Path) -> None:
     _, jobs, _ = fabricated
-    results = compare.run_jobs(jobs, tmp_path, fresh=False, dry_run=False, report_only=True)
+    results = _runner.run_jobs(jobs, tmp_path, fresh=False, dry_run=False, report_only=True)
     assert {r["status"] for r in results.values()} == {"not run"}
     assert not (tmp_path / "jobs").exists()  # nothing was started
 
 
 def test_plot_writes_png(fabricated, tmp_path: Path) -> None:
     _, jobs, results = fabricated
-    png = compare.plot_dice(jobs, results, [("budget", "budget")], tmp_path / "dice.png")
+    png = _plots.plot_dice(jobs, results, [("budget", "budget")], tmp_path / "dice.png")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
 
 
