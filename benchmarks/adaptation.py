@@ -26,6 +26,10 @@ Resumable: each finished run leaves WORK/results/<key>.json with the fingerprint
 a later call reuses it (unless --fresh) and redoes only what is missing or was made differently
 (an unfinished run folder is removed and redone). Prints a markdown table; --write replaces the
 section between the adaptation markers of a markdown file.
+
+One file for one idea (this benchmark's rows): its planning, runs, table and command line all read
+the same METHODS, VARIANTS and Settings; the parts it shares with compare.py live in `_files.py`,
+`_dataset.py`, `_machine.py` and `_options.py`.
 """
 
 from __future__ import annotations
