@@ -26,6 +26,10 @@ Resumable: each finished run leaves WORK/results/<key>.json with the fingerprint
 a later call reuses it (unless --fresh) and redoes only what is missing or was made differently
 (an unfinished run folder is removed and redone). Prints a markdown table; --write replaces the
 section between the adaptation markers of a markdown file.
+
+One file for one idea (this benchmark's rows): its planning, runs, table and command line all read
+the same METHODS, VARIANTS and Settings; the parts it shares with compare.py live in `_files.py`,
+`_dataset.py`, `_machine.py` and `_options.py`.
 """
 
 from __future__ import annotations
@@ -42,9 +46,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import _harness as h
+from _dataset import make_dataset
+from _files import fingerprint as job_fingerprint
+from _files import read_json, write_json, write_section
+from _machine import machine_info
+from _options import merge_settings
 
-from crossmodalnet.config import CROSSMODALNET_SIZES, imply_missing_fields, to_dict
+from crossmodalnet.config import MODEL_SIZES, AdaptConfig, imply_missing_fields, to_dict
+from crossmodalnet.config import replace as replace_config
 from crossmodalnet.errors import CrossModalNetError
 
 PROTOCOL = 2  # bump when a change here changes what a run measures, so that old results are redone
@@ -122,7 +131,7 @@ def make_data(s: Settings, domain: str) -> Path:
     and its validation labels (the split settings are chosen on) to WORK/references/<domain>-validation."""
     root, refs = s.work / domain, s.work / "references" / domain
     seed = s.seed + (TARGET_SEED_OFFSET if domain == "target" else 0)
-    h.make_dataset(root, s.cases, s.size, seed, domain, min_cases=6,
+    make_dataset(root, s.cases, s.size, seed, domain, min_cases=6,
                    references={"test": refs, "validation": refs.with_name(f"{domain}-validation")})
     return root
 
@@ -140,13 +149,11 @@ def train_config(s: Settings) -> Any:
     config = replace(DEMO, model_size=s.model_size, patch_size=(s.patch,) * 3, minutes=s.train_minutes,
                      device="cpu", **quick).train_config(s.seed)
     if s.cross_first_stage is not None:
-        config.model = replace(config.model, cross_first_stage=s.cross_first_stage)
+        config = replace_config(config, model=replace_config(config.model, cross_first_stage=s.cross_first_stage))
     return config
 
 
 def adapt_config(s: Settings, terms: tuple[str, ...], **overrides: Any) -> Any:
-    from crossmodalnet.train.adapt import AdaptConfig
-
     per_epoch = min(20, s.adapt_steps)
     settings = dict(terms=terms, epochs=max(1, math.ceil(s.adapt_steps / per_epoch)), iterations_per_epoch=per_epoch,
                     max_minutes=s.adapt_minutes, val_every=0, seed=s.seed, device="cpu")
@@ -198,7 +205,7 @@ def run_method(s: Settings, key: str, data: dict[str, Path], fresh: bool,
     label, terms, domain = METHODS[key]
     config = train_config(s) if terms is None else adapt_config(s, terms, **VARIANTS.get(key, {}))
     spec = {"protocol": PROTOCOL, "key": key, "config": to_dict(config), "code": code["training"],
-            "data": {d: h.read_json(root / "benchmark.json") for d, root in data.items()}}
+            "data": {d: read_json(root / "benchmark.json") for d, root in data.items()}}
     if terms is not None:  # an adaptation is only as current as the source-only run it starts from
         if results.get("source-only") is None:
             if not run:
@@ -206,14 +213,14 @@ def run_method(s: Settings, key: str, data: dict[str, Path], fresh: bool,
             raise CrossModalNetError(f"[{key}] needs the source-only run: run it first (--only source-only)")
         spec["from"] = results["source-only"]["fingerprint"]
         spec["adaptation_code"] = code["adaptation"]
-    fingerprint = h.fingerprint(spec)
+    fingerprint = job_fingerprint(spec)
     result_path = s.work / "results" / f"{key}.json"
-    old = h.read_json(result_path)
+    old = read_json(result_path)
     if old is not None and old.get("fingerprint") == fingerprint and not fresh:
         print(f"[{key}] finished earlier with these settings: reused ({result_path})", file=sys.stderr)
         if "target_validation" not in old:  # a result from before validation scores were kept: score it now
             old["target_validation"] = _selection_scores(s.work / "runs" / key, data, s, key)
-            h.write_json(result_path, old)
+            write_json(result_path, old)
         return old
     if not run:
         return None
@@ -224,17 +231,17 @@ def run_method(s: Settings, key: str, data: dict[str, Path], fresh: bool,
     start = time.monotonic()
     if terms is None:
         train(data[domain], folder, config)
-        steps = int(h.read_json(folder / "last" / "manifest.json")["step"])
+        steps = int(read_json(folder / "last" / "manifest.json")["step"])
     else:
         adapt(s.work / "runs" / "source-only", data["source"], data["target"], folder, config)
-        steps = int(h.read_json(folder / "adapt.json")["step"])
+        steps = int(read_json(folder / "adapt.json")["step"])
     minutes = (time.monotonic() - start) / 60
     target = _score(folder, data["target"], s, key, "target", topology=True)
     source = _score(folder, data["source"], s, key, "source", topology=False)
     result = {"key": key, "label": label, "fingerprint": fingerprint, "spec": spec, "minutes": minutes,
               "steps": steps, "target": target, "source_mean_dice": source["mean_dice"],
               "target_validation": _selection_scores(folder, data, s, key)}
-    h.write_json(result_path, result)
+    write_json(result_path, result)
     return result
 
 
@@ -374,10 +381,10 @@ def _source_model(results: dict[str, dict[str, Any]], s: Settings) -> dict[str, 
 
 
 def _settings(a: argparse.Namespace) -> Settings:
-    values = h.merge_settings(Settings(), a, QUICK)
+    values = merge_settings(Settings(), a, QUICK)
     s = replace(Settings(), **values)
-    if s.model_size not in CROSSMODALNET_SIZES:
-        raise CrossModalNetError(f"--model-size {s.model_size!r}: choose from {sorted(CROSSMODALNET_SIZES)}")
+    if s.model_size not in MODEL_SIZES["crossmodalnet"]:
+        raise CrossModalNetError(f"--model-size {s.model_size!r}: choose from {sorted(MODEL_SIZES["crossmodalnet"])}")
     if s.patch > s.size:
         raise CrossModalNetError(f"--patch {s.patch} is larger than the volumes (--size {s.size})")
     if s.cases < 6:
@@ -387,7 +394,7 @@ def _settings(a: argparse.Namespace) -> Settings:
 
 def _saved_run(s: Settings) -> tuple[Settings, dict[str, dict[str, Any]], str]:
     """Settings, results and command of the last complete run in WORK/results.json (for --report-only)."""
-    saved = h.read_json(s.work / "results.json")
+    saved = read_json(s.work / "results.json")
     if saved is None:
         raise CrossModalNetError(f"{s.work / 'results.json'}: not found; run the benchmark first")
     settings = replace(Settings(), **{**saved["settings"], "work": Path(saved["settings"]["work"])})
@@ -450,16 +457,16 @@ def main(argv: list[str] | None = None) -> None:
 
     splits = {d: {k: len(load_dataset(root)[k]) for k in ("training", "validation", "test")}
               for d, root in data.items()}
-    text = report(s, results, h.machine_info(), command, splits)
+    text = report(s, results, machine_info(), command, splits)
     complete = all(k in results for k in METHODS)
     if not a.report_only and complete:  # results.json is the last *complete* run (what --report-only shows)
-        h.write_json(s.work / "results.json", {"command": command, "settings": asdict(s), "results": results})
+        write_json(s.work / "results.json", {"command": command, "settings": asdict(s), "results": results})
     print(text)
     if a.write and not complete:
         print(f"not written to {a.write}: rows missing ({', '.join(k for k in METHODS if k not in results)})",
               file=sys.stderr)
     elif a.write:
-        h.write_section(a.write, "adaptation", text)
+        write_section(a.write, "adaptation", text)
         print(f"wrote the section of {a.write}", file=sys.stderr)
     print(f"done in {(time.monotonic() - start) / 60:.1f} min; results {s.work / 'results.json'}", file=sys.stderr)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as h  # noqa: E402
+from _files import read_json, write_section  # noqa: E402
 
 from crossmodalnet.errors import CrossModalNetError  # noqa: E402
 
@@ -38,8 +38,8 @@ def read_draw(work: Path, model: str, against: str) -> dict[str, Any]:
     """Both models' budget results of one work folder, and their paired per-case test Dice difference."""
     out: dict[str, Any] = {"work": str(work)}
     for role, name in (("model", model), ("against", against)):
-        result = h.read_json(work / "results" / f"budget-{name}.json")
-        job = h.read_json(work / "jobs" / f"budget-{name}.json")
+        result = read_json(work / "results" / f"budget-{name}.json")
+        job = read_json(work / "jobs" / f"budget-{name}.json")
         if not result or result.get("status") != "ok" or not job:
             raise CrossModalNetError(f"{work}: no finished budget-{name} result (run compare.py there first)")
         out[role] = result
@@ -54,7 +54,7 @@ def read_draw(work: Path, model: str, against: str) -> dict[str, Any]:
     out["delta"] = [a[c]["dice"] - b[c]["dice"] for c in sorted(a)]
     losses = []
     for name in (model, against):
-        r = h.read_json(work / "results" / f"misregistration-{name}.json")
+        r = read_json(work / "results" / f"misregistration-{name}.json")
         cond = r.get("conditions", {}) if r and r.get("status") == "ok" else {}
         if "none" in cond and SHIFT in cond:
             losses.append(cond["none"]["mean_dice"] - cond[SHIFT]["mean_dice"])
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     text += table(draws, a.model, a.against)
     print(text)
     if a.write:
-        h.write_section(a.write, "draws", text)
+        write_section(a.write, "draws", text)
         print(f"wrote the section of {a.write}")
 
 

@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import _harness as h
 import torch
+from _files import write_section
 
 from crossmodalnet.config import ModelConfig
 from crossmodalnet.models.registry import MODEL_NAMES, build_model, count_parameters, forward_flops
@@ -122,7 +122,7 @@ def main() -> None:
               f"--edge {a.edge} --runs {a.runs} --model-size {a.model_size}`.\n\n")
     print(header + text)
     if a.write:
-        h.write_section(a.write, "latency", "## Forward latency (CPU)\n\n" + header + text)
+        write_section(a.write, "latency", "## Forward latency (CPU)\n\n" + header + text)
 
 
 if __name__ == "__main__":

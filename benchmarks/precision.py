@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import _harness as h
 import numpy as np
 import torch
+from _files import write_section
+from _machine import machine_info
 
 from crossmodalnet.data.dataset import load_case, load_dataset
 from crossmodalnet.evaluate import compute_case_metrics
@@ -89,14 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     for mode in modes:
         print(f"{mode}: predicting {len(cases)} cases", file=sys.stderr, flush=True)
         results.append(run_mode(a.run, cases, mode))
-    info = h.machine_info()
+    info = machine_info()
     text = (f"## Inference precision and compilation (CPU)\n\nRun `{a.run}`, {len(cases)} {a.split} cases of "
             f"`{a.data}`. Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
             f"{info['torch_threads']} threads. Command: `.venv/bin/python benchmarks/precision.py "
             f"{' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n{table(results)}\n")
     print(text)
     if a.write:
-        h.write_section(a.write, "precision", text)
+        write_section(a.write, "precision", text)
 
 
 if __name__ == "__main__":

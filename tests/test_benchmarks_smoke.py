@@ -15,15 +15,23 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import _harness as h  # noqa: E402
-import compare  # noqa: E402
+import _files  # noqa: E402
+import _machine  # noqa: E402
+import _perturb  # noqa: E402
+import _plan  # noqa: E402
+import _plots  # noqa: E402
+import _report  # noqa: E402
+import _runner  # noqa: E402
+import _schedule  # noqa: E402
+import _scoring  # noqa: E402
 
 
 def _train_result(dices: list[float], **extra: object) -> dict:
     per_case = {f"case_{i}": {"dice": d, "iou": d - 0.1, "hd95": 5.0 + i} for i, d in enumerate(dices)}
     test = {"mean_dice": float(np.mean(dices)), "miou": float(np.mean(dices)) - 0.1, "mean_hd95": 5.5,
-            "per_case": per_case, "dice_spread": h.spread(dices), "iou_spread": h.spread([d - 0.1 for d in dices]),
-            "hd95_spread": h.spread([5.0 + i for i in range(len(dices))])}
+            "per_case": per_case, "dice_spread": _scoring.spread(dices),
+            "iou_spread": _scoring.spread([d - 0.1 for d in dices]),
+            "hd95_spread": _scoring.spread([5.0 + i for i in range(len(dices))])}
     return {"status": "ok", "fits": True, "budget_bound": True, "steps_done": 100, "steps_target": 120,
             "s_per_step": 0.5, "params": 2_000_000, "gflops": 3.0, "flops_edge": 32, "latency": {"median_s": 0.2},
             "peak_rss_mib": 700.0, "best_val_dice": 0.7, "best_step": 90, "loadavg": [1.0, 1.2], "test": test,
@@ -35,10 +43,10 @@ def _dice(values: dict[str, float]) -> dict:
 
 
 @pytest.fixture
-def fabricated(tmp_path: Path) -> tuple[compare.Settings, list[dict], dict[str, dict]]:
-    s = compare.Settings(work=tmp_path, models=("crossmodalnet", "unet"), model_size="tiny", cases=8, edge=32,
+def fabricated(tmp_path: Path) -> tuple[_plan.Settings, list[dict], dict[str, dict]]:
+    s = _plan.Settings(work=tmp_path, models=("crossmodalnet", "unet"), model_size="tiny", cases=8, edge=32,
                          patch=32, ablations=True, robustness=True)
-    jobs = compare.plan(s)
+    jobs = _plan.plan(s)
     results = {j["key"]: _train_result([0.5, 0.6]) for j in jobs if j["kind"] == "train"}
     results["budget-crossmodalnet"] = _train_result([0.8, 0.9])
     results["budget-unet"] = _train_result([0.7, 0.6])
@@ -68,15 +76,15 @@ def test_plan_has_every_study_and_stable_identities(fabricated) -> None:
         if "source" in j:
             assert keys.index(j["source"]) < keys.index(j["key"])
             assert j["source_fingerprint"] == by_key[j["source"]]["fingerprint"]
-    assert [j["fingerprint"] for j in compare.plan(s)] == [j["fingerprint"] for j in jobs]
+    assert [j["fingerprint"] for j in _plan.plan(s)] == [j["fingerprint"] for j in jobs]
     # The cross-block ablation flips the size's own choice: every stage for `small`, from stage 2 for `tiny`.
-    flips = {size: {k: mo for k, _, mo, _ in compare._ablations(replace(s, model_size=size)) if "cross-" in k}
+    flips = {size: {k: mo for k, _, mo, _ in _plan.ablations(replace(s, model_size=size)) if "cross-" in k}
              for size in ("tiny", "small")}
     assert flips["small"] == {"ablation-cross-blocks-off": {"cross_blocks": False},
                               "ablation-cross-every-stage": {"cross_first_stage": 0}}
     assert flips["tiny"] == {"ablation-cross-blocks-off": {"cross_blocks": False},
                              "ablation-cross-from-stage-2": {"cross_first_stage": 1}}
-    longer = compare.plan(replace(s, minutes=9.0))
+    longer = _plan.plan(replace(s, minutes=9.0))
     assert longer[0]["fingerprint"] != jobs[0]["fingerprint"]
     steps = by_key["steps-unet"]["config"]
     assert steps["epochs"] * steps["iterations_per_epoch"] == s.steps
@@ -84,19 +92,19 @@ def test_plan_has_every_study_and_stable_identities(fabricated) -> None:
 
 def test_tables_rank_and_compare(fabricated) -> None:
     s, jobs, results = fabricated
-    table = compare.main_table(jobs, results, "budget", s.edge).splitlines()
+    table = _report.main_table(jobs, results, "budget", s.edge).splitlines()
     assert table[2].startswith("| crossmodalnet |") and table[3].startswith("| unet |")  # best Dice first
     assert "0.850 ± 0.050" in table[2]
-    assert "80/120 (cap)" in compare.main_table(jobs, results, "steps", s.edge)
-    text = compare.findings(jobs, results, "budget")
+    assert "80/120 (cap)" in _report.main_table(jobs, results, "steps", s.edge)
+    text = _report.findings(jobs, results, "budget")
     assert "ranks 1 of 2" in text and "0.200 ± 0.100" in text  # paired: (0.8-0.7, 0.9-0.6)
-    assert "-0.300 ± 0.000" in compare.ablation_table(jobs, results)  # per case (0.5-0.8, 0.6-0.9)
-    misreg = compare.misregistration_table(s, results)
+    assert "-0.300 ± 0.000" in _report.ablation_table(jobs, results)  # per case (0.5-0.8, 0.6-0.9)
+    misreg = _report.misregistration_table(s, results)
     assert "ratio 0.25" in misreg  # shift 4: 0.05 lost against 0.20
     assert "ratio 0.20" in misreg  # warp 4: 0.02 against 0.10
-    missing = compare.missing_table(s, results)
+    missing = _report.missing_table(s, results)
     assert "| 0.800 | 0.700 | 0.600 | 0.100 | 0.200 |" in missing and "for reference" in missing
-    section = compare.report(s, {"splits": {"training": 5, "validation": 1, "test": 2}}, h.machine_info(),
+    section = _report.report(s, {"splits": {"training": 5, "validation": 1, "test": 2}}, _machine.machine_info(),
                              "cmd", jobs, results, {})
     assert section.count("|---|") >= 5
 
@@ -104,9 +112,9 @@ def test_tables_rank_and_compare(fabricated) -> None:
 def test_write_section_replaces_only_its_block(tmp_path: Path) -> None:
     md = tmp_path / "benchmarks.md"
     md.write_text("# Benchmarks\n\nkept above\n")
-    h.write_section(md, "compare", "first")
-    h.write_section(md, "latency", "other")
-    h.write_section(md, "compare", "second")
+    _files.write_section(md, "compare", "first")
+    _files.write_section(md, "latency", "other")
+    _files.write_section(md, "compare", "second")
     text = md.read_text()
     assert text.count("<!-- compare:begin -->") == 1 and "second" in text and "first" not in text
     assert "kept above" in text and "other" in text
@@ -114,41 +122,41 @@ def test_write_section_replaces_only_its_block(tmp_path: Path) -> None:
 
 def test_report_only_runs_nothing(fabricated, tmp_path: Path) -> None:
     _, jobs, _ = fabricated
-    results = compare.run_jobs(jobs, tmp_path, fresh=False, dry_run=False, report_only=True)
+    results = _runner.run_jobs(jobs, tmp_path, fresh=False, dry_run=False, report_only=True)
     assert {r["status"] for r in results.values()} == {"not run"}
     assert not (tmp_path / "jobs").exists()  # nothing was started
 
 
 def test_plot_writes_png(fabricated, tmp_path: Path) -> None:
     _, jobs, results = fabricated
-    png = compare.plot_dice(jobs, results, [("budget", "budget")], tmp_path / "dice.png")
+    png = _plots.plot_dice(jobs, results, [("budget", "budget")], tmp_path / "dice.png")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_schedules() -> None:
-    epochs, ipe = h.budget_schedule(step_s=2.0, budget_s=480, validations=12)
+    epochs, ipe = _schedule.budget_schedule(step_s=2.0, budget_s=480, validations=12)
     assert epochs * ipe >= 1.25 * 480 / 2.0 and abs(epochs - 12) <= 1
     # Slow validation: no more validations than fit in a tenth of the budget, and their time set aside.
-    epochs, ipe = h.budget_schedule(step_s=5.0, budget_s=150, validations=12, validation_s=7.0)
+    epochs, ipe = _schedule.budget_schedule(step_s=5.0, budget_s=150, validations=12, validation_s=7.0)
     assert epochs == 2 and 1.25 * (150 - 14) / 5.0 <= epochs * ipe < 1.25 * 150 / 5.0
-    assert h.sliding_windows(64, 64, 0.25) == 1 and h.sliding_windows(64, 48, 0.25) == 8
+    assert _schedule.sliding_windows(64, 64, 0.25) == 1 and _schedule.sliding_windows(64, 48, 0.25) == 8
     for steps in (1, 7, 10, 150):
-        epochs, ipe = h.split_steps(steps, 12)
+        epochs, ipe = _schedule.split_steps(steps, 12)
         assert epochs * ipe == steps
 
 
 def test_misregistration_perturbations() -> None:
     vol = np.zeros((12, 12, 12), np.float32)
     vol[5, 5, 5] = 1.0
-    moved = h.shift_volume(vol, np.array([2.0, 0.0, -1.0]))
+    moved = _perturb.shift_volume(vol, np.array([2.0, 0.0, -1.0]))
     assert np.argwhere(moved == 1.0).tolist() == [[7, 5, 4]]
-    assert h.shift_volume(vol, np.zeros(3)) is vol
-    assert np.linalg.norm(h.shift_direction(0, 3)) == pytest.approx(1.0)
-    field = h.smooth_field((16, 16, 16), seed=0, index=1)
+    assert _perturb.shift_volume(vol, np.zeros(3)) is vol
+    assert np.linalg.norm(_perturb.shift_direction(0, 3)) == pytest.approx(1.0)
+    field = _perturb.smooth_field((16, 16, 16), seed=0, index=1)
     assert field.shape == (3, 16, 16, 16)
     assert np.linalg.norm(field, axis=0).mean() == pytest.approx(1.0)
-    np.testing.assert_array_equal(h.smooth_field((16, 16, 16), 0, 1), field)  # same case, same warp
-    warped = h.warp_volume(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), 3 * field)
+    np.testing.assert_array_equal(_perturb.smooth_field((16, 16, 16), 0, 1), field)  # same case, same warp
+    warped = _perturb.warp_volume(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), 3 * field)
     assert warped.shape == (16, 16, 16) and warped.dtype == np.float32
 
 
@@ -158,8 +166,8 @@ def test_draws_pairs_each_folder_and_counts_leads(tmp_path: Path):
     def folder(name: str, data_seed: int, train_seed: int, cmn: list[float], unet: list[float], val: tuple) -> Path:
         work = tmp_path / name
         for model, dices, v in (("crossmodalnet", cmn, val[0]), ("unet", unet, val[1])):
-            h.write_json(work / "results" / f"budget-{model}.json", _train_result(dices, best_val_dice=v))
-            h.write_json(work / "jobs" / f"budget-{model}.json",
+            _files.write_json(work / "results" / f"budget-{model}.json", _train_result(dices, best_val_dice=v))
+            _files.write_json(work / "jobs" / f"budget-{model}.json",
                          {"dataset": [8, 32, data_seed], "config": {"seed": train_seed}})
         return work
 
@@ -167,7 +175,8 @@ def test_draws_pairs_each_folder_and_counts_leads(tmp_path: Path):
              folder("a", 0, 0, [0.95, 0.97], [0.94, 0.94], (0.90, 0.88))]  # ahead by 0.02
     for model, shifted in (("crossmodalnet", 0.94), ("unet", 0.90)):  # only folder a has robustness results
         conditions = {"none": {"mean_dice": 0.96}, "shift_4": {"mean_dice": shifted}}
-        h.write_json(works[1] / "results" / f"misregistration-{model}.json", {"status": "ok", "conditions": conditions})
+        _files.write_json(works[1] / "results" / f"misregistration-{model}.json",
+                          {"status": "ok", "conditions": conditions})
     rows = [draws.read_draw(w, "crossmodalnet", "unet") for w in works]
     assert rows[0]["shift_loss"] is None and rows[1]["shift_loss"] == pytest.approx((0.02, 0.06))
     assert rows[1]["delta"] == pytest.approx([0.01, 0.03])
@@ -180,7 +189,7 @@ def test_draws_pairs_each_folder_and_counts_leads(tmp_path: Path):
     assert "| 0.0600 / 0.0200, 0.33 |" in text and "| not run |" in text
     assert "in the 1 draws with it: ratio 0.33 to 0.33." in text
     # A folder whose two runs were made with different seeds is refused, naming it.
-    h.write_json(works[0] / "jobs" / "budget-unet.json", {"dataset": [8, 32, 1], "config": {"seed": 2}})
+    _files.write_json(works[0] / "jobs" / "budget-unet.json", {"dataset": [8, 32, 1], "config": {"seed": 2}})
     with pytest.raises(draws.CrossModalNetError, match="same seeds"):
         draws.read_draw(works[0], "crossmodalnet", "unet")
 
