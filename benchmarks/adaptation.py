@@ -384,7 +384,7 @@ def _settings(a: argparse.Namespace) -> Settings:
     values = merge_settings(Settings(), a, QUICK)
     s = replace(Settings(), **values)
     if s.model_size not in MODEL_SIZES["crossmodalnet"]:
-        raise CrossModalNetError(f"--model-size {s.model_size!r}: choose from {sorted(MODEL_SIZES["crossmodalnet"])}")
+        raise CrossModalNetError(f"--model-size {s.model_size!r}: choose from {sorted(MODEL_SIZES['crossmodalnet'])}")
     if s.patch > s.size:
         raise CrossModalNetError(f"--patch {s.patch} is larger than the volumes (--size {s.size})")
     if s.cases < 6:
