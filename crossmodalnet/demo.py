@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from crossmodalnet.config import ModelConfig, TrainConfig
+from crossmodalnet.data.dataset import load_dataset
+from crossmodalnet.data.phantom import synthesize
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.evaluate import evaluate_paths
+from crossmodalnet.infer import predict
+from crossmodalnet.train.trainer import train
 
 __all__ = ["DemoSettings", "DEMO", "run_demo"]
 
@@ -70,12 +75,6 @@ def run_demo(out: str | os.PathLike = "runs/demo", minutes: float | None = None,
     minutes: training time budget (default `settings.minutes`). overrides: DemoSettings fields,
     e.g. `run_demo(out, model="unet", model_size="tiny", epochs=2)`.
     """
-    from crossmodalnet.data.dataset import load_dataset
-    from crossmodalnet.data.phantom import synthesize
-    from crossmodalnet.evaluate import evaluate_paths
-    from crossmodalnet.infer import predict
-    from crossmodalnet.train.trainer import train
-
     settings = replace(settings or DEMO, **overrides)
     if minutes is not None:
         settings = replace(settings, minutes=minutes)

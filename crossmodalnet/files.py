@@ -10,13 +10,17 @@ At the bottom of the package (below `config` and `data`), so that every stage ma
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import math
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "write_csv"]
 
 
 def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
@@ -52,3 +56,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> Path:
+    """Write `rows` (dicts; missing or NaN values left empty) under `columns`, atomically."""
+    def fmt(v: Any) -> Any:
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return ""
+        return f"{v:.6g}" if isinstance(v, float) else v
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: fmt(row.get(k)) for k in columns})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+    return Path(path)

@@ -26,10 +26,7 @@ newest complete one. `state.pt` holds only tensors and plain Python values, so i
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -55,10 +52,10 @@ from crossmodalnet.config import (
 )
 from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.errors import CrossModalNetError
-from crossmodalnet.files import atomic_path
+from crossmodalnet.files import atomic_path, write_csv
 from crossmodalnet.models.registry import build_model
 
-__all__ = ["RunFolder", "write_csv"]
+__all__ = ["RunFolder", "save_weights", "load_weights", "read_model_config"]
 
 _WEIGHTS = "model.safetensors"
 _STATE = "state.pt"
@@ -304,23 +301,6 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig | None:
     with safetensors.safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return from_dict(ModelConfig, json.loads(meta["model_config"]), str(path)) if "model_config" in meta else None
-
-
-def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> Path:
-    """Write `rows` (dicts; missing or NaN values left empty) under `columns`, atomically."""
-    def fmt(v: Any) -> Any:
-        if v is None or (isinstance(v, float) and not math.isfinite(v)):
-            return ""
-        return f"{v:.6g}" if isinstance(v, float) else v
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: fmt(row.get(k)) for k in columns})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return Path(path)
 
 
 def _fsync(path: Path) -> None:

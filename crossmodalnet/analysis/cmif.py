@@ -44,9 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmodalnet.analysis.mi import MI_ESTIMATORS, estimate_mi
-from crossmodalnet.config import ModelConfig
+from crossmodalnet.config import ModelConfig, from_dict, to_dict
+from crossmodalnet.data.dataset import SPLITS, load_case, load_dataset
 from crossmodalnet.errors import CrossModalNetError
-from crossmodalnet.files import atomic_path
+from crossmodalnet.files import atomic_path, write_csv
+from crossmodalnet.infer import load_run
+from crossmodalnet.models.registry import build_model
 
 __all__ = [
     "LAYER0",
@@ -104,8 +107,6 @@ def load_analysis_cases(
     """The first `cases` paired cases of `split` (default: held-out cases first, i.e. test, then
     validation, then training), preprocessed by `preprocessor` (a `data.preprocess.Preprocessor`)
     and centre-cropped to `roi_size`."""
-    from crossmodalnet.data.dataset import SPLITS, load_case, load_dataset
-
     if cases < 1:
         raise CrossModalNetError(f"--cases must be >= 1, got {cases}")
     dataset = load_dataset(data_dir)
@@ -235,9 +236,6 @@ def check_settings(pca_dim: int, max_samples: int) -> None:
 
 def untrained_model(config: ModelConfig, seed: int = 0, **overrides: Any) -> nn.Module:
     """A freshly initialised model of `config` (with `overrides`), reproducible by `seed`, in eval mode."""
-    from crossmodalnet.config import from_dict, to_dict
-    from crossmodalnet.models.registry import build_model
-
     cfg = from_dict(ModelConfig, {**to_dict(config), **overrides})
     torch.manual_seed(seed)
     return build_model(cfg.name, cfg).eval()
@@ -260,8 +258,6 @@ def measure_cmif(
     Returns a JSON-ready dict: settings, the case ids and, per model, its summarised layers
     (`summarize_flow`) and a description of what the model is.
     """
-    from crossmodalnet.infer import load_run
-
     check_settings(pca_dim, max_samples)
     start = time.monotonic()
     run = load_run(run_dir, device)
@@ -362,8 +358,6 @@ def json_safe(value: Any) -> Any:
 
 def write_cmif(results: dict[str, Any], out: str | os.PathLike) -> dict[str, Path]:
     """Write cmif.csv (one row per model, estimator and layer), cmif.json and cmif.png into `out`."""
-    from crossmodalnet.train.report import write_csv
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": write_csv(out / "cmif.csv", _CSV_COLUMNS, _csv_rows(results))}

@@ -42,7 +42,8 @@ from crossmodalnet.train.engine import Engine, LoopSettings, Task, gather_lists,
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
 from crossmodalnet.train.report import METRIC_COLUMNS, STEP_TERMS, format_summary, plot_curves
 
-__all__ = ["SegmentationTask", "Training", "prepare_training", "train", "train_from_cli", "validation_dice", "case_dice", "warmup_cosine"]
+__all__ = ["SegmentationTask", "Training", "prepare_training", "train", "train_from_cli", "validation_dice",
+           "case_dice", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, total: int, warmup: int, scheduler: str = "cosine") -> float:

@@ -1,8 +1,8 @@
 """Theorem 2.5 (adaptive loss balancing, Def. 4): do the balancing weights settle?
 
 From a run's own per-step log (`check_balancing_log`) or, when it has none, from a short side
-experiment (`balancing_experiment`: a few Adam steps of a tiny CrossModalNet on random crops of
-labelled `cmif.AnalysisCase`s, (1, 1, D, H, W) CT and MR, (D, H, W) labels).
+experiment (`balancing_experiment`: a few Adam steps of a tiny CrossModalNet, run by the package's
+one training engine, on random crops of labelled `cmif.AnalysisCase`s, (1, 1, D, H, W) CT and MR, (D, H, W) labels).
 """
 
 from __future__ import annotations
@@ -15,10 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from crossmodalnet.analysis.audit.claims import FAILS, HOLDS, NOT_TESTABLE, WEIGHT_TOL, ClaimResult
-from crossmodalnet.analysis.cmif import AnalysisCase
+from crossmodalnet.analysis.cmif import AnalysisCase, untrained_model
+from crossmodalnet.config import ModelConfig
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.train.distributed import DistInfo
+from crossmodalnet.train.engine import Engine, LoopSettings, Task
+from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
 
 __all__ = ["balancing_rows", "check_balancing_log", "balancing_experiment"]
 
@@ -61,39 +66,61 @@ def check_balancing_log(run_dir: str | os.PathLike, alpha: float) -> list[ClaimR
     return None
 
 
+class _RandomCrops:
+    """Random crops of labelled analysis cases, a pure function of (seed, step)."""
+
+    def __init__(self, cases: Sequence[AnalysisCase], patch: int, seed: int) -> None:
+        self.cases, self.patch, self.seed = cases, patch, seed
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, step]))
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        size = case.ct.shape[2:]
+        p = [min(self.patch, s) for s in size]  # the model pads to its divisor itself
+        o = [int(rng.integers(0, s - q + 1)) for s, q in zip(size, p, strict=True)]
+        sl = tuple(slice(a, a + q) for a, q in zip(o, p, strict=True))
+        return {"ct": case.ct[(..., *sl)], "mr": case.mr[(..., *sl)],
+                "label": torch.from_numpy(case.label[sl].astype(np.int64))[None, None]}
+
+
+class _BalancingTask(Task):
+    """Dice + CE weighted by Def. 4 on a tiny CrossModalNet; logs the weights of every step."""
+
+    columns = ("loss", "loss_dice", "loss_ce", "weight_dice")
+
+    def __init__(self, model: nn.Module, batches: _RandomCrops, alpha: float) -> None:
+        self.model, self.batches = model, batches
+        self.optimizers = [torch.optim.Adam(model.parameters(), lr=2e-3)]
+        self.loss_fn, self.balancer = DiceCETerms(), AdaptiveLossBalancing(DiceCETerms.names, alpha)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        terms = self.loss_fn(model(batch["ct"], batch["mr"]), batch["label"])
+        total, w = self.balancer(terms, update=False)
+        return total, {"loss": total.detach(), "loss_dice": terms["dice"].detach(), "loss_ce": terms["ce"].detach(),
+                       "weight_dice": w["dice"]}
+
+    def after_step(self, logs: dict[str, float]) -> None:
+        self.balancer.update({"dice": logs["loss_dice"], "ce": logs["loss_ce"]})
+
+
 def balancing_experiment(cases: Sequence[AnalysisCase], alpha: float = 1.0, steps: int = 40, patch: int = 32,
                          seed: int = 0) -> dict[str, Any]:
-    """A short run of Def. 4 on a tiny CrossModalNet: `steps` Adam steps on random crops of `cases` (labelled).
+    """A short run of Def. 4 on a tiny CrossModalNet: `steps` Adam steps (the package's engine, in
+    memory) on random crops of `cases` (labelled).
 
     Returns the weight sequence summary (see `_weights_summary`) and the Dice/CE values.
     """
-    from crossmodalnet.analysis.cmif import untrained_model
-    from crossmodalnet.config import ModelConfig
-    from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
-
     labelled = [c for c in cases if c.label is not None]
     if not labelled:
         raise CrossModalNetError("the balancing experiment needs labelled cases")
     model = untrained_model(ModelConfig.from_size("crossmodalnet", "tiny"), seed).train()
     patch = max(patch, 2 * model.divisor)  # the bottleneck's instance norms need more than one voxel
-    loss_fn, balancer = DiceCETerms(), AdaptiveLossBalancing(DiceCETerms.names, alpha)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    rng = np.random.default_rng(seed)
-    weights, losses = [], []
-    for _ in range(steps):
-        case = labelled[int(rng.integers(len(labelled)))]
-        size = case.ct.shape[2:]
-        p = [min(patch, s) for s in size]  # the model pads to its divisor itself
-        o = [int(rng.integers(0, s - q + 1)) for s, q in zip(size, p, strict=True)]
-        sl = tuple(slice(a, a + q) for a, q in zip(o, p, strict=True))
-        ct, mr = case.ct[(..., *sl)], case.mr[(..., *sl)]
-        label = torch.from_numpy(case.label[sl].astype(np.int64))[None, None]
-        total, w = balancer(loss_fn(model(ct, mr), label))
-        opt.zero_grad()
-        total.backward()
-        opt.step()
-        weights.append(w["dice"])
-        losses.append([float(v) for v in balancer.previous])
+    task = _BalancingTask(model, _RandomCrops(labelled, patch, seed), alpha)
+    device = next(model.parameters()).device
+    engine = Engine(task, LoopSettings(total_steps=steps, iterations_per_epoch=steps, seed=seed, desc=""),
+                    dist=DistInfo(device=device)).fit()
+    rows = engine.step_rows()
+    weights = [r["weight_dice"] for r in rows]
+    losses = [[r["loss_dice"], r["loss_ce"]] for r in rows]
     return {"summary": _weights_summary(weights), "losses_first": losses[0], "losses_last": losses[-1],
             "steps": steps, "patch": patch, "alpha": alpha}
-
