@@ -136,6 +136,8 @@ def window_attention(
         raise ValueError(f"q has {bn} windows, expected batch {batch} x {n_w} windows of the mask")
     attn_mask = (bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)).reshape(1, n_w * heads, n, n)
 
+    # q, k, v are permuted views of the projections, so this copies them: B·nW·heads·N·d values each,
+    # N/d times fewer than the B·nW·heads·N·N of a repeated mask.
     def fold(t: torch.Tensor) -> torch.Tensor:  # (B * nW, heads, N, d) -> (B, nW * heads, N, d)
         return t.reshape(batch, n_w * heads, t.shape[2], t.shape[3])
 
