@@ -118,18 +118,31 @@ def window_attention(
 ) -> torch.Tensor:
     """Softmax(q kᵀ/√d + bias + mask) v for all windows at once.
 
-    q, k, v: (B * nW, heads, N, d); bias: (heads, N, N); mask: (nW, N, N) or None.
-    Returns (B * nW, heads, N, d). Uses the fused scaled_dot_product_attention kernel.
+    q, k, v: (B * nW, heads, N, d), windows batch-major as `window_partition` orders them;
+    bias: (heads, N, N); mask: (nW, N, N) or None. Returns (B * nW, heads, N, d).
+
+    The bias + mask, (nW, heads, N, N), is the same for every sample, so it is broadcast over
+    the batch rather than repeated B times (timm's Swin adds `mask.unsqueeze(1).unsqueeze(0)` to
+    scores viewed as (B, nW, heads, N, N)). Here windows are folded into the heads instead:
+    (B, nW * heads, N, d) with a (1, nW * heads, N, N) mask, because scaled_dot_product_attention's
+    fused CPU kernel takes 4D inputs only (a 5D call falls back to the unfused path even without
+    grad), and its leading 1 broadcasts in both the fused and the unfused path.
     """
     bias = bias.to(q.dtype)
     if mask is None:
-        attn_mask = bias.unsqueeze(0)  # 1, heads, N, N
-    else:
-        n_w = mask.shape[0]
-        # nW, heads, N, N -> repeated over the batch; windows are batch-major in window_partition.
-        attn_mask = (bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)).repeat(batch, 1, 1, 1)
-        assert attn_mask.shape[0] == q.shape[0] == batch * n_w
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))  # 1, heads, N, N
+    n_w, (bn, heads, n, _) = mask.shape[0], q.shape
+    if bn != batch * n_w:
+        raise ValueError(f"q has {bn} windows, expected batch {batch} x {n_w} windows of the mask")
+    attn_mask = (bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)).reshape(1, n_w * heads, n, n)
+
+    # q, k, v are permuted views of the projections, so this copies them: B·nW·heads·N·d values each,
+    # N/d times fewer than the B·nW·heads·N·N of a repeated mask.
+    def fold(t: torch.Tensor) -> torch.Tensor:  # (B * nW, heads, N, d) -> (B, nW * heads, N, d)
+        return t.reshape(batch, n_w * heads, t.shape[2], t.shape[3])
+
+    out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=attn_mask)
+    return out.reshape(bn, heads, n, out.shape[-1])
 
 
 class WindowAttention(nn.Module):

@@ -6,14 +6,20 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from crossmodalnet.config import ModelConfig
 from crossmodalnet.errors import CrossModalNetError
-from crossmodalnet.models.baselines import BASELINE_SIZES, build_baseline
+from crossmodalnet.models.baselines import _MULTIPLE, BASELINE_SIZES, build_baseline
 
-__all__ = ["MODEL_NAMES", "build_model", "count_parameters", "forward_flops", "print_models_table"]
+__all__ = ["MODEL_NAMES", "InputSizeRule", "build_model", "check_input_size", "count_parameters", "forward_flops",
+           "input_size_rule", "min_input_edge", "print_models_table"]
 
 MODEL_NAMES: tuple[str, ...] = ("crossmodalnet", *BASELINE_SIZES)
 
@@ -31,6 +37,101 @@ def build_model(name: str, config: ModelConfig | None = None, size: str = "small
 
         return CrossModalNet(config)
     return build_baseline(config)
+
+
+@dataclass(frozen=True)
+class InputSizeRule:
+    """Which spatial sizes a model accepts, per axis of its (B, C, D, H, W) inputs.
+
+    Every model pads its input up to a multiple of `pad_multiple` (UNETR: up to `max_edge`, its
+    fixed img_size) and crops the logits back, so any edge in [min_edge, max_edge] runs.
+    `min_edge` > 1 comes from a per-sample normalisation (InstanceNorm, or GroupNorm with one
+    channel per group) at stride `norm_stride`: it needs more than one voxel, so the padded input
+    must be larger than `norm_stride` on some axis; the rule asks it of every axis, so that one
+    number describes it (an input with one axis above it and the others below would still run).
+    """
+
+    min_edge: int
+    max_edge: int | None  # None: no upper bound
+    pad_multiple: int  # inputs are zero-padded up to a multiple of this (the fixed size for UNETR)
+    norm_stride: int | None  # stride of the deepest per-sample norm; None when there is none (LayerNorm only)
+
+
+# UNETR's ViT cuts the volume into 16^3 patches (fixed in MONAI's UNETR): img_size must be a multiple.
+_UNETR_PATCH = 16
+
+
+def _monai_default(net: str, arg: str):
+    """Default of an argument of a MONAI network, so that the sizes follow MONAI, not a copy of it."""
+    from monai.networks import nets
+
+    return inspect.signature(getattr(nets, net)).parameters[arg].default
+
+
+def _norm_stride(config: ModelConfig) -> int | None:
+    """Stride of the deepest map a model normalises per sample and per channel, or None if none does."""
+    name = config.name
+    if name == "crossmodalnet":
+        # The bottleneck's UnetResBlock (InstanceNorm) runs on the last token stage, at the padding divisor.
+        return config.patch_size * 2 ** (len(config.depths) - 1)
+    kw = BASELINE_SIZES[name][config.size]
+    if name == "swinunetr":
+        # Patch embedding, then one patch merging per stage; its encoder10 (InstanceNorm) runs on the last one.
+        patch = kw.get("patch_size", _monai_default("SwinUNETR", "patch_size"))
+        return patch * 2 ** len(kw.get("depths", _monai_default("SwinUNETR", "depths")))
+    if name == "mednext":
+        # GroupNorm with one group per channel: normalises each sample's channel over space, like InstanceNorm.
+        return 2 ** len(kw.get("blocks_down", _monai_default("MedNeXt", "blocks_down")))
+    if name == "unet":
+        return math.prod(kw["strides"])  # InstanceNorm (MONAI's default) in every unit, down to the bottom
+    # UNETR: normalised maps are upsampled from the ViT's grid first (at least 2 voxels per axis).
+    # nnFormer, VT-UNet, Swin-Unet: LayerNorm over channels only, which any number of voxels satisfies.
+    return None
+
+
+def input_size_rule(config: ModelConfig) -> InputSizeRule:
+    """Input sizes model `config.name` at `config.size` accepts, derived from its architecture.
+
+    Raises CrossModalNetError for an unknown model, or (UNETR) an img_size that is not a multiple of 16.
+    """
+    name = config.name
+    if name not in MODEL_NAMES:
+        raise CrossModalNetError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")
+    if name == "unetr":
+        if config.img_size < _UNETR_PATCH or config.img_size % _UNETR_PATCH:
+            raise CrossModalNetError(f"model unetr ({config.size}) needs img_size a multiple of {_UNETR_PATCH}, "
+                                     f"got {config.img_size}")
+        return InputSizeRule(min_edge=1, max_edge=config.img_size, pad_multiple=config.img_size, norm_stride=None)
+    if name != "crossmodalnet" and config.size not in BASELINE_SIZES[name]:
+        raise CrossModalNetError(f"unknown size {config.size!r} for {name}; choose from {sorted(BASELINE_SIZES[name])}")
+    multiple = config.patch_size * 2 ** (len(config.depths) - 1) if name == "crossmodalnet" else _MULTIPLE[name]
+    stride = _norm_stride(config)
+    # Padded edge P = ceil(s / multiple) * multiple must exceed the norm's stride (more than one voxel
+    # there); the smallest such s is one more than the largest multiple of `multiple` not above the stride.
+    min_edge = 1 if stride is None else (stride // multiple) * multiple + 1
+    return InputSizeRule(min_edge=min_edge, max_edge=None, pad_multiple=multiple, norm_stride=stride)
+
+
+def min_input_edge(config: ModelConfig) -> int:
+    """Smallest edge (voxels, per axis) an input of model `config.name` at `config.size` may have."""
+    return input_size_rule(config).min_edge
+
+
+def check_input_size(config: ModelConfig, shape: Sequence[int]) -> None:
+    """Refuse a spatial shape (D, H, W) that model `config.name` cannot run, with a one-line message.
+
+    Raises CrossModalNetError naming the model and the smallest (UNETR: largest) edge it accepts.
+    """
+    if len(shape) != 3:
+        raise ValueError(f"expected a spatial shape (D, H, W), got {tuple(shape)}")
+    rule = input_size_rule(config)
+    for axis, s in enumerate(shape):
+        if s < rule.min_edge:
+            raise CrossModalNetError(f"model {config.name} ({config.size}) needs inputs of at least {rule.min_edge} "
+                                     f"voxels per axis, got {s} on axis {axis}")
+        if rule.max_edge is not None and s > rule.max_edge:
+            raise CrossModalNetError(f"model {config.name} ({config.size}) needs inputs of at most {rule.max_edge} "
+                                     f"voxels per axis (its img_size), got {s} on axis {axis}")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -60,15 +161,31 @@ def forward_flops(model: nn.Module, edge: int, batch: int = 1) -> int:
 
 
 def print_models_table(model_size: str = "small", edge: int = 96) -> list[dict]:
-    """Print (markdown) every registered model at `model_size`: parameters (M) and GFLOPs at edge³."""
+    """Print (markdown) every registered model at `model_size`: parameters (M) and GFLOPs at edge³.
+
+    A model that cannot run at edge³ (`check_input_size`) keeps its row, with the size it needs in
+    place of the GFLOPs (`gflops` None, `note` the reason). UNETR is built for the smallest img_size
+    (a multiple of 16) that holds edge³, since it pads its input up to img_size.
+    """
     rows = []
     for name in MODEL_NAMES:
-        cfg = ModelConfig.from_size(name, model_size, img_size=edge)
+        img_size = max(_UNETR_PATCH, -(-edge // _UNETR_PATCH) * _UNETR_PATCH)
+        cfg = ModelConfig.from_size(name, model_size, img_size=img_size)
         model = build_model(name, cfg)
-        rows.append({"model": name, "size": model_size, "params_m": count_parameters(model) / 1e6,
-                     "gflops": forward_flops(model, edge) / 1e9})
+        row = {"model": name, "size": model_size, "params_m": count_parameters(model) / 1e6, "gflops": None,
+               "note": None}
+        try:
+            check_input_size(cfg, (edge,) * 3)
+        except CrossModalNetError:
+            row["note"] = f"needs >= {min_input_edge(cfg)} voxels per axis"
+        else:
+            row["gflops"] = forward_flops(model, edge) / 1e9
+            if name == "unetr" and img_size != edge:
+                row["note"] = f"padded to its img_size {img_size}³"
+        rows.append(row)
     print(f"| model | size | parameters (M) | forward GFLOPs at {edge}³ (CT+MR, batch 1) |")
     print("|---|---|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['size']} | {r['params_m']:.2f} | {r['gflops']:.1f} |")
+        cell = r["note"] if r["gflops"] is None else f"{r['gflops']:.1f}" + (f" ({r['note']})" if r["note"] else "")
+        print(f"| {r['model']} | {r['size']} | {r['params_m']:.2f} | {cell} |")
     return rows

@@ -106,3 +106,66 @@ def test_drop_path_schedule_rises_linearly_over_all_blocks():
     flat = [r for s in sched for r in s]
     assert flat[0] == 0.0 and abs(flat[-1] - 0.5) < 1e-7
     assert all(abs((b - a) - 0.1) < 1e-6 for a, b in zip(flat, flat[1:], strict=False))
+
+
+def _window_attention_repeated(q, k, v, bias, mask, batch):
+    """The formula before the mask was broadcast: bias + mask repeated over the batch (the reference)."""
+    bias = bias.to(q.dtype)
+    if mask is None:
+        attn_mask = bias.unsqueeze(0)
+    else:
+        attn_mask = (bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)).repeat(batch, 1, 1, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_window_attention_broadcast_mask_equals_repeated_mask(shift, grad):
+    # 6 x 7 x 9 pads to 8 x 8 x 12 with window 4: a padding mask when unshifted, padding + Swin regions when shifted.
+    from crossmodalnet.models.layers import window_attention
+
+    torch.manual_seed(0)
+    batch, heads, ws, d = 3, 2, 4, 5
+    mask = window_mask((6, 7, 9), (8, 8, 12), ws, ws // 2 if shift else 0, torch.device("cpu"))
+    n_w, n = mask.shape[0], ws**3
+    assert mask.shape == (2 * 2 * 3, n, n) and (mask != 0).any()
+    q, k, v = (torch.randn(batch * n_w, heads, n, d, requires_grad=grad) for _ in range(3))
+    bias = torch.randn(heads, n, n, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        new = window_attention(q, k, v, bias, mask, batch)
+        old = _window_attention_repeated(q, k, v, bias, mask, batch)
+    assert new.shape == old.shape == (batch * n_w, heads, n, d)
+    torch.testing.assert_close(new, old, atol=1e-6, rtol=0)
+    if grad:  # the bias is learned: its gradient (summed over the batch) must match too
+        g_new = torch.autograd.grad(new.square().sum(), (q, bias))
+        g_old = torch.autograd.grad(old.square().sum(), (q, bias))
+        for a, b in zip(g_new, g_old, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("module", ["layers", "cross_attention"])
+def test_blocks_with_broadcast_mask_match_repeated_mask(shift, module, monkeypatch):
+    """A Swin block and a Cross Transformer, batch 2, against the same block on the repeat-based formula."""
+    import importlib
+
+    from crossmodalnet.models.cross_attention import CrossTransformer
+
+    torch.manual_seed(0)
+    if module == "layers":
+        block = SwinBlock(dim=12, num_heads=3, window_size=4, shift=shift)
+
+        def run():
+            return block(x)
+    else:
+        block = CrossTransformer(12, 3, 4, shift=shift, variant="standard", deformable=False, num_points=4,
+                                 max_offset=2.0)
+
+        def run():
+            return block(x, y)
+    x, y = torch.randn(2, 6, 7, 9, 12), torch.randn(2, 6, 7, 9, 12)
+    new = run()
+    monkeypatch.setattr(importlib.import_module(f"crossmodalnet.models.{module}"), "window_attention",
+                        _window_attention_repeated)
+    old = run()
+    torch.testing.assert_close(new, old, atol=1e-6, rtol=0)

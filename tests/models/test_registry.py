@@ -75,3 +75,79 @@ def test_forward_flops_counts_fused_cpu_attention_and_convolutions():
             return self.conv(torch.cat([ct, mr], 1))
 
     assert forward_flops(Conv(), edge=8) == 2 * 8**3 * 27 * 2 * 4
+
+
+def _forward(name: str, cfg: ModelConfig, edge: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, cfg).train()  # training mode: the per-sample norms refuse one voxel there too
+    x = torch.randn(1, 1, edge, edge, edge)
+    with torch.no_grad():
+        out = model(x, x)
+    first = out[0] if isinstance(out, list) else out
+    assert first.shape == (1, 8, edge, edge, edge)
+
+
+# The smallest edges, per model, at tiny and small: 16 + 1 where inputs pad to 16 and a per-sample norm
+# runs at stride 16, 32 + 1 for SwinUNETR (stride 32), 1 where nothing needs more than one voxel.
+_MIN_EDGE = {
+    "tiny": {"crossmodalnet": 17, "swinunetr": 33, "mednext": 17, "unetr": 1, "unet": 1, "nnformer": 1, "vtunet": 1,
+             "swinunet": 1},
+    "small": {"crossmodalnet": 17, "swinunetr": 33, "mednext": 17, "unetr": 1, "unet": 17, "nnformer": 1,
+              "vtunet": 1, "swinunet": 1},
+}
+
+
+def test_min_input_edge_of_every_model_at_tiny_and_small():
+    from crossmodalnet.models.registry import min_input_edge
+
+    assert set(_MIN_EDGE["tiny"]) == set(MODEL_NAMES)
+    for size, expected in _MIN_EDGE.items():
+        got = {name: min_input_edge(ModelConfig.from_size(name, size, img_size=32)) for name in MODEL_NAMES}
+        assert got == expected, size
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_smallest_accepted_edge_runs_and_one_below_is_refused(name):
+    from crossmodalnet.models.registry import check_input_size, min_input_edge
+
+    cfg = ModelConfig.from_size(name, "tiny", img_size=32)
+    edge = min_input_edge(cfg)
+    check_input_size(cfg, (edge, edge, edge))
+    _forward(name, cfg, edge)
+    below = edge - 1
+    with pytest.raises(CrossModalNetError) as err:
+        check_input_size(cfg, (edge, below, edge))
+    msg = str(err.value)
+    assert msg == f"model {name} (tiny) needs inputs of at least {edge} voxels per axis, got {below} on axis 1"
+    assert "\n" not in msg
+    if below >= 1:  # the rule is tight: the model itself fails one voxel below (a per-sample norm on one voxel)
+        with pytest.raises(ValueError, match="more than 1"):
+            _forward(name, cfg, below)
+
+
+def test_unetr_has_a_largest_edge_and_an_img_size_multiple_of_16():
+    from crossmodalnet.models.registry import check_input_size, input_size_rule
+
+    cfg = ModelConfig.from_size("unetr", "tiny", img_size=32)
+    assert input_size_rule(cfg).max_edge == 32
+    with pytest.raises(CrossModalNetError, match=r"^model unetr \(tiny\) needs inputs of at most 32 voxels per axis "
+                                                 r"\(its img_size\), got 33 on axis 2$"):
+        check_input_size(cfg, (32, 32, 33))
+    with pytest.raises(CrossModalNetError, match="needs img_size a multiple of 16, got 40"):
+        check_input_size(ModelConfig.from_size("unetr", "tiny", img_size=40), (32, 32, 32))
+
+
+def test_models_command_lists_models_that_fit_and_says_what_the_others_need(capsys, monkeypatch):
+    import crossmodalnet.models.registry as registry
+    from crossmodalnet.cli import main
+
+    # Counting FLOPs is not what is tested here (and is the slow part): 2.5 GFLOPs for every model that runs.
+    monkeypatch.setattr(registry, "forward_flops", lambda model, edge, batch=1: 2.5e9)
+    assert main(["models", "--size", "32", "--model-size", "tiny"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]}
+    assert set(rows) == set(MODEL_NAMES)
+    # SwinUNETR's stride-32 instance norm would see one voxel: its row says so instead of a traceback.
+    assert rows["swinunetr"][3] == "needs >= 33 voxels per axis"
+    for name in set(MODEL_NAMES) - {"swinunetr"}:
+        assert rows[name][3] == "2.5", name
