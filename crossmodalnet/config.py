@@ -10,6 +10,9 @@ should be greater than or equal to 1, got -4`). Unknown keys are refused. `MODEL
 table of named sizes of every model family; a `ModelConfig` takes the architecture fields of its
 size from it unless it gives them itself. A run folder's `config.yaml` is a full dump of the
 resolved `TrainConfig`, so a run can be re-made from it. The paper's recipe is `configs/paper.yaml`.
+
+One idea in one file, though a long one: every setting of the package and its check, so that there
+is exactly one place where configuration is validated.
 """
 
 from __future__ import annotations

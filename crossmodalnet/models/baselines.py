@@ -18,6 +18,9 @@ from torch import nn
 
 from crossmodalnet.config import MODEL_SIZES, ModelConfig
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.models.nnformer import NnFormer
+from crossmodalnet.models.swinunet import SwinUnet
+from crossmodalnet.models.vtunet import VTUNet
 
 __all__ = ["EarlyFusion", "BASELINE_SIZES", "build_baseline"]
 
@@ -83,15 +86,9 @@ def build_baseline(config: ModelConfig) -> nn.Module:
     elif name == "unet":
         net = nets.UNet(spatial_dims=3, in_channels=c_in, out_channels=c_out, **kw)
     elif name == "nnformer":
-        from crossmodalnet.models.nnformer import NnFormer
-
         net = NnFormer(in_channels=c_in, out_channels=c_out, **kw)
     elif name == "vtunet":
-        from crossmodalnet.models.vtunet import VTUNet
-
         net = VTUNet(in_channels=c_in, out_channels=c_out, **kw)
     else:
-        from crossmodalnet.models.swinunet import SwinUnet
-
         net = SwinUnet(in_channels=c_in, out_channels=c_out, **kw)
     return EarlyFusion(net, _MULTIPLE[name], config, fixed_size=fixed)

@@ -17,6 +17,7 @@ from torch import nn
 from crossmodalnet.config import ModelConfig
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.baselines import _MULTIPLE, BASELINE_SIZES, build_baseline
+from crossmodalnet.models.crossmodalnet import CrossModalNet
 
 __all__ = ["MODEL_NAMES", "InputSizeRule", "build_model", "check_input_size", "count_parameters", "forward_flops",
            "input_size_rule", "min_input_edge", "print_models_table"]
@@ -33,8 +34,6 @@ def build_model(name: str, config: ModelConfig | None = None, size: str = "small
     elif config.name != name:
         raise CrossModalNetError(f"config is for model {config.name!r}, not {name!r}")
     if name == "crossmodalnet":
-        from crossmodalnet.models.crossmodalnet import CrossModalNet
-
         return CrossModalNet(config)
     return build_baseline(config)
 
