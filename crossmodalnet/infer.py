@@ -35,6 +35,7 @@ from crossmodalnet.data.mmwhs import load_record, restore_to_original
 from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.inference import PRECISIONS, autocast_dtype, sliding_window_probabilities
+from crossmodalnet.models.registry import check_input_size
 from crossmodalnet.runs import RunFolder
 from crossmodalnet.train.distributed import resolve_device
 
@@ -74,6 +75,10 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     run = RunFolder(run_dir)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model, config = run.load_model(dev)
+    try:  # the sliding window's roi is the training patch
+        check_input_size(config.model, config.patch_size)
+    except CrossModalNetError as exc:
+        raise CrossModalNetError(f"{run.config_path}: patch_size {list(config.patch_size)}: {exc}") from None
     return LoadedRun(model, config, run.read_preprocess(), dev)
 
 

@@ -66,7 +66,7 @@ def param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            exempt = p.ndim <= 1 or any(k in name for k in ("position", "pos_embed", "placeholder", "token"))
+            exempt = p.ndim <= 1 or any(k in name for k in ("position", "pos_embed", "bias.table", "placeholder", "token"))
             (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

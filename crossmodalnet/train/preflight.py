@@ -15,13 +15,18 @@ from pathlib import Path
 from crossmodalnet.config import CROSSMODALNET_FIELDS, ModelConfig, TrainConfig, load_config_file, replace, to_dict
 from crossmodalnet.data.dataset import Case, check_case, load_dataset
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.models.registry import check_input_size
 from crossmodalnet.runs import RunFolder
 
 __all__ = ["check_runnable", "resolve_config", "dataset_splits"]
 
 
 def check_runnable(config: TrainConfig, world_size: int = 1) -> None:
-    """Refuse a valid configuration this launch cannot run, naming the key."""
+    """Refuse a valid configuration this launch or this model cannot run, naming the key."""
+    try:
+        check_input_size(config.model, config.patch_size)
+    except CrossModalNetError as exc:
+        raise CrossModalNetError(f"config: patch_size {list(config.patch_size)}: {exc}") from None
     if config.batch_size % world_size:
         raise CrossModalNetError(f"config: batch_size must be a multiple of the {world_size} processes, "
                                  f"got {config.batch_size}")

@@ -1,0 +1,136 @@
+"""The one training engine: batches drawn in worker processes are the batches drawn in the loop,
+no weight decay on norms/biases/position biases/placeholders, fp16 skips a non-finite step instead
+of stopping, and validation scores with the rule `evaluate` reports."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import fast_config
+from safetensors.torch import load_file
+from torch import nn
+
+from crossmodalnet.config import ModelConfig
+from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.evaluate import compute_case_metrics
+from crossmodalnet.models.registry import build_model
+from crossmodalnet.train.distributed import DistInfo
+from crossmodalnet.train.engine import (
+    Engine,
+    LoopSettings,
+    Task,
+    batch_iterator,
+    param_groups,
+    split_by_rank,
+    training_autocast,
+)
+from crossmodalnet.train.trainer import case_dice, train
+
+
+class _Counting:
+    """batch(step) -> a tensor made from the step alone (and some numpy randomness seeded by it)."""
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng(step)
+        return {"x": torch.from_numpy(rng.normal(size=(2, 3))).float(), "step": torch.tensor(step)}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_processes_draw_the_same_batches_in_the_same_order(workers):
+    inline = list(batch_iterator(_Counting(), 3, 11, num_workers=0))
+    background = list(batch_iterator(_Counting(), 3, 11, num_workers=workers))
+    assert [int(b["step"]) for b in background] == list(range(3, 11))
+    for a, b in zip(inline, background, strict=True):
+        assert torch.equal(a["x"], b["x"])
+
+
+def test_training_with_workers_gives_the_same_weights(ellipsoid_data, tmp_path):
+    a = train(ellipsoid_data, tmp_path / "a", fast_config(num_workers=0))
+    b = train(ellipsoid_data, tmp_path / "b", fast_config(num_workers=2))
+    wa, wb = load_file(a / "last" / "model.safetensors"), load_file(b / "last" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "steps.csv").read_text() == (b / "steps.csv").read_text()
+
+
+def test_no_weight_decay_on_norms_biases_position_biases_and_placeholders():
+    model = build_model("crossmodalnet", ModelConfig.from_size("crossmodalnet", "tiny"))
+    decay, no_decay = param_groups([model], 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert exempt | decayed == set(names.values()) and not exempt & decayed
+    assert all(model.get_parameter(n).ndim <= 1 for n in exempt if not n.endswith("bias.table"))
+    assert any(n.endswith("attn.bias.table") for n in exempt)  # relative position biases: 2-D, exempt by name
+    assert any("placeholders" in n for n in exempt) and any(n.endswith("norm1.weight") for n in exempt)
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+    assert any("qkv.weight" in n or n.endswith(".q.weight") for n in decayed)
+
+
+class _ExplodingTask(Task):
+    """A linear model whose loss is infinite at one step."""
+
+    columns = ("loss",)
+
+    def __init__(self, bad_step: int) -> None:
+        torch.manual_seed(0)
+        self.model = nn.Linear(3, 1)
+        self.optimizers = [torch.optim.SGD(self.model.parameters(), lr=0.1)]
+        self.batches, self.bad_step = _Counting(), bad_step
+
+    def loss(self, model, batch, step):
+        out = model(batch["x"]).pow(2).mean()
+        if step == self.bad_step:
+            out = out * math.inf
+        return out, {"loss": out.detach()}
+
+
+def test_a_non_finite_loss_stops_fp32_but_fp16_skips_the_step():
+    settings = LoopSettings(total_steps=4, iterations_per_epoch=4, desc="")
+    with pytest.raises(CrossModalNetError, match="stopped at step 2: loss is inf"):
+        Engine(_ExplodingTask(2), settings, dist=DistInfo()).fit()
+    task = _ExplodingTask(2)
+    engine = Engine(task, settings, dist=DistInfo())
+    # What precision fp16 gives on CUDA: a gradient scaler (here on the CPU, to test the skip itself).
+    engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    engine.train_step(task.batches.batch(0))
+    engine.train_step(task.batches.batch(1))
+    after_two = {k: v.clone() for k, v in task.model.state_dict().items()}
+    assert any(not torch.equal(before[k], after_two[k]) for k in before)
+    engine.train_step(task.batches.batch(2))  # inf: skipped, the run goes on
+    assert engine.skipped == 1 and engine.scaler.get_scale() < 2.0**4
+    assert all(torch.equal(after_two[k], v) for k, v in task.model.state_dict().items())
+    engine.train_step(task.batches.batch(3))
+    assert engine.step == 4
+
+
+def test_mixed_precision_is_cuda_only_and_bf16_first():
+    cpu = torch.device("cpu")
+    assert all(training_autocast(p, cpu) == (None, False) for p in ("auto", "bf16", "fp16", "fp32"))
+    assert training_autocast("fp32", torch.device("cuda")) == (None, False)
+    assert training_autocast("fp16", torch.device("cuda")) == (torch.float16, True)
+    assert training_autocast("bf16", torch.device("cuda")) == (torch.bfloat16, False)
+
+
+def test_validation_dice_is_the_dice_evaluate_reports():
+    rng = np.random.default_rng(0)
+    label = np.zeros((16, 16, 16), dtype=np.uint8)
+    label[2:8, 2:8, 2:8], label[9:14, 3:9, 4:12] = 1, 3
+    pred = label.copy()
+    pred[2:5, 2:8, 2:8] = 2  # structure 2: predicted, absent from the reference -> 0
+    pred[rng.random(pred.shape) < 0.05] = 3
+    probs = torch.nn.functional.one_hot(torch.from_numpy(pred.astype(np.int64)), 8).permute(3, 0, 1, 2)[None].float()
+    dice = case_dice(probs, label)
+    rows = compute_case_metrics(pred, label, (1.0, 1.0, 1.0))
+    for c in range(1, 8):
+        reported, ours = rows[c - 1]["dice"], float(dice[c - 1])
+        assert (math.isnan(reported) and math.isnan(ours)) or reported == pytest.approx(ours)
+    assert float(dice[1]) == 0.0 and math.isnan(float(dice[3]))  # LA predicted only; RA nowhere
+
+
+def test_validation_cases_are_split_across_ranks():
+    cases = list(range(7))
+    shares = [split_by_rank(cases, DistInfo(rank=r, world_size=3)) for r in range(3)]
+    assert sorted(x for s in shares for x in s) == cases and [len(s) for s in shares] == [3, 2, 2]
