@@ -55,6 +55,7 @@ from _options import merge_settings
 from crossmodalnet.config import MODEL_SIZES, AdaptConfig, imply_missing_fields, to_dict
 from crossmodalnet.config import replace as replace_config
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.runs import RunFolder
 
 PROTOCOL = 2  # bump when a change here changes what a run measures, so that old results are redone
 TARGET_SEED_OFFSET = 1  # the target phantoms are other patients than the source ones
@@ -231,10 +232,10 @@ def run_method(s: Settings, key: str, data: dict[str, Path], fresh: bool,
     start = time.monotonic()
     if terms is None:
         train(data[domain], folder, config)
-        steps = int(read_json(folder / "last" / "manifest.json")["step"])
+        steps = RunFolder(folder).checkpoint_step()
     else:
         adapt(s.work / "runs" / "source-only", data["source"], data["target"], folder, config)
-        steps = int(read_json(folder / "adapt.json")["step"])
+        steps = int(RunFolder(folder).read_summary(RunFolder.ADAPT_SUMMARY)["step"])
     minutes = (time.monotonic() - start) / 60
     target = _score(folder, data["target"], s, key, "target", topology=True)
     source = _score(folder, data["source"], s, key, "source", topology=False)

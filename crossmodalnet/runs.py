@@ -236,6 +236,15 @@ class RunFolder:
             shutil.rmtree(old)
         return last if (last / _MANIFEST).is_file() else None
 
+    def checkpoint_step(self) -> int | None:
+        """The step of the newest complete checkpoint (from its manifest), or None."""
+        path = self.find_checkpoint()
+        return None if path is None else int(json.loads((path / _MANIFEST).read_text())["step"])
+
+    def read_summary(self, name: str) -> dict[str, Any]:
+        """A JSON summary written by `write_summary` (e.g. ADAPT_SUMMARY)."""
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
     def load_checkpoint(self, model: nn.Module | None = None) -> dict[str, Any] | None:
         """The training state of the newest complete checkpoint (None if there is none); loads its
         weights into `model` if given."""

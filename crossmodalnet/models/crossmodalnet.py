@@ -1,7 +1,7 @@
 """CrossModalNet: a dual-stream 3D Swin encoder with Cross Transformer blocks and a U-shaped decoder.
 
 Paper: "CrossModalNet: Multimodal Medical Segmentation with Guaranteed Cross-Modal Flow and
-Domain Adaptability" (section 2.1, Eq. 1-3, Def. 1-3), built as DESIGN.md section 3 fixes it:
+Domain Adaptability" (section 2.1, Eq. 1-3, Def. 1-3), built as docs/design.md section 2 fixes it:
 
     for each modality m in (CT, MR):  conv stem -> tokens at stride `patch_size`
     for each stage s:   F_m = SwinStage_s^m(F_m)                    (Def. 1, separate weights)

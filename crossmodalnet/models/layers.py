@@ -208,7 +208,7 @@ class _Windowed(nn.Module):
 
 
 class SwinBlock(_Windowed):
-    """Swin Transformer block, pre-norm as Swin defines it (DESIGN.md section 3; not the paper's Eq. 2):
+    """Swin Transformer block, pre-norm as Swin defines it (docs/design.md section 2; not the paper's Eq. 2):
 
         x = x + MSA(LN(x));  x = x + MLP(LN(x))
 

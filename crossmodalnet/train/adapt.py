@@ -3,7 +3,7 @@
     adapt("runs/cmn", "data/source", "data/target", "runs/cmn-jada", AdaptConfig())   # -> Path
 
 Starts from a source-trained run folder and trains on labeled source patches and **unlabeled**
-target patches (docs/design.md, "Domain adaptation"). `AdaptationTask` is one step, run by the
+target patches (docs/design.md section 4). `AdaptationTask` is one step, run by the
 package's one `Engine` (so adaptation gets DDP, mixed precision and bit-identical resume as
 training does). On a batch of B source and B target patches (B, 1, *patch) per modality, through
 the model in one forward pass (2B samples):

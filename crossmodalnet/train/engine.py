@@ -44,6 +44,8 @@ from crossmodalnet.train import distributed as ddp
 __all__ = ["BatchSource", "Task", "LoopSettings", "Engine", "param_groups", "step_seed", "training_autocast"]
 
 _FORMAT = 2  # of state.pt
+# Parameters of 2+ dimensions that are still offsets, not weights: position biases and embeddings.
+_NO_DECAY_NAMES = ("position", "pos_embed", "bias.table", "placeholder", "token")
 
 
 class BatchSource(Protocol):
@@ -66,7 +68,7 @@ def param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            exempt = p.ndim <= 1 or any(k in name for k in ("position", "pos_embed", "bias.table", "placeholder", "token"))
+            exempt = p.ndim <= 1 or any(k in name for k in _NO_DECAY_NAMES)
             (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

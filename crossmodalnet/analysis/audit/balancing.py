@@ -21,6 +21,7 @@ from crossmodalnet.analysis.audit.claims import FAILS, HOLDS, NOT_TESTABLE, WEIG
 from crossmodalnet.analysis.cmif import AnalysisCase, untrained_model
 from crossmodalnet.config import ModelConfig
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.runs import RunFolder
 from crossmodalnet.train.distributed import DistInfo
 from crossmodalnet.train.engine import Engine, LoopSettings, Task
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
@@ -56,7 +57,7 @@ def balancing_rows(summary: dict[str, Any], source: str, alpha: float) -> list[C
 
 def check_balancing_log(run_dir: str | os.PathLike, alpha: float) -> list[ClaimResult] | None:
     """Theorem 2.5 from the run's own per-step log (steps.csv, else metrics.csv); None if it has none."""
-    for name in ("steps.csv", "metrics.csv"):
+    for name in (RunFolder.STEPS, RunFolder.METRICS):
         path = Path(run_dir) / name
         if path.is_file():
             with path.open() as f:
