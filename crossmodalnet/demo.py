@@ -44,23 +44,20 @@ class DemoSettings:
     size: int = 64  # edge of the phantom grid in voxels (2.25 mm voxels over the 144 mm field of view)
     model: str = "crossmodalnet"
     model_size: str = "small"
-    deep_supervision: bool = True  # measured: the small structures (AO, PA) are learned much sooner
     epochs: int = 40
     iterations_per_epoch: int = 25  # 1,000 steps: the cosine schedule ends within the budget on 2 cores
-    batch_size: int = 2
     patch_size: tuple[int, int, int] = (48, 48, 48)  # 2.4x cheaper steps than 64^3, more steps per minute
-    lr: float = 3e-3
     val_every: int = 4
     minutes: float | None = 11.0  # training budget, so that the whole demo stays within 15 minutes
     device: str = "auto"
 
     def train_config(self, seed: int) -> TrainConfig:
+        """The demo's run: `TrainConfig`'s defaults (optimizer, lr, batch, model settings) but for the
+        fields above."""
         return TrainConfig(
-            model=ModelConfig.from_size(self.model, self.model_size, deep_supervision=self.deep_supervision),
-            seed=seed, epochs=self.epochs,
-            iterations_per_epoch=self.iterations_per_epoch, batch_size=self.batch_size,
-            patch_size=tuple(self.patch_size), lr=self.lr, val_every=self.val_every,
-            max_minutes=self.minutes, device=self.device,
+            model=ModelConfig.from_size(self.model, self.model_size), seed=seed, epochs=self.epochs,
+            iterations_per_epoch=self.iterations_per_epoch, patch_size=tuple(self.patch_size),
+            val_every=self.val_every, max_minutes=self.minutes, device=self.device,
             warmup_epochs=min(2, max(0, self.epochs - 1)),
         )
 

@@ -276,4 +276,5 @@ def test_bfloat16_inference_agrees_with_float32_and_bad_precisions_are_named(tmp
     with pytest.raises(CrossModalNetError, match="precision must be one of"):
         infer.autocast_dtype("int8", torch.device("cpu"))
     assert infer.autocast_dtype("auto", torch.device("cpu")) is None
-    assert infer.autocast_dtype("auto", torch.device("cuda")) is torch.float16
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert infer.autocast_dtype("auto", torch.device("cuda")) is (torch.bfloat16 if bf16 else torch.float16)

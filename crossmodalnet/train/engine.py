@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,7 +81,8 @@ def training_autocast(precision: str, device: torch.device) -> tuple[torch.dtype
     """
     if device.type != "cuda" or precision == "fp32":
         return None, False
-    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if precision == "fp16" or (precision == "auto" and not bf16):
         return torch.float16, True
     return torch.bfloat16, False
 
@@ -383,20 +384,6 @@ def gather_lists(mine: list[Any], dist: ddp.DistInfo) -> list[Any]:
     if not dist.distributed:
         return mine
     return [item for part in ddp.all_gather_objects(mine, dist) for item in part]
-
-
-def timed_steps(task: Task, steps: int, device: torch.device, precision: str = "auto") -> Callable[[], float]:
-    """A function that runs `steps` optimizer steps of `task` (no run folder) and returns seconds per step."""
-
-    def run() -> float:
-        engine = Engine(task, LoopSettings(total_steps=steps, iterations_per_epoch=steps, precision=precision,
-                                           desc=""), dist=ddp.DistInfo(device=device))
-        start = time.perf_counter()
-        for step in range(steps):
-            engine.train_step(task.batches.batch(step))
-        return (time.perf_counter() - start) / steps
-
-    return run
 
 
 def _numpy_state(saved: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -112,6 +112,9 @@ def test_mixed_precision_is_cuda_only_and_bf16_first():
     assert training_autocast("fp32", torch.device("cuda")) == (None, False)
     assert training_autocast("fp16", torch.device("cuda")) == (torch.float16, True)
     assert training_autocast("bf16", torch.device("cuda")) == (torch.bfloat16, False)
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    expected = (torch.bfloat16, False) if bf16 else (torch.float16, True)
+    assert training_autocast("auto", torch.device("cuda")) == expected
 
 
 def test_validation_dice_is_the_dice_evaluate_reports():
