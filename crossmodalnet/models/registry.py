@@ -120,14 +120,19 @@ def check_input_size(config: ModelConfig, shape: Sequence[int]) -> None:
     """Refuse a spatial shape (D, H, W) that model `config.name` cannot run, with a one-line message.
 
     Raises CrossModalNetError naming the model and the smallest (UNETR: largest) edge it accepts.
+    The deepest per-sample norm needs more than one voxel in all, so one axis of at least
+    `min_edge` is enough: a thin slab of a few slices runs if its other axes are large.
     """
     if len(shape) != 3:
         raise ValueError(f"expected a spatial shape (D, H, W), got {tuple(shape)}")
     rule = input_size_rule(config)
+    if all(s < rule.min_edge for s in shape):
+        raise CrossModalNetError(f"model {config.name} ({config.size}) needs inputs of at least {rule.min_edge} "
+                                 f"voxels on one axis, got {list(shape)}")
     for axis, s in enumerate(shape):
-        if s < rule.min_edge:
-            raise CrossModalNetError(f"model {config.name} ({config.size}) needs inputs of at least {rule.min_edge} "
-                                     f"voxels per axis, got {s} on axis {axis}")
+        if s < 1:
+            raise CrossModalNetError(f"model {config.name} ({config.size}) needs at least 1 voxel per axis, "
+                                     f"got {s} on axis {axis}")
         if rule.max_edge is not None and s > rule.max_edge:
             raise CrossModalNetError(f"model {config.name} ({config.size}) needs inputs of at most {rule.max_edge} "
                                      f"voxels per axis (its img_size), got {s} on axis {axis}")

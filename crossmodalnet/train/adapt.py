@@ -41,7 +41,6 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from dataclasses import replace as replace_case
 from pathlib import Path
 from typing import Any
@@ -72,13 +71,13 @@ from crossmodalnet.train.domain import (
     mean_entropy,
     random_transfer,
 )
-from crossmodalnet.train.engine import Engine, LoopSettings, Task, param_groups
+from crossmodalnet.train.engine import LoopSettings, PreparedRun, Task, param_groups
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
 from crossmodalnet.train.report import plot_adaptation
 from crossmodalnet.train.topoloss import topology_loss
 from crossmodalnet.train.trainer import validation_dice
 
-__all__ = ["COLUMNS", "AdaptationTask", "PairedBatches", "Adaptation", "prepare_adaptation", "adapt", "adapt_from_cli",
+__all__ = ["COLUMNS", "AdaptationTask", "PairedBatches", "prepare_adaptation", "adapt", "adapt_from_cli",
            "forward_with_features"]
 
 _LOSSES = ("dice", "ce", "marginal", "conditional", "topology", "entropy")
@@ -295,35 +294,9 @@ def _prepare_labeled(case: Case, preprocessor: Preprocessor) -> PreparedCase:
     return preprocessor.prepare(d["ct"], d["mr"], d["geometry"], d["label"], case.id)
 
 
-@dataclass
-class Adaptation:
-    """An adaptation ready to run: its task, loop settings, output run folder and resume state."""
-
-    task: AdaptationTask
-    settings: LoopSettings
-    out: RunFolder
-    dist: ddp.DistInfo
-    state: dict[str, Any] | None
-
-    def run(self) -> Path:
-        """Adapt (see the module docstring); write the summary; return the run folder."""
-        task, settings, out = self.task, self.settings, self.out
-        engine = Engine(task, settings, run=out, dist=self.dist, model_config=task.run_config.model,
-                        resume_state=self.state).fit()
-        if self.dist.is_main:
-            best = task.best_source if math.isfinite(task.best_source) else None
-            out.write_summary(RunFolder.ADAPT_SUMMARY, {
-                "status": "finished" if engine.finished else "stopped", "step": engine.step,
-                "total_steps": settings.total_steps, "elapsed_s": engine.elapsed, "terms": list(task.config.terms),
-                "best_source_val_dice": best})
-            status = "finished" if engine.finished else "stopped at the time budget"
-            print(f"adaptation {status}: step {engine.step}/{settings.total_steps}; final weights {out.weights_path}")
-        return out.path
-
-
 def prepare_adaptation(source_run: str | os.PathLike, source_data: str | os.PathLike,
                        target_data: str | os.PathLike, out_dir: str | os.PathLike, config: AdaptConfig,
-                       resume: bool = False, dist: ddp.DistInfo | None = None) -> Adaptation:
+                       resume: bool = False, dist: ddp.DistInfo | None = None) -> PreparedRun:
     """Check every input and load every case, then create `out_dir` (nothing is written before)."""
     dist = dist or ddp.DistInfo(device=ddp.resolve_device(config.device))
     source, out = RunFolder(source_run), RunFolder(out_dir)
@@ -367,7 +340,7 @@ def prepare_adaptation(source_run: str | os.PathLike, source_data: str | os.Path
         max_minutes=config.max_minutes, grad_clip=run_config.grad_clip, precision=run_config.precision,
         num_workers=config.num_workers, val_every=config.val_every,
         desc=f"adapt ({'+'.join(config.terms) or 'source fine-tuning only'})")
-    return Adaptation(task, settings, out, dist, state)
+    return PreparedRun(task, settings, out, dist, state, run_config.model)
 
 
 def adapt(source_run: str | os.PathLike, source_data: str | os.PathLike, target_data: str | os.PathLike,
@@ -377,7 +350,18 @@ def adapt(source_run: str | os.PathLike, source_data: str | os.PathLike, target_
     config = config or AdaptConfig()
     dist = ddp.init_distributed(config.device)
     try:
-        return prepare_adaptation(source_run, source_data, target_data, out_dir, config, resume, dist).run()
+        prepared = prepare_adaptation(source_run, source_data, target_data, out_dir, config, resume, dist)
+        engine, task, out = prepared.fit(), prepared.task, prepared.run
+        if dist.is_main:
+            best = task.best_source if math.isfinite(task.best_source) else None
+            out.write_summary(RunFolder.ADAPT_SUMMARY, {
+                "status": "finished" if engine.finished else "stopped", "step": engine.step,
+                "total_steps": engine.settings.total_steps, "elapsed_s": engine.elapsed,
+                "terms": list(config.terms), "best_source_val_dice": best})
+            status = "finished" if engine.finished else "stopped at the time budget"
+            print(f"adaptation {status}: step {engine.step}/{engine.settings.total_steps}; final weights "
+                  f"{out.weights_path}")
+        return out.path
     finally:
         ddp.cleanup(dist)
 

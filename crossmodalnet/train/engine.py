@@ -41,7 +41,10 @@ from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.runs import RunFolder
 from crossmodalnet.train import distributed as ddp
 
-__all__ = ["BatchSource", "Task", "LoopSettings", "Engine", "param_groups", "step_seed", "training_autocast"]
+__all__ = [
+    "BatchSource", "Task", "LoopSettings", "Engine", "PreparedRun", "batch_iterator", "param_groups", "step_seed",
+    "training_autocast", "split_by_rank", "gather_lists",
+]
 
 _FORMAT = 2  # of state.pt
 # Parameters of 2+ dimensions that are still offsets, not weights: position biases and embeddings.
@@ -372,6 +375,23 @@ class Engine:
 
     def step_rows(self) -> list[dict[str, Any]]:
         return [dict(zip(self.step_columns, r, strict=True)) for r in self.step_log]
+
+
+@dataclass
+class PreparedRun:
+    """A loop ready to start: every input checked and loaded, the run folder created."""
+
+    task: Task
+    settings: LoopSettings
+    run: RunFolder
+    dist: ddp.DistInfo
+    state: dict[str, Any] | None  # the resume checkpoint's, or None for a fresh start
+    model_config: Any = None  # written into the weights' metadata
+
+    def fit(self) -> Engine:
+        """Run the loop; returns the engine at its last step."""
+        return Engine(self.task, self.settings, run=self.run, dist=self.dist, model_config=self.model_config,
+                      resume_state=self.state).fit()
 
 
 def split_by_rank(items: Sequence[Any], dist: ddp.DistInfo) -> list[Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,11 @@ from crossmodalnet.runs import RunFolder
 from crossmodalnet.train import distributed as ddp
 from crossmodalnet.train import preflight
 from crossmodalnet.train.data import PatchSampler
-from crossmodalnet.train.engine import Engine, LoopSettings, Task, gather_lists, param_groups, split_by_rank
+from crossmodalnet.train.engine import LoopSettings, PreparedRun, Task, gather_lists, param_groups, split_by_rank
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
 from crossmodalnet.train.report import METRIC_COLUMNS, STEP_TERMS, format_summary, plot_curves
 
-__all__ = ["SegmentationTask", "Training", "prepare_training", "train", "train_from_cli", "validation_dice",
+__all__ = ["SegmentationTask", "prepare_training", "train", "train_from_cli", "validation_dice",
            "case_dice", "warmup_cosine"]
 
 
@@ -164,29 +163,8 @@ def _prepare(data_dir: str | os.PathLike, run: RunFolder, config: TrainConfig, r
     return preprocessor, train_prepared, val_prepared
 
 
-@dataclass
-class Training:
-    """A training run ready to go: its task, loop settings, run folder and resume state."""
-
-    task: SegmentationTask
-    settings: LoopSettings
-    run: RunFolder
-    dist: ddp.DistInfo
-    state: dict[str, Any] | None
-
-    def fit(self) -> Engine:
-        """Train (see the module docstring); returns the engine, at its last step."""
-        engine = Engine(self.task, self.settings, run=self.run, dist=self.dist, model_config=self.task.config.model,
-                        resume_state=self.state).fit()
-        if self.dist.is_main:
-            status = "finished" if engine.finished else "stopped at the time budget"
-            print(f"training {status}: step {engine.step}/{self.settings.total_steps}, best val Dice "
-                  f"{engine.best:.4f}; run folder {self.run.path}")
-        return engine
-
-
 def prepare_training(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig,
-                     resume: bool = False, dist: ddp.DistInfo | None = None) -> Training:
+                     resume: bool = False, dist: ddp.DistInfo | None = None) -> PreparedRun:
     """Check every input and load every case, then create the run folder (nothing is written before)."""
     dist = dist or ddp.DistInfo(device=ddp.resolve_device(config.device))
     run = RunFolder(out_dir)
@@ -213,7 +191,7 @@ def prepare_training(data_dir: str | os.PathLike, out_dir: str | os.PathLike, co
         seed=config.seed, max_minutes=config.max_minutes, grad_clip=config.grad_clip, precision=config.precision,
         num_workers=config.num_workers, val_every=config.val_every,
         desc=f"train {config.model.name}/{config.model.size}")
-    return Training(task, settings, run, dist, state)
+    return PreparedRun(task, settings, run, dist, state, config.model)
 
 
 def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig,
@@ -221,9 +199,13 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
     """Train `config` on the dataset folder `data_dir` into run folder `out_dir` (DDP under torchrun)."""
     dist = ddp.init_distributed(config.device)
     try:
-        training = prepare_training(data_dir, out_dir, config, resume, dist)
-        training.fit()
-        return training.run.path
+        prepared = prepare_training(data_dir, out_dir, config, resume, dist)
+        engine = prepared.fit()
+        if dist.is_main:
+            status = "finished" if engine.finished else "stopped at the time budget"
+            print(f"training {status}: step {engine.step}/{prepared.settings.total_steps}, best val Dice "
+                  f"{engine.best:.4f}; run folder {prepared.run.path}")
+        return prepared.run.path
     finally:
         ddp.cleanup(dist)
 
