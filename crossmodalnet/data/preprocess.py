@@ -162,40 +162,40 @@ class Preprocessor:
         def number(value: object, key: str, allow_inf: bool = False) -> float:
             # bool is an int to Python, and a string would pass float(): both are wrong types here.
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise CrossModalNetError(f"{source}: {key} must be a number, got {value!r}")
+                raise _malformed(source, f"{key} must be a number, got {value!r}")
             value = float(value)
             if math.isnan(value) or (math.isinf(value) and not allow_inf):
-                raise CrossModalNetError(f"{source}: {key} must be finite, got {value}")
+                raise _malformed(source, f"{key} must be finite, got {value}")
             return value
 
         if not isinstance(data, dict):
-            raise CrossModalNetError(f"{source}: expected a JSON object, got {type(data).__name__}")
+            raise _malformed(source, f"expected a JSON object, got {type(data).__name__}")
         if data.get("format", _FORMAT) != _FORMAT:
-            raise CrossModalNetError(f"{source}: format {data.get('format')!r} is not {_FORMAT}; written by "
+            raise _malformed(source, f"format {data.get('format')!r} is not {_FORMAT}: written by "
                                      "another version of crossmodalnet")
         ct = data.get("channels", {}).get("CT") if isinstance(data.get("channels"), dict) else None
         if not isinstance(ct, dict):
-            raise CrossModalNetError(f"{source}: missing channels.CT (the CT normalisation)")
+            raise _malformed(source, "missing channels.CT (the CT normalisation)")
         for key in ("clip", "mean", "std"):
             if key not in ct:
-                raise CrossModalNetError(f"{source}: missing channels.CT.{key}")
+                raise _malformed(source, f"missing channels.CT.{key}")
         clip = ct["clip"]
         if not isinstance(clip, list) or len(clip) != 2:
-            raise CrossModalNetError(f"{source}: channels.CT.clip must be a list [low, high], got {clip!r}")
+            raise _malformed(source, f"channels.CT.clip must be a list [low, high], got {clip!r}")
         # An infinite clip is the identity fitted on data without CT (fit_preprocessor).
         lo, hi = (number(v, "channels.CT.clip", allow_inf=True) for v in clip)
         if not lo < hi:
-            raise CrossModalNetError(f"{source}: channels.CT.clip must have low < high, got {clip!r}")
+            raise _malformed(source, f"channels.CT.clip must have low < high, got {clip!r}")
         mean, std = number(ct["mean"], "channels.CT.mean"), number(ct["std"], "channels.CT.std")
         if not std > 0:
-            raise CrossModalNetError(f"{source}: channels.CT.std must be > 0, got {std}")
+            raise _malformed(source, f"channels.CT.std must be > 0, got {std}")
         spacing = data.get("target_spacing")
         if spacing is not None:
             if not isinstance(spacing, list) or len(spacing) != 3:
-                raise CrossModalNetError(f"{source}: target_spacing must be null or 3 numbers (mm), got {spacing!r}")
+                raise _malformed(source, f"target_spacing must be null or 3 numbers (mm), got {spacing!r}")
             spacing = tuple(number(v, "target_spacing") for v in spacing)
             if not all(v > 0 for v in spacing):
-                raise CrossModalNetError(f"{source}: target_spacing must be positive (mm), got {list(spacing)}")
+                raise _malformed(source, f"target_spacing must be positive (mm), got {list(spacing)}")
         return cls(ct_clip=(lo, hi), ct_mean=mean, ct_std=std, target_spacing=spacing)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -217,6 +217,10 @@ class Preprocessor:
         except RecursionError:
             raise CrossModalNetError(f"{path}: JSON nested too deeply") from None
         return cls.from_dict(data, str(path))
+
+
+def _malformed(source: str, detail: str) -> CrossModalNetError:
+    return CrossModalNetError(f"{source}: malformed preprocessing statistics: {detail}")
 
 
 def fit_preprocessor(
