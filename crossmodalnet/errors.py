@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import types
 from pathlib import PurePath
 
@@ -41,6 +42,11 @@ _ADVICE: dict[int, str] = {
     errno.EISDIR: "is a folder, not a file",
     errno.ENAMETOOLONG: "file name too long",
 }
+# Names of the package's own temporary files and folders, shown as the file they become: a temp
+# file of `files.atomic_path` (`.<stem>.<8 hex><suffixes>`) and a staging folder (`<name>.partial-<8 hex>`,
+# or `.partial-<8 hex>` inside the destination itself).
+_TEMP_FILE = re.compile(r"\.(?P<stem>[^./]+)\.[0-9a-f]{8}(?P<suffix>\.[^/]*)?")
+_STAGING = re.compile(r"(?P<name>[^/]*)\.partial-[0-9a-f]{8}")
 # Local names that hold the file a function works on, by the package's naming habits.
 _PATH_NAMES: tuple[str, ...] = ("path", "tmp", "tmp_path", "json_path", "csv_path", "target", "file", "filename")
 
@@ -57,7 +63,9 @@ def describe(exc: BaseException) -> str | None:
         what = _ADVICE.get(exc.errno or -1) or exc.strerror or type(exc).__name__
         if exc.filename2 is not None:
             name = f"{name} -> {exc.filename2}"
-        line = f"{os.fsdecode(name)}: {what}" if name is not None else what
+        if name is not None:  # a path, or a file descriptor
+            name = _public(os.fsdecode(name) if isinstance(name, str | bytes | os.PathLike) else str(name))
+        line = f"{name}: {what}" if name is not None else what
     elif isinstance(exc, UnicodeDecodeError):
         line = (f"{where or 'an input file'}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position "
                 f"{exc.start}); save it as UTF-8")
@@ -84,14 +92,34 @@ def _culprit(exc: BaseException) -> str | None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):
-        local = frame.f_locals
-        for value in local.values():  # a stream being read or written names its file
-            if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str | bytes):
-                return os.fsdecode(value.name)
-        if isinstance(local.get("self"), PurePath):  # pathlib's read_text, open, mkdir ...
-            return str(local["self"])
-        for key in _PATH_NAMES:
-            value = local.get(key)
-            if isinstance(value, PurePath) or (isinstance(value, str) and os.sep in value and len(value) < 4096):
-                return str(value)
+        found = _in_frame(frame.f_locals)
+        if found is not None:
+            return _public(found)
     return None
+
+
+def _in_frame(local: dict) -> str | None:
+    for value in local.values():  # a stream being read or written names its file
+        name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
+        if isinstance(name, str | bytes) and name:  # a GzipFile over a file object has the name ""
+            return os.fsdecode(name)
+    if isinstance(local.get("self"), PurePath):  # pathlib's read_text, open, mkdir ...
+        return str(local["self"])
+    for key in _PATH_NAMES:
+        value = local.get(key)
+        if isinstance(value, PurePath) or (isinstance(value, str) and os.sep in value and len(value) < 4096):
+            return str(value)
+    return None
+
+
+def _public(path: str) -> str:
+    """`path` with the package's temporary names replaced by the names they stand for."""
+    parts = []
+    for part in path.split(os.sep):
+        if m := _STAGING.fullmatch(part):
+            part = m["name"]
+        elif m := _TEMP_FILE.fullmatch(part):
+            part = m["stem"] + (m["suffix"] or "")
+        if part or not parts:  # "" first: an absolute path; elsewhere: a staging folder inside its destination
+            parts.append(part)
+    return os.sep.join(parts)

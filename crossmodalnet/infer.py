@@ -179,8 +179,12 @@ def predict(
     try:
         for case, name in zip(tqdm(cases, desc="predict", unit="case"), names, strict=True):
             data = load_case(case, with_label=False)
-            probs = predict_case(run.model, data["ct"], data["mr"], run.preprocessor, data["geometry"],
-                                 run.config.patch_size, overlap, run.config.sw_batch_size, run.device, precision)
+            try:
+                probs = predict_case(run.model, data["ct"], data["mr"], run.preprocessor, data["geometry"],
+                                     run.config.patch_size, overlap, run.config.sw_batch_size, run.device, precision)
+            except MemoryError as exc:  # a volume too large for this machine: say which one
+                raise CrossModalNetError(f"{case.ct or case.mr}: out of memory predicting case {case.id!r} of "
+                                         f"shape {data['geometry'].shape} ({exc})") from None
             write_label(staging / name, encode(probs.argmax(0).astype(np.uint8)), data["geometry"])
             if case.id in records:
                 original, original_grid = restore_to_original(probs, records[case.id], data["geometry"])
