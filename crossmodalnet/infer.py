@@ -132,6 +132,11 @@ def predict(
     `<name>_probabilities.nii.gz`, a 4D float map (X, Y, Z, 8), on the input grid only.
     precision: see `sliding_window_probabilities` (bf16 on a CPU with AVX-512 BF16: docs/benchmarks.md).
     Returns the label map paths on the input grids, one per case.
+
+    All or nothing: every input (case ids, files, headers and voxels, records, the run) and --out are
+    checked before the first inference; predictions go to a staging folder on --out's file system
+    (`OUT.partial-<random>/`, or `OUT/.partial-<random>/` when OUT exists) and are renamed into OUT
+    at the end, replaced files set aside until all are in. A failure leaves OUT as it was.
     """
     if labels not in ("codes", "indices"):
         raise CrossModalNetError(f"labels must be 'codes' or 'indices', got {labels!r}")
