@@ -184,8 +184,8 @@ class Preprocessor:
             raise _malformed(source, f"channels.CT.clip must be a list [low, high], got {clip!r}")
         # An infinite clip is the identity fitted on data without CT (fit_preprocessor).
         lo, hi = (number(v, "channels.CT.clip", allow_inf=True) for v in clip)
-        if not lo < hi:
-            raise _malformed(source, f"channels.CT.clip must have low < high, got {clip!r}")
+        if not lo <= hi:  # equal: a training set whose CT foreground is one value
+            raise _malformed(source, f"channels.CT.clip must have low <= high, got {clip!r}")
         mean, std = number(ct["mean"], "channels.CT.mean"), number(ct["std"], "channels.CT.std")
         if not std > 0:
             raise _malformed(source, f"channels.CT.std must be > 0, got {std}")
