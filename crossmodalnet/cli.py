@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--power-iterations", type=int, default=5,
                     help="power iterations for the gradient-direction Lipschitz constant (default 5)")
     au.set_defaults(func=_cmd_audit)
+    for command in sub.choices.values():  # `crossmodalnet COMMAND ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print the traceback of an error as well as its one-line message")
     return p
 
 

@@ -234,10 +234,12 @@ def test_1_system_failures_are_one_line(attack, data, run, raw, train_config, tm
 def test_debug_shows_the_traceback_and_still_ends_with_the_line(data, run, tmp_path, capsys):
     folder = _copy_data(data, tmp_path / "data")
     _non_utf8(folder / "dataset.json")
-    assert main(["--debug", "predict", str(run), str(folder), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" in err and "UnicodeDecodeError" in err
-    assert err.splitlines()[-1].startswith("error: ") and "dataset.json" in err.splitlines()[-1]
+    for argv in (["--debug", "predict", str(run), str(folder)], ["predict", str(run), str(folder), "--debug"]):
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" in err and "UnicodeDecodeError" in err
+        assert err.splitlines()[-1].startswith("error: ") and "dataset.json" in err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------- 2. predict
