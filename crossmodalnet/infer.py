@@ -152,10 +152,11 @@ def predict(
         dest, names = out, [f"{_safe_id(c.id, Path(data_dir) / 'dataset.json')}.nii.gz" for c in cases]
     else:
         ref = Path(ct if ct is not None else mr)
-        case_id = _safe_id(ref.name.split(".")[0], ref)
+        case_id = ref.name.split(".")[0]
         cases = [Case(id=case_id, ct=None if ct is None else Path(ct), mr=None if mr is None else Path(mr))]
         is_file = out.name.endswith((".nii.gz", ".nii"))
-        dest, names = (out.parent, [out.name]) if is_file else (out, [f"{case_id}.nii.gz"])
+        # Into a folder, the input's file name names the output: it must be one that stays in the folder.
+        dest, names = (out.parent, [out.name]) if is_file else (out, [f"{_safe_id(case_id, ref)}.nii.gz"])
     # Every input is checked before the first prediction: names, files, headers, voxels, the run.
     outputs = _output_names(cases, names, records, probabilities)
     _check_outputs(dest, out, outputs, cases)
