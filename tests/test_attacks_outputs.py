@@ -246,7 +246,8 @@ def test_debug_shows_the_traceback_and_still_ends_with_the_line(data, run, tmp_p
 
 
 @pytest.mark.parametrize("attack", ["nan_in_last_case", "truncated_last_case", "old_out_kept", "out_below_a_file",
-                                    "id_escapes_out", "two_cases_one_output", "output_replaces_input"])
+                                    "id_escapes_out", "two_cases_one_output", "output_replaces_input",
+                                    "file_name_without_a_case_id"])
 def test_2_predict_checks_everything_before_the_first_inference(attack, data, run, tmp_path, monkeypatch, capsys):
     folder = _copy_data(data, tmp_path / "data")
     out = tmp_path / "out"
@@ -273,6 +274,12 @@ def test_2_predict_checks_everything_before_the_first_inference(attack, data, ru
     elif attack == "two_cases_one_output":
         _relist(folder, folder, ids=["case_000", "twin", "twin"])
         _attack(capsys, argv, tmp_path, "twin")
+    elif attack == "file_name_without_a_case_id":  # "..nii.gz" would name the output ".nii.gz", hidden
+        [case] = [c for c in load_dataset(folder)["test"] if c.id == "case_000"]
+        odd = case.ct.with_name("..nii.gz")
+        odd.write_bytes(case.ct.read_bytes())
+        _attack(capsys, ["predict", str(run), "--ct", str(odd), "--mr", str(case.mr), "--out", str(out)], tmp_path,
+                "..nii.gz", "case id")
     else:  # --ct DIR/case_000_ct.nii.gz --out DIR would write DIR/case_000_ct.nii.gz over the CT
         [case] = [c for c in load_dataset(folder)["test"] if c.id == "case_000"]
         _attack(capsys, ["predict", str(run), "--ct", str(case.ct), "--mr", str(case.mr), "--out",
