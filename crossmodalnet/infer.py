@@ -220,16 +220,16 @@ def _output_names(cases: Sequence[Case], names: Sequence[str], records: dict[str
                   probabilities: bool) -> list[str]:
     """Every file predict writes, relative to the destination; refuses two inputs that map to one
     output (compared case-blind: macOS and Windows file systems are)."""
-    outputs: dict[str, str] = {}
+    outputs: dict[str, tuple[str, str]] = {}  # case-folded name -> (name, case id)
     for case, name in zip(cases, names, strict=True):
         mine = [name, *([f"{ORIGINAL_DIR}/{name}"] if case.id in records else []),
                 *([_probabilities_name(name)] if probabilities else [])]
         for rel in mine:
             if rel.casefold() in outputs:
-                raise CrossModalNetError(f"case {case.id!r} and case {outputs[rel.casefold()]!r} would both "
+                raise CrossModalNetError(f"case {case.id!r} and case {outputs[rel.casefold()][1]!r} would both "
                                          f"write {rel}; give the cases distinct ids")
-            outputs[rel.casefold()] = case.id
-    return list(outputs)
+            outputs[rel.casefold()] = (rel, case.id)
+    return [rel for rel, _ in outputs.values()]
 
 
 def _check_outputs(dest: Path, out: Path, outputs: Sequence[str], cases: Sequence[Case]) -> None:
