@@ -67,8 +67,8 @@ def describe(exc: BaseException) -> str | None:
             name = _public(os.fsdecode(name) if isinstance(name, str | bytes | os.PathLike) else str(name))
         line = f"{name}: {what}" if name is not None else what
     elif isinstance(exc, UnicodeDecodeError):
-        line = (f"{where or 'an input file'}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position "
-                f"{exc.start}); save it as UTF-8")
+        byte = bytes(exc.object[exc.start:exc.start + 1]).hex()
+        line = f"{where or 'an input file'}: not UTF-8 text (byte 0x{byte} at position {exc.start}); save it as UTF-8"
     elif isinstance(exc, UnicodeError):
         line = f"{where or 'a file name or text'}: cannot be encoded ({exc.reason})"
     elif isinstance(exc, RecursionError):
@@ -99,6 +99,7 @@ def _culprit(exc: BaseException) -> str | None:
 
 
 def _in_frame(local: dict) -> str | None:
+    """The file one frame works on, if its locals show it."""
     for value in local.values():  # a stream being read or written names its file
         name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
         if isinstance(name, str | bytes) and name:  # a GzipFile over a file object has the name ""
