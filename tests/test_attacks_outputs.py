@@ -305,14 +305,17 @@ def test_3_prepare_mmwhs_reads_every_pair_before_the_first_case(attack, raw, tmp
 # ---------------------------------------------------------------------------------------------- 4. synth
 
 
-@pytest.mark.parametrize("attack", ["into_an_old_dataset", "disk_full_part_way", "killed_by_a_bug_part_way"])
+@pytest.mark.parametrize("attack", ["into_an_old_dataset", "disk_full_part_way", "disk_full_into_an_empty_folder",
+                                    "killed_by_a_bug_part_way"])
 def test_4_synth_never_mixes_and_never_leaves_half(attack, data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "synth"
     argv = ["synth", str(out), "--cases", "3", "--size", "16"]
     if attack == "into_an_old_dataset":
         _copy_data(data, out)
         _attack(capsys, argv, out, str(out), "not empty")
-    elif attack == "disk_full_part_way":
+    elif attack in ("disk_full_part_way", "disk_full_into_an_empty_folder"):
+        if attack == "disk_full_into_an_empty_folder":  # staged inside (OUT may be a mount point)
+            out.mkdir()
         _fail_nth_write(monkeypatch, 4)  # three files written, then the disk is full
         _attack(capsys, argv, tmp_path, "no space left")
     else:  # not one line (a bug keeps its traceback), but the folder must still be as it was

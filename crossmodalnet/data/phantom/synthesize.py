@@ -6,8 +6,9 @@ Layout "dataset" writes imagesTr/, labelsTr/, imagesTs/, labelsTs/ (`case_000_ct
 (HU for CT, as scanners write them), labels class indices (dataset) or MM-WHS codes (mmwhs).
 
 OUT must be new (absent or an empty folder): old files would mix with the new set. Everything is
-written into a staging folder beside it, `OUT.partial-<random>/`, renamed onto OUT in one step at
-the end; a failure part-way (a full disk, Ctrl-C) removes the staging folder and leaves OUT as it was.
+written into a staging folder, `OUT.partial-<random>/` beside a new OUT (renamed onto it in one
+step at the end) or `OUT/.partial-<random>/` in an empty one (its entries renamed up); a failure
+part-way (a full disk, Ctrl-C) removes what was written and leaves OUT as it was.
 """
 
 from __future__ import annotations
@@ -89,19 +90,31 @@ def synthesize(out: str | os.PathLike, cases: int = 20, size: int = 96, seed: in
     final = Path(out)
     _check_new_folder(final)
     where = Path(os.path.abspath(final))  # "." or "a/.." have no name to put a sibling beside
-    staging = where.parent / f"{where.name}.partial-{secrets.token_hex(4)}"
+    # Beside a new OUT (published by one rename); inside an existing empty one, which may be a
+    # mount point (a container's volume) that a sibling could not be renamed onto.
+    tag = f"partial-{secrets.token_hex(4)}"
+    inside = where.is_dir()
+    staging = where / f".{tag}" if inside else where.parent / f"{where.name}.{tag}"
     try:
-        where.parent.mkdir(parents=True, exist_ok=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
     except OSError as exc:
         raise CrossModalNetError(f"{final}: cannot create the output folder ({exc.strerror})") from None
     try:
         _write_all(staging, _case_ids(cases, layout), cases, size, seed, dom, layout, preview, workers)
-        # One rename: OUT is absent or an empty folder (rename(2) replaces an empty directory).
-        os.rename(staging, where)
+        if inside:
+            for entry in sorted(staging.iterdir()):
+                os.rename(entry, where / entry.name)
+        else:
+            os.rename(staging, where)
     except BaseException:
+        if inside:  # OUT was empty: whatever is in it now is ours
+            for entry in where.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if inside:
+        staging.rmdir()
     return final
 
 
