@@ -33,14 +33,16 @@ import torch
 import crossmodalnet.files as files
 import crossmodalnet.infer as infer
 from crossmodalnet.cli import main
-from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
+from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml, load_config_file
 from crossmodalnet.data.dataset import load_dataset, write_dataset_json
 from crossmodalnet.data.io import read_image, read_label, write_image, write_label
 from crossmodalnet.data.labels import to_codes
 from crossmodalnet.data.phantom import synthesize
 from crossmodalnet.data.preprocess import Preprocessor
+from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.registry import build_model
 from crossmodalnet.runs import RunFolder
+from crossmodalnet.train import preflight
 
 MODEL = ModelConfig.from_size("unet", "tiny")
 
@@ -361,6 +363,20 @@ def test_5_bad_numbers_stop_before_anything_is_written(attack, data, run, train_
     (bad / "preprocess.json").write_text(json.dumps(stats))
     line = _attack(capsys, ["predict", str(bad), str(data), "--out", str(out)], out, "preprocess.json")
     assert "std" in line or attack in ("spacing_zero", "not_an_object")
+
+
+def test_5_under_ddp_every_validation_case_is_read_before_the_run_folder(data, train_config, tmp_path,
+                                                                          monkeypatch):
+    # Under DDP each process loads only its share of the validation cases, after the run folder is
+    # made; the preflight (main process, before it) must read them all. Without DDP the trainer does.
+    folder = _copy_data(data, tmp_path / "data")
+    [val] = load_dataset(folder)["validation"]
+    _nan_image(val.ct)
+    config = load_config_file(train_config)
+    preflight.dataset_splits(folder, config)  # one process: headers only here
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    with pytest.raises(CrossModalNetError, match=f"{val.ct.name}: .*NaN"):
+        preflight.dataset_splits(folder, config)
 
 
 # ---------------------------------------------------------------------------------------------- 6. full / read-only
