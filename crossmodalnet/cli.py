@@ -1,18 +1,22 @@
 """Command line: parses arguments and delegates; no logic lives here.
 
-Every user-facing error is a `CrossModalNetError`: printed as one line, exit status 2.
+Every expected failure (a `CrossModalNetError`, a full or read-only disk, a file that is not UTF-8,
+a document nested too deeply, memory; see `errors.describe`) is printed as one line `error: ...`
+naming the file, exit status 2; `--debug` also prints the traceback. Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from crossmodalnet.config import describe_validation_error
-from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.errors import EXPECTED, describe
 
 __all__ = ["main", "build_parser"]
 
@@ -152,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error as well as its one-line message")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("synth", help="write paired CT/MR heart phantoms (no download needed)",
@@ -309,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--power-iterations", type=int, default=5,
                     help="power iterations for the gradient-direction Lipschitz constant (default 5)")
     au.set_defaults(func=_cmd_audit)
+    for command in sub.choices.values():  # `crossmodalnet COMMAND ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print the traceback of an error as well as its one-line message")
     return p
 
 
@@ -316,16 +325,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except CrossModalNetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except ValidationError as exc:  # a configuration built from flags: the schema's one line
-        print(f"error: {exc.title}: {describe_validation_error(exc)}", file=sys.stderr)
+        _report(f"{exc.title}: {describe_validation_error(exc)}", args.debug)
+        return 2
+    except EXPECTED as exc:
+        _report(describe(exc), args.debug)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _report(line: str | None, debug: bool) -> None:
+    """The traceback only when asked for (it is for developers); the line always, last."""
+    if debug:
+        traceback.print_exc()
+    print(f"error: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import secrets
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,8 @@ __all__ = [
 
 # Sub-folder of predict's output with the label maps on the original fixed-image grids (prepare-mmwhs folders).
 ORIGINAL_DIR = "original"
+# A case id becomes a file name in --out: nothing that could leave it (separators, "..") or hide.
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -127,6 +132,11 @@ def predict(
     `<name>_probabilities.nii.gz`, a 4D float map (X, Y, Z, 8), on the input grid only.
     precision: see `sliding_window_probabilities` (bf16 on a CPU with AVX-512 BF16: docs/benchmarks.md).
     Returns the label map paths on the input grids, one per case.
+
+    All or nothing: every input (case ids, files, headers and voxels, records, the run) and --out are
+    checked before the first inference; predictions go to a staging folder on --out's file system
+    (`OUT.partial-<random>/`, or `OUT/.partial-<random>/` when OUT exists) and are renamed into OUT
+    at the end, replaced files set aside until all are in. A failure leaves OUT as it was.
     """
     if labels not in ("codes", "indices"):
         raise CrossModalNetError(f"labels must be 'codes' or 'indices', got {labels!r}")
@@ -138,21 +148,27 @@ def predict(
         cases = load_dataset(data_dir)[split]
         if not cases:
             raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: lists no {split!r} cases")
-        targets = [out / f"{c.id}.nii.gz" for c in cases]
         records = {c.id: r for c in cases if (r := load_record(data_dir, c.id)) is not None}
+        dest, names = out, [f"{_safe_id(c.id, Path(data_dir) / 'dataset.json')}.nii.gz" for c in cases]
     else:
         ref = Path(ct if ct is not None else mr)
         case_id = ref.name.split(".")[0]
         cases = [Case(id=case_id, ct=None if ct is None else Path(ct), mr=None if mr is None else Path(mr))]
         is_file = out.name.endswith((".nii.gz", ".nii"))
-        targets = [out if is_file else out / f"{case_id}.nii.gz"]
-    for case in cases:  # every input checked before the first prediction
+        # Into a folder, the input's file name names the output: it must be one that stays in the folder.
+        dest, names = (out.parent, [out.name]) if is_file else (out, [f"{_safe_id(case_id, ref)}.nii.gz"])
+    # Every input is checked before the first prediction: names, files, headers, voxels, the run.
+    outputs = _output_names(cases, names, records, probabilities)
+    _check_outputs(dest, out, outputs, cases)
+    for case in cases:
         for path in (case.ct, case.mr):
             if path is not None and not Path(path).is_file():
                 raise CrossModalNetError(f"{path}: file not found")
         grid = check_case(Case(case.id, case.ct, case.mr))
         if case.id in records:
             _check_record(records[case.id], grid, case.id)
+    for case in tqdm(cases, desc="check inputs", unit="case", disable=None if len(cases) > 1 else True):
+        load_case(case, with_label=False)  # the voxels too: a truncated file or NaN stops here, not mid-way
     run = load_run(run_dir, device)
     autocast_dtype(precision, run.device)  # a bad precision fails before the first case
     single = [c for c in cases if c.ct is None or c.mr is None]
@@ -165,20 +181,122 @@ def predict(
         )
     overlap = run.config.sw_overlap if overlap is None else overlap
     encode = to_codes if labels == "codes" else (lambda indices: indices)
-    written = []
-    for case, target in zip(tqdm(cases, desc="predict", unit="case"), targets, strict=True):
-        data = load_case(case, with_label=False)
-        probs = predict_case(run.model, data["ct"], data["mr"], run.preprocessor, data["geometry"],
-                             run.config.patch_size, overlap, run.config.sw_batch_size, run.device, precision)
-        write_label(target, encode(probs.argmax(0).astype(np.uint8)), data["geometry"])
-        if case.id in records:
-            original, original_grid = restore_to_original(probs, records[case.id], data["geometry"])
-            write_label(target.parent / ORIGINAL_DIR / target.name, encode(original), original_grid)
-        if probabilities:
-            stem = target.name[: -len(".nii.gz")] if target.name.endswith(".nii.gz") else target.stem
-            write_probabilities(target.with_name(f"{stem}_probabilities.nii.gz"), probs, data["geometry"])
-        written.append(target)
-    return written
+    staging = _make_staging(dest, out)
+    try:
+        for case, name in zip(tqdm(cases, desc="predict", unit="case"), names, strict=True):
+            data = load_case(case, with_label=False)
+            try:
+                probs = predict_case(run.model, data["ct"], data["mr"], run.preprocessor, data["geometry"],
+                                     run.config.patch_size, overlap, run.config.sw_batch_size, run.device, precision)
+            except MemoryError as exc:  # a volume too large for this machine: say which one
+                raise CrossModalNetError(f"{case.ct or case.mr}: out of memory predicting case {case.id!r} of "
+                                         f"shape {data['geometry'].shape} ({exc})") from None
+            write_label(staging / name, encode(probs.argmax(0).astype(np.uint8)), data["geometry"])
+            if case.id in records:
+                original, original_grid = restore_to_original(probs, records[case.id], data["geometry"])
+                write_label(staging / ORIGINAL_DIR / name, encode(original), original_grid)
+            if probabilities:
+                write_probabilities(staging / _probabilities_name(name), probs, data["geometry"])
+        _publish(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [dest / name for name in names]
+
+
+def _safe_id(case_id: str, source: Path) -> str:
+    """A case id usable as a file name in OUT: no separators, no `..`, no hidden or empty name."""
+    if not _SAFE_ID.fullmatch(case_id):
+        raise CrossModalNetError(f"{source}: case id {case_id!r} cannot name an output file (use letters, "
+                                 "digits, _ . - and start with a letter or digit)")
+    return case_id
+
+
+def _probabilities_name(name: str) -> str:
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+    return f"{stem}_probabilities.nii.gz"
+
+
+def _output_names(cases: Sequence[Case], names: Sequence[str], records: dict[str, dict],
+                  probabilities: bool) -> list[str]:
+    """Every file predict writes, relative to the destination; refuses two inputs that map to one
+    output (compared case-blind: macOS and Windows file systems are)."""
+    outputs: dict[str, tuple[str, str]] = {}  # case-folded name -> (name, case id)
+    for case, name in zip(cases, names, strict=True):
+        mine = [name, *([f"{ORIGINAL_DIR}/{name}"] if case.id in records else []),
+                *([_probabilities_name(name)] if probabilities else [])]
+        for rel in mine:
+            if rel.casefold() in outputs:
+                raise CrossModalNetError(f"case {case.id!r} and case {outputs[rel.casefold()][1]!r} would both "
+                                         f"write {rel}; give the cases distinct ids")
+            outputs[rel.casefold()] = (rel, case.id)
+    return [rel for rel, _ in outputs.values()]
+
+
+def _check_outputs(dest: Path, out: Path, outputs: Sequence[str], cases: Sequence[Case]) -> None:
+    """Refuse an unusable --out before any work: a file where a folder must be (or the reverse), a path
+    below a file, an output that would replace one of the inputs."""
+    if dest.exists() and not dest.is_dir():
+        raise CrossModalNetError(f"{dest}: exists and is not a folder; choose another --out")
+    if out != dest and out.is_dir():
+        raise CrossModalNetError(f"{out}: is a folder; give a .nii.gz file name or a folder without the suffix")
+    for parent in dest.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CrossModalNetError(f"{out}: {parent} is a file, not a folder; choose another --out")
+            break
+    inputs = {os.path.realpath(p) for c in cases for p in (c.ct, c.mr, c.label) if p is not None}
+    for rel in outputs:
+        if os.path.realpath(dest / rel) in inputs:
+            raise CrossModalNetError(f"{dest / rel}: is one of the inputs; predicting would overwrite it, "
+                                     "choose another --out")
+
+
+def _make_staging(dest: Path, out: Path) -> Path:
+    """A new staging folder on the destination's file system (publishing is renames only): inside an
+    existing destination (only it need be writable), else beside it (publishing is one rename).
+    Creating it is also the check that --out can be written at all, before any inference."""
+    where = Path(os.path.abspath(dest))
+    tag = f"partial-{secrets.token_hex(4)}"
+    staging = where / f".{tag}" if where.is_dir() else where.parent / f"{where.name}.{tag}"
+    try:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise CrossModalNetError(f"{out}: cannot write there ({exc.strerror}); choose another --out") from None
+    return staging
+
+
+def _publish(staging: Path, dest: Path) -> None:
+    """Move every file of `staging` to the same place under `dest`: all of them, or none.
+
+    A new destination is one rename. Into an existing folder each file is renamed in, a file it
+    replaces first set aside in the staging folder; a failure renames everything back.
+    """
+    if not dest.exists():
+        os.rename(staging, dest)
+        return
+    files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+    aside, made, done = staging / ".replaced", [], []
+    try:
+        for rel in files:
+            target = dest / rel
+            if not target.parent.is_dir():
+                target.parent.mkdir(parents=True)
+                made.append(target.parent)
+            if target.exists():
+                (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(target, aside / rel)
+            done.append(rel)
+            os.replace(staging / rel, target)
+    except BaseException:
+        for rel in reversed(done):
+            if (dest / rel).exists() and not (staging / rel).exists():
+                os.replace(dest / rel, staging / rel)
+            if (aside / rel).exists():
+                os.replace(aside / rel, dest / rel)
+        for folder in reversed(made):
+            folder.rmdir()
+        raise
 
 
 def _check_record(record: dict, grid: Geometry, case_id: str) -> None:

@@ -55,11 +55,14 @@ from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path, write_csv
 from crossmodalnet.models.registry import build_model
 
-__all__ = ["RunFolder", "save_weights", "load_weights", "read_model_config"]
+__all__ = ["RunFolder", "MIN_FREE_BYTES", "save_weights", "load_weights", "read_model_config"]
 
 _WEIGHTS = "model.safetensors"
 _STATE = "state.pt"
 _MANIFEST = "manifest.json"
+# Refused below this much free space: a run's config, weights, checkpoint and logs would not fit.
+# A floor, not an estimate: a disk that fills later still stops the run (one line, resumable).
+MIN_FREE_BYTES = 16 << 20
 
 
 class RunFolder:
@@ -87,15 +90,25 @@ class RunFolder:
 
     # --- opening -------------------------------------------------------------------------------
     def check_writable_target(self) -> None:
-        """Refuse a path that exists and is not a folder, or lies below a file."""
+        """Refuse a path that exists and is not a folder, lies below a file, or on a file system that
+        is read-only or (nearly) full: checked before the folder is created, so a refusal leaves
+        nothing behind. (A disk that fills later leaves the last complete checkpoint to resume.)"""
         if self.path.exists() and not self.path.is_dir():
             raise CrossModalNetError(f"{self.path}: exists and is not a folder; choose another --out")
-        for parent in self.path.parents:
+        for parent in (self.path, *self.path.parents):
             if parent.exists():
                 if not parent.is_dir():
                     raise CrossModalNetError(f"{self.path}: {parent} is a file, not a folder; choose another --out")
+                fs = os.statvfs(parent)
+                if fs.f_flag & os.ST_RDONLY:
+                    raise CrossModalNetError(f"{self.path}: {parent} is on a read-only file system; "
+                                             "choose another --out")
                 if not os.access(parent, os.W_OK | os.X_OK):
                     raise CrossModalNetError(f"{self.path}: cannot write in {parent} (permission denied)")
+                if fs.f_bavail * fs.f_frsize < MIN_FREE_BYTES:
+                    raise CrossModalNetError(f"{self.path}: only {fs.f_bavail * fs.f_frsize // 1024} KiB free on the "
+                                             f"disk of {parent}, a run needs at least {MIN_FREE_BYTES >> 20} MiB; "
+                                             "free some space or choose another --out")
                 break
 
     def is_empty(self) -> bool:

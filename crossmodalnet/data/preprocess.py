@@ -19,6 +19,7 @@ probabilities (C, D, H, W) -> (C, X, Y, Z). The fitted statistics are saved as
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,17 +157,46 @@ class Preprocessor:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "preprocess") -> Preprocessor:
-        try:
-            ct = data["channels"]["CT"]
-            spacing = data.get("target_spacing")
-            return cls(
-                ct_clip=(float(ct["clip"][0]), float(ct["clip"][1])),
-                ct_mean=float(ct["mean"]),
-                ct_std=float(ct["std"]),
-                target_spacing=None if spacing is None else tuple(float(s) for s in spacing),
-            )
-        except (KeyError, TypeError, IndexError, ValueError) as exc:
-            raise CrossModalNetError(f"{source}: malformed preprocessing statistics ({exc!r})") from None
+        """The statistics of `to_dict`, validated: a damaged or edited file must not divide by zero
+        or spread NaN through every prediction. Errors name `source` and the key."""
+        def number(value: object, key: str, allow_inf: bool = False) -> float:
+            # bool is an int to Python, and a string would pass float(): both are wrong types here.
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise _malformed(source, f"{key} must be a number, got {value!r}")
+            value = float(value)
+            if math.isnan(value) or (math.isinf(value) and not allow_inf):
+                raise _malformed(source, f"{key} must be finite, got {value}")
+            return value
+
+        if not isinstance(data, dict):
+            raise _malformed(source, f"expected a JSON object, got {type(data).__name__}")
+        if data.get("format", _FORMAT) != _FORMAT:
+            raise _malformed(source, f"format {data.get('format')!r} is not {_FORMAT}: written by "
+                                     "another version of crossmodalnet")
+        ct = data.get("channels", {}).get("CT") if isinstance(data.get("channels"), dict) else None
+        if not isinstance(ct, dict):
+            raise _malformed(source, "missing channels.CT (the CT normalisation)")
+        for key in ("clip", "mean", "std"):
+            if key not in ct:
+                raise _malformed(source, f"missing channels.CT.{key}")
+        clip = ct["clip"]
+        if not isinstance(clip, list) or len(clip) != 2:
+            raise _malformed(source, f"channels.CT.clip must be a list [low, high], got {clip!r}")
+        # An infinite clip is the identity fitted on data without CT (fit_preprocessor).
+        lo, hi = (number(v, "channels.CT.clip", allow_inf=True) for v in clip)
+        if not lo <= hi:  # equal: a training set whose CT foreground is one value
+            raise _malformed(source, f"channels.CT.clip must have low <= high, got {clip!r}")
+        mean, std = number(ct["mean"], "channels.CT.mean"), number(ct["std"], "channels.CT.std")
+        if not std > 0:
+            raise _malformed(source, f"channels.CT.std must be > 0, got {std}")
+        spacing = data.get("target_spacing")
+        if spacing is not None:
+            if not isinstance(spacing, list) or len(spacing) != 3:
+                raise _malformed(source, f"target_spacing must be null or 3 numbers (mm), got {spacing!r}")
+            spacing = tuple(number(v, "target_spacing") for v in spacing)
+            if not all(v > 0 for v in spacing):
+                raise _malformed(source, f"target_spacing must be positive (mm), got {list(spacing)}")
+        return cls(ct_clip=(lo, hi), ct_mean=mean, ct_std=std, target_spacing=spacing)
 
     def save(self, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:
@@ -179,10 +209,18 @@ class Preprocessor:
         if not path.is_file():
             raise CrossModalNetError(f"{path}: preprocessing statistics not found (is this a complete run folder?)")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise CrossModalNetError(f"{path}: not a UTF-8 text file") from None
         except json.JSONDecodeError as exc:
             raise CrossModalNetError(f"{path}: invalid JSON ({exc})") from None
+        except RecursionError:
+            raise CrossModalNetError(f"{path}: JSON nested too deeply") from None
         return cls.from_dict(data, str(path))
+
+
+def _malformed(source: str, detail: str) -> CrossModalNetError:
+    return CrossModalNetError(f"{source}: malformed preprocessing statistics: {detail}")
 
 
 def fit_preprocessor(

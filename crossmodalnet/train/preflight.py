@@ -2,7 +2,8 @@
 
 - `resolve_config`: the --config file (or a resumed run's config.yaml) and CLI flags -> one `TrainConfig`;
 - `check_runnable`: what the schema cannot know (the number of processes);
-- `dataset_splits`: every listed file exists and each case's CT, MR and label share a grid.
+- `dataset_splits`: every listed file exists and each case's CT, MR and label share a grid; under
+  DDP also every validation case's voxels (see there).
 Every refusal is one `CrossModalNetError` line naming the file or key.
 """
 
@@ -12,8 +13,10 @@ import argparse
 import os
 from pathlib import Path
 
+import torch.distributed
+
 from crossmodalnet.config import CROSSMODALNET_FIELDS, ModelConfig, TrainConfig, load_config_file, replace, to_dict
-from crossmodalnet.data.dataset import Case, check_case, load_dataset
+from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.registry import check_input_size
 from crossmodalnet.runs import RunFolder
@@ -51,6 +54,11 @@ def dataset_splits(data_dir: str | os.PathLike, config: TrainConfig) -> tuple[li
     if not val_cases and config.val_fraction > 0 and len(train_cases) >= 2:
         k = min(len(train_cases) - 1, max(1, round(config.val_fraction * len(train_cases))))
         train_cases, val_cases = train_cases[:-k], train_cases[-k:]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Each process loads only its share of the validation cases, after the main process has
+        # created the run folder: a NaN in another's share must stop the run here, before that.
+        for case in val_cases:
+            load_case(case)
     return train_cases, val_cases
 
 

@@ -1,6 +1,8 @@
 """Normalisation by channel name (CT dataset statistics, MR per image), and the exact geometry
 round trip (reorientation + resampling undone) of `data.preprocess`."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -54,6 +56,20 @@ def test_save_load_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"channels": {}}')
     with pytest.raises(CrossModalNetError, match="bad.json: malformed"):
         Preprocessor.load(tmp_path / "bad.json")
+
+
+def test_load_keeps_what_fitting_can_write_and_refuses_what_would_divide_by_zero(tmp_path):
+    # MR-only training data fits the identity (infinite clip); a one-valued CT foreground an empty clip range.
+    for pre in (Preprocessor((-np.inf, np.inf), 0.0, 1.0, None), Preprocessor((5.0, 5.0), 5.0, 1e-8, (1.0, 2.0, 1.0))):
+        assert Preprocessor.load(pre.save(tmp_path / "ok.json")) == pre
+    path = tmp_path / "preprocess.json"
+    for std, match in ((0.0, "std must be > 0"), (float("nan"), "std must be finite"), (True, "std must be a number")):
+        data = Preprocessor((-1.0, 1.0), 0.0, 1.0, None).to_dict()
+        data["channels"]["CT"]["std"] = std
+        path.write_text(json.dumps(data))
+        with pytest.raises(CrossModalNetError, match=f"preprocess.json: malformed .*{match}") as err:
+            Preprocessor.load(path)
+        assert "\n" not in str(err.value)
 
 
 def _oblique(shape, spacing):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from crossmodalnet.data.dataset import write_dataset_json
 from crossmodalnet.data.labels import NAMES
 from crossmodalnet.data.mmwhs.pairing import check_headers, find_pairs, read_pairs_csv
-from crossmodalnet.data.mmwhs.prepare import PrepareConfig, done_record, nanmean, prepare_case
+from crossmodalnet.data.mmwhs.prepare import PrepareConfig, done_record, nanmean, prepare_case, read_pair
 from crossmodalnet.data.mmwhs.register import RegistrationConfig, set_threads
 from crossmodalnet.data.mmwhs.splits import assign_splits, parse_split
 from crossmodalnet.errors import CrossModalNetError
@@ -105,8 +105,11 @@ def prepare_mmwhs(raw: str | os.PathLike, out: str | os.PathLike, config: Prepar
                   progress: bool = True) -> Path:
     """Pair, register, crop and resample RAW into the dataset folder `out`. Returns dataset.json's path.
 
-    Every input is checked (pairing, headers) before any case starts; finished cases (record
-    present, same settings and raw files) are skipped; a case without its record is redone.
+    Every input is checked before any case starts or any file moves: pairing, headers, and the
+    voxels of every pair still to do (readable, finite, label codes in the table); finished cases
+    (record present, same settings and raw files) are skipped; a case without its record is redone.
+    A failure part-way (a full disk) leaves the finished cases (each complete with its record: a
+    rerun resumes), removes the failing case's files and the folders this run made and left empty.
     """
     config = config or PrepareConfig()
     split_counts = parse_split(split)
@@ -130,6 +133,48 @@ def prepare_mmwhs(raw: str | os.PathLike, out: str | os.PathLike, config: Prepar
         if unlabeled:
             tqdm.write(f"note: {len(unlabeled)} pair(s) without both labels (first {unlabeled[0]}) are registered "
                        "by image: --register label needs the labels of both modalities")
+    _check_out(out)
+    todo = [p for p in found if done_record(p, out, folder[p.id], config, move=False) is None]
+    for p in tqdm(todo, desc="check pairs", unit="pair", disable=None if progress else True):
+        read_pair(p)  # the voxels: a truncated file or NaN in the last pair stops the run before the first
+    before = _folders(out)
+    try:
+        return _prepare_all(found, out, folder, splits, config, split, split_counts, seed, workers, progress)
+    except BaseException:
+        _prune(out, before)
+        raise
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an OUT that is a file or lies below one (creating it, later, is the check that it can be written)."""
+    if out.exists() and not out.is_dir():
+        raise CrossModalNetError(f"{out}: exists and is not a folder; choose another output folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CrossModalNetError(f"{out}: {parent} is a file, not a folder; choose another output folder")
+            break
+
+
+def _folders(out: Path) -> set[Path]:
+    return {out, *(p for p in out.rglob("*") if p.is_dir())} if out.is_dir() else set()
+
+
+def _prune(out: Path, before: set[Path]) -> None:
+    """Remove the folders made by this run that it left empty (deepest first), OUT included."""
+    for folder in sorted(_folders(out) - before, key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _prepare_all(found: list, out: Path, folder: dict[str, str], splits: dict[str, list[str]],
+                 config: PrepareConfig, split: str, split_counts: tuple, seed: int, workers: int,
+                 progress: bool) -> Path:
+    """Every check passed: move or prepare the cases, then the report and dataset.json."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CrossModalNetError(f"{out}: cannot create the output folder ({exc.strerror})") from None
     records: dict[str, dict] = {}
     jobs = []
     for p in found:

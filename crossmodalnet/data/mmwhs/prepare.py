@@ -32,7 +32,10 @@ from crossmodalnet.data.mmwhs.register import RegistrationConfig, register, warp
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path
 
-__all__ = ["PrepareConfig", "prepare_case", "done_record", "nanmean"]
+__all__ = ["PrepareConfig", "read_pair", "prepare_case", "done_record", "nanmean"]
+
+# The transform files `register` keeps per case, after the `<id>_` prefix (ANTs' own names).
+_TRANSFORM_FILES: tuple[str, ...] = ("1Warp.nii.gz", "0GenericAffine.mat", "1InverseWarp.nii.gz")
 
 
 @dataclass(frozen=True)
@@ -89,17 +92,9 @@ def nanmean(values) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def prepare_case(pair: Pair, out: str | os.PathLike, folder: str, config: PrepareConfig) -> dict:
-    """Prepare one pair into `out` (images/labels{folder}, transforms/, records/); returns its record.
-
-    The old record goes first and the new one is written last, so that a run killed in between
-    leaves a case without a record, which the next run redoes.
-    """
-    out = Path(out)
-    record_path = out / "records" / f"{pair.id}.json"
-    record_path.unlink(missing_ok=True)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fixed, moving = config.fixed, config.moving
+def read_pair(pair: Pair) -> tuple[dict, dict, dict]:
+    """Read and check a pair's images and labels: readable voxels, finite values, label codes in the
+    table, each label on its image's grid. Returns ({mod: image}, {mod: Geometry}, {mod: label | None})."""
     images, grids, labels = {}, {}, {}
     for mod in MODALITIES:
         images[mod], grids[mod] = read_image(pair.image(mod))
@@ -107,6 +102,33 @@ def prepare_case(pair: Pair, out: str | os.PathLike, folder: str, config: Prepar
         if pair.label(mod) is not None:
             labels[mod], label_grid, _ = read_label(pair.label(mod))
             check_same_grid({str(pair.image(mod)): grids[mod], str(pair.label(mod)): label_grid})
+    return images, grids, labels
+
+
+def prepare_case(pair: Pair, out: str | os.PathLike, folder: str, config: PrepareConfig) -> dict:
+    """Prepare one pair into `out` (images/labels{folder}, transforms/, records/); returns its record.
+
+    The old record goes first and the new one is written last, so that a run killed in between
+    leaves a case without a record, which the next run redoes. A failure (a full disk, ANTs) removes
+    the case's files before it is raised: no half-written case stays behind.
+    """
+    out = Path(out)
+    (out / "records" / f"{pair.id}.json").unlink(missing_ok=True)
+    try:
+        return _prepare_case(pair, out, folder, config)
+    except BaseException:
+        for rel in _files(pair.id, folder, True).values():
+            (out / rel).unlink(missing_ok=True)
+        for name in _TRANSFORM_FILES:
+            (out / "transforms" / f"{pair.id}_{name}").unlink(missing_ok=True)
+        raise
+
+
+def _prepare_case(pair: Pair, out: Path, folder: str, config: PrepareConfig) -> dict:
+    record_path = out / "records" / f"{pair.id}.json"
+    wall, cpu = time.perf_counter(), time.process_time()
+    fixed, moving = config.fixed, config.moving
+    images, grids, labels = read_pair(pair)
     reg_config = config.registration
     if reg_config.method == "label" and (labels[fixed] is None or labels[moving] is None):
         # Label-driven registration is for training pairs; the others are registered by image.
@@ -171,9 +193,10 @@ def prepare_case(pair: Pair, out: str | os.PathLike, folder: str, config: Prepar
     return record
 
 
-def done_record(pair: Pair, out: Path, folder: str, config: PrepareConfig) -> dict | None:
+def done_record(pair: Pair, out: Path, folder: str, config: PrepareConfig, move: bool = True) -> dict | None:
     """The record of a finished case (same settings and raw files, all outputs present), moved to
-    `folder` when the split changed since; None when the case must be (re)done."""
+    `folder` when the split changed since (unless `move` is False: only asking); None when the case
+    must be (re)done."""
     path = out / "records" / f"{pair.id}.json"
     try:
         record = json.loads(path.read_text())
@@ -189,7 +212,7 @@ def done_record(pair: Pair, out: Path, folder: str, config: PrepareConfig) -> di
         return None
     if not all((out / f).is_file() for f in listed):
         return None
-    if record["folder"] != folder:
+    if record["folder"] != folder and move:
         # A new split or seed: move the files rather than register again. The record is rewritten
         # after the moves; a crash in between leaves it pointing at missing files -> redone.
         files = _files(pair.id, folder, "label" in record["files"])

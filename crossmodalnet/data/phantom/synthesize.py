@@ -4,12 +4,19 @@ Layout "dataset" writes imagesTr/, labelsTr/, imagesTs/, labelsTs/ (`case_000_ct
 `case_000_mr.nii.gz`, `case_000.nii.gz`), `dataset.json` and the sidecar `phantom.json`; layout
 "mmwhs" writes the raw MM-WHS naming and `mmwhs_truth.json`. Images (X, Y, Z) are int16 on disk
 (HU for CT, as scanners write them), labels class indices (dataset) or MM-WHS codes (mmwhs).
+
+OUT must be new (absent or an empty folder): old files would mix with the new set. Everything is
+written into a staging folder, `OUT.partial-<random>/` beside a new OUT (renamed onto it in one
+step at the end) or `OUT/.partial-<random>/` in an empty one (its entries renamed up); a failure
+part-way (a full disk, Ctrl-C) removes what was written and leaves OUT as it was.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -80,16 +87,62 @@ def synthesize(out: str | os.PathLike, cases: int = 20, size: int = 96, seed: in
     """
     check_args(cases, size, seed, layout)
     dom = get_domain(domain)
-    out = Path(out)
+    final = Path(out)
+    _check_new_folder(final)
+    where = Path(os.path.abspath(final))  # "." or "a/.." have no name to put a sibling beside
+    # Beside a new OUT (published by one rename); inside an existing empty one, which may be a
+    # mount point (a container's volume) that a sibling could not be renamed onto.
+    tag = f"partial-{secrets.token_hex(4)}"
+    inside = where.is_dir()
+    staging = where / f".{tag}" if inside else where.parent / f"{where.name}.{tag}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
     except OSError as exc:
-        raise CrossModalNetError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+        raise CrossModalNetError(f"{final}: cannot create the output folder ({exc.strerror})") from None
+    try:
+        _write_all(staging, _case_ids(cases, layout), cases, size, seed, dom, layout, preview, workers)
+        if inside:
+            for entry in sorted(staging.iterdir()):
+                os.rename(entry, where / entry.name)
+        else:
+            os.rename(staging, where)
+    except BaseException:
+        if inside:  # OUT was empty: whatever is in it now is ours
+            for entry in where.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if inside:
+        staging.rmdir()
+    return final
+
+
+def _check_new_folder(out: Path) -> None:
+    """Refuse an OUT that is a file, lies below a file, or already holds files."""
+    if out.exists() and not out.is_dir():
+        raise CrossModalNetError(f"{out}: cannot create the output folder (a file of that name exists)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CrossModalNetError(f"{out}: cannot create the output folder ({parent} is a file)")
+            break
+    if out.is_dir() and any(out.iterdir()):
+        raise CrossModalNetError(f"{out}: folder is not empty; pass a new folder (old files would mix "
+                                 "with the new set)")
+
+
+def _case_ids(cases: int, layout: str) -> list[str]:
+    """Case ids: case_000... (dataset layout) or MM-WHS numbers 1001... (mmwhs layout)."""
     width = max(3, len(str(cases - 1)))
     if layout == "dataset":
-        ids = [f"case_{i:0{width}d}" for i in range(cases)]
-    else:
-        ids = [str(1001 + i) for i in range(cases)]  # MM-WHS numbering
+        return [f"case_{i:0{width}d}" for i in range(cases)]
+    return [str(1001 + i) for i in range(cases)]  # MM-WHS numbering
+
+
+def _write_all(out: Path, ids: list[str], cases: int, size: int, seed: int, dom: Domain, layout: str,
+               preview: bool, workers: int | None) -> None:
+    """Every file of the set into the (staging) folder `out`."""
     split = split_cases(ids, seed) if layout == "dataset" else {"training": ids}
     test = set(split.get("test", []))
     jobs = [(out, i, cid, cid in test, int(size), int(seed), dom, layout) for i, cid in enumerate(ids)]
@@ -127,7 +180,7 @@ def synthesize(out: str | os.PathLike, cases: int = 20, size: int = 96, seed: in
             mr, _ = read_image(out / entries[first]["mr"])
             lab, _, _ = read_label(out / entries[first]["label"])
             write_preview(out / "preview.png", ct, mr, lab, geom, title=f"{first} ({dom.name} domain)")
-        return out
+        return
     with atomic_path(out / "mmwhs_truth.json") as tmp:
         tmp.write_text(_json_text({**settings, "cases": results}))
     if preview:
@@ -136,4 +189,3 @@ def synthesize(out: str | os.PathLike, cases: int = 20, size: int = 96, seed: in
         lab, _, _ = read_label(f"{stem}_label.nii.gz")
         mr, mr_geom = read_image(out / "mr_train" / "mr_train_1001_image.nii.gz")
         write_preview(out / "preview.png", ct, mr, lab, geom, mr_geom, title=f"MM-WHS layout, case 1001 ({dom.name})")
-    return out
