@@ -222,7 +222,7 @@ def test_singular_affine(tmp_path):
         ([0, 1, 9], r"\[9\]"),  # an index past the table
         ([0, 205, 300], r"\[300\]"),  # a code not in the table
         ([0, 3, -1], r"\[-1\]"),
-        ([0, 1, 205], r"neither class indices"),  # indices and codes mixed
+        ([0, 1, 205], r"mixes class indices \[1\] with MM-WHS codes \[205\]"),  # indices and codes mixed
     ],
 )
 def test_label_values_outside_the_table(tmp_path, values, match):
