@@ -21,7 +21,8 @@ from crossmodalnet.data.labels import NUM_CLASSES, STRUCTURES
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path
 
-__all__ = ["Case", "Dataset", "CHANNELS", "SPLITS", "CASE_ID_PATTERN", "check_case_id", "load_dataset", "write_dataset_json", "check_case", "load_case"]
+__all__ = ["Case", "Dataset", "CHANNELS", "SPLITS", "CASE_ID_PATTERN", "check_case_id", "load_dataset",
+           "write_dataset_json", "check_case", "load_case"]
 
 CHANNELS: dict[str, str] = {"0": "CT", "1": "MR"}
 SPLITS: tuple[str, ...] = ("training", "validation", "test")
@@ -95,7 +96,8 @@ def _read_json(json_path: Path) -> dict:
         raise CrossModalNetError(f"{json_path}: not found (is {root} a crossmodalnet dataset folder?)")
     try:
         if json_path.stat().st_size > MAX_JSON_BYTES:
-            raise CrossModalNetError(f"{json_path}: larger than {MAX_JSON_BYTES // 2**20} MiB; not a dataset description")
+            raise CrossModalNetError(f"{json_path}: larger than {MAX_JSON_BYTES // 2**20} MiB; "
+                                     "not a dataset description")
         raw = json_path.read_bytes()
     except OSError as exc:
         raise CrossModalNetError(f"{json_path}: cannot read ({exc.strerror or exc})") from None

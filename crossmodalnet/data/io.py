@@ -160,10 +160,11 @@ def _open_header(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.
     body = voxels * dtype.itemsize
     size = path.stat().st_size
     compressed = path.name.endswith(".gz")
-    if offset < 0 or (not compressed and size < offset + body) or (compressed and size * _MAX_GZIP_RATIO < offset + body):
+    capacity = size * _MAX_GZIP_RATIO if compressed else size
+    if offset < 0 or capacity < offset + body:
         raise CrossModalNetError(
-            f"{path}: file of {size} bytes is too small for the {'x'.join(map(str, dims))} voxels of {dtype} "
-            f"its header claims ({offset + body} bytes{' uncompressed' if compressed else ''}): truncated or a bad header"
+            f"{path}: file of {size} bytes is too small for the {'x'.join(map(str, dims))} voxels of {dtype} its "
+            f"header claims ({offset + body} bytes{' uncompressed' if compressed else ''}): truncated or a bad header"
         )
     if not all(math.isfinite(z) and z > 0 for z in zooms[:3]):
         raise CrossModalNetError(f"{path}: voxel sizes {zooms[:3]} in the header are not finite positive numbers")
