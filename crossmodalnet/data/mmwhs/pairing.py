@@ -3,7 +3,8 @@
 RAW (as released): `ct_train/ct_train_1001_image.nii.gz` + `ct_train_1001_label.nii.gz` (MM-WHS codes),
 `mr_train/...`, optionally `ct_test/`, `mr_test/` without labels. Case i of one modality is paired
 with case i of the other (sorted by number), or as a CSV says (`ct,mr[,id]`, paths relative to RAW).
-Only headers are read here (`check_headers`); the volumes are (X, Y, Z) NIfTI files.
+Inputs are checked here before any case starts: headers (`check_headers`), then voxels and label
+values (`check_voxels`); the volumes are (X, Y, Z) NIfTI files.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crossmodalnet.data.dataset import check_case_id
-from crossmodalnet.data.io import check_same_grid, read_geometry
+from crossmodalnet.data.io import check_same_grid, read_geometry, read_image, read_label
 from crossmodalnet.errors import CrossModalNetError
 
-__all__ = ["MODALITIES", "Pair", "find_pairs", "read_pairs_csv", "check_headers"]
+__all__ = ["MODALITIES", "Pair", "find_pairs", "read_pairs_csv", "check_headers", "check_voxels"]
 
 MODALITIES: tuple[str, str] = ("ct", "mr")
 _NAME = re.compile(r"^(ct|mr)_(train|test)_(\d+)_(image|label)\.nii(\.gz)?$")
@@ -142,3 +143,14 @@ def check_headers(pairs: list[Pair]) -> None:
             if pair.label(mod) is not None:
                 grids[str(pair.label(mod))] = read_geometry(pair.label(mod))
             check_same_grid(grids)
+
+
+def check_voxels(pairs: list[Pair]) -> None:
+    """Every voxel readable (no truncated or corrupt body, no NaN or Inf) and every label value in
+    the table, one file at a time, before any case starts: a bad file of the last pair must not
+    stop the run after hours of registration."""
+    for pair in pairs:
+        for mod in MODALITIES:
+            read_image(pair.image(mod))
+            if pair.label(mod) is not None:
+                read_label(pair.label(mod))

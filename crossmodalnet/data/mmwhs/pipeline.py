@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from crossmodalnet.data.dataset import write_dataset_json
 from crossmodalnet.data.labels import NAMES
-from crossmodalnet.data.mmwhs.pairing import check_headers, find_pairs, read_pairs_csv
+from crossmodalnet.data.mmwhs.pairing import check_headers, check_voxels, find_pairs, read_pairs_csv
 from crossmodalnet.data.mmwhs.prepare import PrepareConfig, done_record, nanmean, prepare_case
 from crossmodalnet.data.mmwhs.register import RegistrationConfig, set_threads
 from crossmodalnet.data.mmwhs.splits import assign_splits, parse_split
@@ -138,6 +138,7 @@ def prepare_mmwhs(raw: str | os.PathLike, out: str | os.PathLike, config: Prepar
             records[p.id] = record
         else:
             jobs.append((p, out, folder[p.id], config))
+    check_voxels([job[0] for job in jobs])  # finished cases were read when they were made
     with tqdm(total=len(found), initial=len(records), desc="prepare-mmwhs", unit="case",
               disable=None if progress else True) as bar:  # None: on a terminal only
         for record in _run(jobs, workers, bar):
