@@ -8,15 +8,18 @@ half-written file. Every check raises `CrossModalNetError` with one line naming 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.imageglobals import logger as nibabel_logger
 
 from crossmodalnet.data.labels import detect_encoding, to_indices
 from crossmodalnet.errors import CrossModalNetError
@@ -103,6 +106,18 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence the header repairs nibabel logs (problems it raises for are kept): with no handler
+    set, Python's last-resort handler would print them to stderr beside our one-line error."""
+    level = nibabel_logger.level
+    nibabel_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        nibabel_logger.setLevel(level)
+
+
 def _one_line(exc: BaseException) -> str:
     # Some nibabel and zlib messages span lines; the error must stay one line.
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -120,7 +135,7 @@ def _open_header(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.
     try:
         # nibabel reports the header fields it repairs through its logger and warnings: they
         # would print lines around our one-line error, and the checks below decide instead.
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_nibabel():
             warnings.simplefilter("ignore")
             img = nib.load(str(path))
             if not isinstance(img, nib.Nifti1Image):  # NIfTI-2 images are Nifti1Image subclasses

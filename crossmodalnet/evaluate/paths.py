@@ -182,9 +182,8 @@ def _write_outputs(out: Path, outputs: dict[str, bytes]) -> None:
         for name, data in outputs.items():
             # Mode 0o666 less the umask (applied by the kernel), as open() gives; mkstemp would make 0600.
             temps[name] = out / f".{name}.{secrets.token_hex(4)}.tmp"
-            fd = os.open(temps[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            os.close(os.open(temps[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            temps[name].write_bytes(data)
         for name, tmp in temps.items():
             os.replace(tmp, out / name)
         temps = {}
