@@ -28,7 +28,7 @@ import torch
 from crossmodalnet.cli import main
 from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
 from crossmodalnet.data.dataset import write_dataset_json
-from crossmodalnet.data.io import MAX_IMAGE_BYTES_ENV, Geometry, write_image, write_label
+from crossmodalnet.data.io import Geometry, write_image, write_label
 from crossmodalnet.data.labels import to_codes
 from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.models.registry import build_model
@@ -67,7 +67,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 def allocations(monkeypatch) -> list[int]:
     """Byte sizes nibabel was asked to read for image bodies; a request over BUDGET is recorded and
     refused (MemoryError) instead of being allocated, so the old code's attempt shows as a failure."""
-    monkeypatch.setenv(MAX_IMAGE_BYTES_ENV, str(BUDGET))
+    monkeypatch.setenv("CROSSMODALNET_MAX_IMAGE_BYTES", str(BUDGET))  # io.MAX_IMAGE_BYTES_ENV
     seen: list[int] = []
     original = nibabel.arrayproxy.array_from_file
 
