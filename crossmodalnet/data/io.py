@@ -248,6 +248,9 @@ def read_label(path: str | os.PathLike) -> tuple[np.ndarray, Geometry, str]:
         _check_finite(path, data, "label map: ")
         if not np.array_equal(data, np.rint(data)):
             raise CrossModalNetError(f"{path}: label map holds non-integer values")
+        if data.size and max(abs(float(data.min())), abs(float(data.max()))) > 2**31:  # no int64 cast of 1e30
+            raise CrossModalNetError(f"{path}: label values up to {max(abs(data.min()), abs(data.max())):g} are "
+                                     "neither class indices nor MM-WHS codes")
         data = np.rint(data).astype(np.int64)
     try:
         encoding = detect_encoding(data)
