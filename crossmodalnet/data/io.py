@@ -144,7 +144,7 @@ def _open_header(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.
             dims = tuple(int(d) for d in header.get_data_shape())
             dtype = np.dtype(header.get_data_dtype())
             zooms = tuple(float(z) for z in header.get_zooms())
-            offset = int(header.get_data_offset())
+            offset = int(img.dataobj.offset)  # the header object forgets vox_offset once loaded
             slope, inter = (math.nan if v is None else float(v) for v in header.get_slope_inter())
             affine = np.asarray(img.affine, dtype=np.float64)
     except CrossModalNetError:
