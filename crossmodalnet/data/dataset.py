@@ -139,7 +139,8 @@ def load_dataset(root: str | os.PathLike, check_files: bool = True) -> Dataset:
     """Read and validate `root/dataset.json`. Returns a Dataset with absolute paths per split.
 
     Every case id (given, or the CT/MR file name without suffixes) must be a safe file name and
-    unique across all splits (ignoring letter case), since outputs are named by it; every path
+    unique across all splits (ignoring letter case), since outputs are named by it; only the same
+    case (same files) may appear under one id in two splits; every path
     must be relative and stay inside the folder, symlinks followed.
     """
     root = Path(root)
@@ -147,7 +148,7 @@ def load_dataset(root: str | os.PathLike, check_files: bool = True) -> Dataset:
     meta = _read_json(json_path)
     _check_header(meta, json_path)
     splits: dict[str, list[Case]] = {}
-    seen: dict[str, str] = {}  # casefolded id -> where it was first listed
+    seen: dict[str, tuple[str, Case]] = {}  # casefolded id -> where it was first listed, and the case
     for split in SPLITS:
         entries = meta.get(split, [])
         if entries is None:
@@ -155,6 +156,7 @@ def load_dataset(root: str | os.PathLike, check_files: bool = True) -> Dataset:
         if not isinstance(entries, list):
             raise CrossModalNetError(f"{json_path}: {split!r} must be a list, got {type(entries).__name__}")
         cases = []
+        in_split: dict[str, str] = {}  # casefolded id -> where in this split
         for i, entry in enumerate(entries):
             where = f"{split}[{i}]"
             if not isinstance(entry, dict):
@@ -173,12 +175,18 @@ def load_dataset(root: str | os.PathLike, check_files: bool = True) -> Dataset:
             if problem:
                 source = "id" if given is not None else "id (taken from the file name)"
                 raise CrossModalNetError(f"{json_path}: {where} {source} {case_id!r:.80} {problem}")
-            if case_id.casefold() in seen:
+            case = Case(id=case_id, **paths)
+            key = case_id.casefold()
+            # One case may be listed in two splits (same id, same files: its outputs are the same
+            # files); any other repeat would let one case's outputs overwrite another's.
+            clash = in_split.get(key) or (seen[key][0] if key in seen and seen[key][1] != case else None)
+            if clash:
                 raise CrossModalNetError(
-                    f"{json_path}: {where} id {case_id!r} is also the id of {seen[case_id.casefold()]} "
+                    f"{json_path}: {where} id {case_id!r} is also the id of {clash} "
                     "(ids name output files, so they must differ, beyond letter case too)")
-            seen[case_id.casefold()] = where
-            cases.append(Case(id=case_id, **paths))
+            in_split[key] = where
+            seen.setdefault(key, (where, case))
+            cases.append(case)
         splits[split] = cases
     if not any(splits.values()):
         raise CrossModalNetError(f"{json_path}: lists no cases in {list(SPLITS)}")

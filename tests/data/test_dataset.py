@@ -192,3 +192,14 @@ def test_check_case_applies_the_header_checks(folder, monkeypatch):
     monkeypatch.setenv("CROSSMODALNET_MAX_IMAGE_BYTES", "1000")  # below the 6x7x8 float32 volume
     with pytest.raises(CrossModalNetError, match=r"case_0_ct.nii.gz: the header claims 6x7x8 voxels"):
         check_case(case)
+
+
+def test_one_case_may_be_listed_in_two_splits_but_not_twice_in_one(folder):
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["test"].append(dict(meta["training"][0]))  # case_0 in training and in test: the same files
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    assert [c.id for c in load_dataset(folder)["test"]] == ["case_2", "case_0"]
+    meta["test"].append(dict(meta["training"][0]))  # and twice in test
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(CrossModalNetError, match=r"test\[2\] id 'case_0' is also the id of test\[1\]"):
+        load_dataset(folder)

@@ -211,9 +211,13 @@ def test_dataset_json_reader_fails_only_cleanly(json_root, text):
     except CrossModalNetError as exc:
         _assert_clean(exc, json_path)
         return
-    # Accepted: every id is a safe, unique file name, every path a file inside the folder.
-    ids = [c.id.casefold() for cases in ds.splits.values() for c in cases]
-    assert len(ids) == len(set(ids))
+    # Accepted: every id is a safe file name naming one case only (a case may be in two splits),
+    # unique within its split; every path a file inside the folder.
+    by_id: dict[str, object] = {}
+    for cases in ds.splits.values():
+        assert len({c.id.casefold() for c in cases}) == len(cases)
+        for c in cases:
+            assert by_id.setdefault(c.id.casefold(), c) == c
     inside = json_root.resolve()
     for cases in ds.splits.values():
         for case in cases:
