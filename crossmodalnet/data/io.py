@@ -71,8 +71,6 @@ class Geometry:
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol))
 
 
-
-
 # The memory budget of one volume read from disk. A NIfTI header states the array's size and
 # nibabel allocates it before reading a byte of the body, so a 360-byte file claiming 1200^3
 # voxels would cost gigabytes: every header is checked against this budget first. 4 GiB holds
@@ -175,7 +173,9 @@ def _open_header(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.
     body = voxels * dtype.itemsize
     size = path.stat().st_size
     compressed = path.name.endswith(".gz")
-    capacity = size * _MAX_GZIP_RATIO if compressed else size
+    # Exact for a plain .nii, deflate's bound for .gz; other compressions nibabel reads (.bz2,
+    # .zst) have no useful bound and are held to the budget only.
+    capacity = size * _MAX_GZIP_RATIO if compressed else size if path.name.endswith(".nii") else math.inf
     if offset < 0 or capacity < offset + body:
         raise CrossModalNetError(
             f"{path}: file of {size} bytes is too small for the {'x'.join(map(str, dims))} voxels of {dtype} its "
