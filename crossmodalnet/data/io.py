@@ -231,7 +231,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     """
     path = Path(path)
     data, geom = _load(path)
-    data = np.asarray(data).astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes Inf, refused just below
+        data = np.asarray(data).astype(np.float32, copy=False)
     _check_finite(path, data, "")
     return data, geom
 
