@@ -8,13 +8,18 @@ half-written file. Every check raises `CrossModalNetError` with one line naming 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.imageglobals import logger as nibabel_logger
 
 from crossmodalnet.data.labels import detect_encoding, to_indices
 from crossmodalnet.errors import CrossModalNetError
@@ -23,6 +28,9 @@ from crossmodalnet.files import atomic_path
 __all__ = [
     "Geometry",
     "read_geometry",
+    "max_image_bytes",
+    "DEFAULT_MAX_IMAGE_BYTES",
+    "MAX_IMAGE_BYTES_ENV",
     "read_image",
     "read_label",
     "write_image",
@@ -63,62 +71,169 @@ class Geometry:
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol))
 
 
+# The memory budget of one volume read from disk. A NIfTI header states the array's size and
+# nibabel allocates it before reading a byte of the body, so a 360-byte file claiming 1200^3
+# voxels would cost gigabytes: every header is checked against this budget first. 4 GiB holds
+# the largest clinical CT (512 x 512 x 2000 slices, 0.5 G voxels, 2 GiB as float32) with room;
+# a machine with less memory (or a server reading files from strangers) sets it lower.
+DEFAULT_MAX_IMAGE_BYTES = 4 * 2**30
+MAX_IMAGE_BYTES_ENV = "CROSSMODALNET_MAX_IMAGE_BYTES"
+# Deflate cannot compress more than 1032:1 (zlib's documented limit), so a .nii.gz file of n bytes
+# holds at most about 1032 n bytes: a header claiming more is a lie or the body is missing.
+_MAX_GZIP_RATIO = 1032
 
 
-def _load(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
-    path = Path(path)
+def max_image_bytes() -> int:
+    """The budget in bytes for one volume: $CROSSMODALNET_MAX_IMAGE_BYTES, else 4 GiB.
+
+    Read on every call, so that a server (or a test) can lower it without re-importing.
+    """
+    text = os.environ.get(MAX_IMAGE_BYTES_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_BYTES
+    try:
+        value = int(float(text))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise CrossModalNetError(f"${MAX_IMAGE_BYTES_ENV}: expected a positive number of bytes, got {text!r}")
+    return value
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence the header repairs nibabel logs (problems it raises for are kept): with no handler
+    set, Python's last-resort handler would print them to stderr beside our one-line error."""
+    level = nibabel_logger.level
+    nibabel_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        nibabel_logger.setLevel(level)
+
+
+def _one_line(exc: BaseException) -> str:
+    # Some nibabel and zlib messages span lines; the error must stay one line.
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _open_header(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarray]:
+    """Load a NIfTI header (no voxels) and check it can be read safely. Returns (image, 3D shape, affine).
+
+    Checked before any body is read: NIfTI-1/2, a real numeric data type, a 3D shape (trailing
+    singleton axes dropped) of positive sizes, the array within `max_image_bytes()`, a file large
+    enough for the body it claims, finite positive voxel sizes, an invertible affine.
+    """
     if not path.is_file():
         raise CrossModalNetError(f"{path}: file not found")
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        # Some nibabel messages span lines; the error must stay one line.
-        detail = " ".join(str(exc).split())
-        raise CrossModalNetError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {detail})") from None
-    # Accept a trailing singleton 4th axis, as some converters write.
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise CrossModalNetError(f"{path}: expected a 3D volume, got shape {tuple(data.shape)}")
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise CrossModalNetError(f"{path}: the header's affine is not a valid voxel-to-world transform")
-    return data, Geometry(affine=affine, shape=tuple(int(s) for s in data.shape))
-
-
-def read_geometry(path: str | os.PathLike) -> Geometry:
-    """Read only the header of a volume: its Geometry. Same checks and errors as `read_image`,
-    without decompressing the voxels (to check many files before any work starts)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CrossModalNetError(f"{path}: file not found")
-    try:
-        img = nib.load(str(path))
-        shape = tuple(int(s) for s in img.shape)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        detail = " ".join(str(exc).split())
-        raise CrossModalNetError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {detail})") from None
+        # nibabel reports the header fields it repairs through its logger and warnings: they
+        # would print lines around our one-line error, and the checks below decide instead.
+        with warnings.catch_warnings(), _quiet_nibabel():
+            warnings.simplefilter("ignore")
+            img = nib.load(str(path))
+            if not isinstance(img, nib.Nifti1Image):  # NIfTI-2 images are Nifti1Image subclasses
+                raise CrossModalNetError(f"{path}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
+            header = img.header
+            dims = tuple(int(d) for d in header.get_data_shape())
+            dtype = np.dtype(header.get_data_dtype())
+            zooms = tuple(float(z) for z in header.get_zooms())
+            offset = int(img.dataobj.offset)  # the header object forgets vox_offset once loaded
+            slope, inter = (math.nan if v is None else float(v) for v in header.get_slope_inter())
+            affine = np.asarray(img.affine, dtype=np.float64)
+    except CrossModalNetError:
+        raise
+    except Exception as exc:  # nibabel raises many types for corrupt headers
+        raise CrossModalNetError(f"{path}: cannot read as NIfTI ({_one_line(exc)})") from None
+    if any(d <= 0 for d in dims):
+        raise CrossModalNetError(f"{path}: the header gives array shape {dims}; every size must be positive")
+    shape = dims
+    # Accept trailing singleton axes, as some converters write (X, Y, Z, 1).
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3:
-        raise CrossModalNetError(f"{path}: expected a 3D volume, got shape {shape}")
+        raise CrossModalNetError(f"{path}: expected a 3D volume, got shape {dims}")
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise CrossModalNetError(f"{path}: voxel type {dtype} is not a real number type")
+    voxels = math.prod(dims)
+    # As held in memory: the file's type, or the float32 it becomes, whichever is larger; nibabel
+    # may scale (scl_slope, scl_inter) into float64.
+    scaled = not (math.isnan(slope) or slope == 1.0) or not (math.isnan(inter) or inter == 0.0)
+    needed = voxels * max(dtype.itemsize, 8 if scaled else 4)
+    budget = max_image_bytes()
+    if needed > budget:
+        raise CrossModalNetError(
+            f"{path}: the header claims {'x'.join(map(str, dims))} voxels of {dtype} ({_gib(needed)} in memory), "
+            f"over the budget of {_gib(budget)} per volume (${MAX_IMAGE_BYTES_ENV} raises it)"
+        )
+    body = voxels * dtype.itemsize
+    size = path.stat().st_size
+    compressed = path.name.endswith(".gz")
+    # Exact for a plain .nii, deflate's bound for .gz; other compressions nibabel reads (.bz2,
+    # .zst) have no useful bound and are held to the budget only.
+    capacity = size * _MAX_GZIP_RATIO if compressed else size if path.name.endswith(".nii") else math.inf
+    if offset < 0 or capacity < offset + body:
+        raise CrossModalNetError(
+            f"{path}: file of {size} bytes is too small for the {'x'.join(map(str, dims))} voxels of {dtype} its "
+            f"header claims ({offset + body} bytes{' uncompressed' if compressed else ''}): truncated or a bad header"
+        )
+    if not all(math.isfinite(z) and z > 0 for z in zooms[:3]):
+        raise CrossModalNetError(f"{path}: voxel sizes {zooms[:3]} in the header are not finite positive numbers")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CrossModalNetError(f"{path}: the header's affine is not a valid voxel-to-world transform")
+    return img, shape, affine
+
+
+def _load(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Header checks, then the voxels: (array (X, Y, Z) in the file's type, geometry)."""
+    path = Path(path)
+    img, shape, affine = _open_header(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise CrossModalNetError(f"{path}: not enough memory for its {'x'.join(map(str, shape))} voxels") from None
+    except Exception as exc:  # zlib.error, EOFError, OSError, ValueError for a truncated or corrupt body
+        raise CrossModalNetError(f"{path}: cannot read as NIfTI: the voxel data are truncated or corrupt "
+                                 f"({_one_line(exc)})") from None
+    return data.reshape(shape), Geometry(affine=affine, shape=shape)
+
+
+def read_geometry(path: str | os.PathLike) -> Geometry:
+    """Read only the header of a volume: its Geometry. Same header checks and errors as `read_image`
+    (shape, type, memory budget, file size, voxel sizes, affine), without reading the voxels (to
+    check many files before any work starts)."""
+    path = Path(path)
+    _, shape, affine = _open_header(path)
     return Geometry(affine=affine, shape=shape)
+
+
+def _check_finite(path: Path, data: np.ndarray, what: str) -> None:
+    """Refuse NaN or Inf voxels. min and max propagate both without allocating a mask of the volume."""
+    if data.dtype.kind != "f" or not data.size:
+        return
+    if math.isfinite(float(data.min())) and math.isfinite(float(data.max())):
+        return
+    n = int(data.size - np.count_nonzero(np.isfinite(data)))
+    raise CrossModalNetError(f"{path}: {what}{n} voxels are NaN or Inf")
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     """Read an intensity volume. Returns `(array float32 (X, Y, Z), geometry)`.
 
-    Raises CrossModalNetError for a missing/corrupt file, a non-3D volume or NaN/Inf voxels.
+    Raises CrossModalNetError for a missing/corrupt file, a bad header (see `read_geometry`), a
+    non-3D volume or NaN/Inf voxels (values beyond float32 become Inf and are refused too).
     """
+    path = Path(path)
     data, geom = _load(path)
-    data = data.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(data)):
-        n = int((~np.isfinite(data)).sum())
-        raise CrossModalNetError(f"{path}: {n} voxels are NaN or Inf")
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes Inf, refused just below
+        data = np.asarray(data).astype(np.float32, copy=False)
+    _check_finite(path, data, "")
     return data, geom
 
 
@@ -127,12 +242,16 @@ def read_label(path: str | os.PathLike) -> tuple[np.ndarray, Geometry, str]:
 
     `encoding` is "indices" (0..7) or "codes" (MM-WHS 205..850), detected per file.
     """
+    path = Path(path)
     data, geom = _load(path)
+    data = np.asarray(data)
     if np.issubdtype(data.dtype, np.floating):
-        if not np.all(np.isfinite(data)):
-            raise CrossModalNetError(f"{path}: label map holds NaN or Inf voxels")
+        _check_finite(path, data, "label map: ")
         if not np.array_equal(data, np.rint(data)):
             raise CrossModalNetError(f"{path}: label map holds non-integer values")
+        if data.size and max(abs(float(data.min())), abs(float(data.max()))) > 2**31:  # no int64 cast of 1e30
+            raise CrossModalNetError(f"{path}: label values up to {max(abs(data.min()), abs(data.max())):g} are "
+                                     "neither class indices nor MM-WHS codes")
         data = np.rint(data).astype(np.int64)
     try:
         encoding = detect_encoding(data)

@@ -68,12 +68,16 @@ def detect_encoding(values: np.ndarray) -> str:
         return "indices"
     if present <= {0, *CODES}:
         return "codes"
-    bad_idx = sorted(present - set(range(NUM_CLASSES)))
-    bad_code = sorted(present - {0, *CODES})
-    bad = bad_idx if len(bad_idx) <= len(bad_code) else bad_code
-    raise ValueError(
-        f"label values {bad[:8]} are neither class indices 0-{NUM_CLASSES - 1} nor MM-WHS codes {list(CODES)}"
-    )
+    indices, codes = set(range(NUM_CLASSES)), {0, *CODES}
+    invalid = sorted(present - indices - codes)
+    if invalid:
+        more = f" and {len(invalid) - 8} more" if len(invalid) > 8 else ""
+        raise ValueError(f"label values {invalid[:8]}{more} are neither class indices 0-{NUM_CLASSES - 1} "
+                         f"nor MM-WHS codes {list(CODES)}")
+    # Every value is valid in one encoding, but not all in the same one: name both sides.
+    only_indices, only_codes = sorted(present - codes), sorted(present - indices)
+    raise ValueError(f"label map mixes class indices {only_indices} with MM-WHS codes {only_codes}; "
+                     "a file must hold one encoding only")
 
 
 def to_indices(labels: np.ndarray) -> np.ndarray:

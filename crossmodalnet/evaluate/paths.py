@@ -12,6 +12,9 @@ import io as _stdio
 import json
 import math
 import os
+import secrets
+import shutil
+import stat
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,12 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from crossmodalnet.data.io import check_same_grid, read_label
+from crossmodalnet.data.io import check_same_grid, read_geometry, read_label
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.evaluate.metrics import COLUMNS, TOPOLOGY_COLUMNS, Row, Spacing, check_convention
 from crossmodalnet.evaluate.plots import plot_dice, plot_hd95
 from crossmodalnet.evaluate.summary import evaluate_arrays, format_table
-from crossmodalnet.files import atomic_path
 
 __all__ = ["match_cases", "evaluate_paths"]
 
@@ -38,13 +40,37 @@ def _case_name(path: Path) -> str | None:
     return None
 
 
-def _list_nifti(folder: Path) -> dict[str, Path]:
+def _kind(path: Path) -> str | None:
+    """None for a regular file (symlinks followed), else what the entry is instead."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a broken symlink" if path.is_symlink() else "unreadable"
+    if stat.S_ISREG(mode):
+        return None
+    return "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+
+
+def _list_nifti(folder: Path, ignored: list[str]) -> dict[str, Path]:
+    """{case: file} of the NIfTI files of `folder`. An entry with a NIfTI name that is not a
+    readable file (a broken symlink, a folder) is an error: skipping it would score fewer cases
+    than the folder holds. Other entries (not dot files) are appended to `ignored`, to be reported."""
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        name = _case_name(path)
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise CrossModalNetError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    for path in entries:
         # Dot files are skipped: they are temp files of atomic writes (ours included).
-        if name is None or path.name.startswith(".") or not path.is_file():
+        if path.name.startswith("."):
             continue
+        name = _case_name(path)
+        if name is None:
+            ignored.append(str(path))
+            continue
+        kind = _kind(path)
+        if kind is not None:
+            raise CrossModalNetError(f"{path}: {kind}, not a NIfTI file; remove it or replace it with the file")
         if name in found:
             raise CrossModalNetError(
                 f"{folder}: case {name!r} is there twice ({found[name].name}, {path.name})"
@@ -54,7 +80,7 @@ def _list_nifti(folder: Path) -> dict[str, Path]:
 
 
 def match_cases(
-    pred: str | os.PathLike, ref: str | os.PathLike
+    pred: str | os.PathLike, ref: str | os.PathLike, ignored: list[str] | None = None
 ) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
     """Pair predictions with references: two files, or two folders matched by case name.
 
@@ -62,16 +88,21 @@ def match_cases(
     names of predictions with no reference). A reference with no prediction is an error: a score
     over fewer cases than the reference set would look better than it is. A prediction with no
     reference is only reported (a test split may be predicted in full and scored on a subset).
+    Entries of either folder that are not NIfTI files by name are appended to `ignored`.
     """
+    ignored = [] if ignored is None else ignored
     pred, ref = Path(pred), Path(ref)
     for what, path in (("prediction", pred), ("reference", ref)):
         if not path.exists():
             raise CrossModalNetError(f"{path}: {what} not found")
+    for what, path in (("prediction", pred), ("reference", ref)):
+        if path.exists() and not (path.is_file() or path.is_dir()):
+            raise CrossModalNetError(f"{path}: the {what} is {_kind(path)}; give a NIfTI file or a folder of them")
     if pred.is_file() and ref.is_file():
         return {_case_name(ref) or ref.name: (pred, ref)}, []
     if not (pred.is_dir() and ref.is_dir()):
         raise CrossModalNetError(f"{pred} and {ref}: give two files or two folders, not one of each")
-    preds, refs = _list_nifti(pred), _list_nifti(ref)
+    preds, refs = _list_nifti(pred, ignored), _list_nifti(ref, ignored)
     if not refs:
         raise CrossModalNetError(f"{ref}: no .nii.gz or .nii reference files in the folder")
     missing = [name for name in refs if name not in preds]
@@ -120,6 +151,58 @@ def _csv_text(rows: Sequence[Row], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
+def _check_headers(pairs: dict[str, tuple[Path, Path]]) -> None:
+    """Every header readable and within the memory budget, each prediction on its reference's grid:
+    checked for all cases before the first is scored, so that a bad last file stops the run at once."""
+    for pred_path, ref_path in pairs.values():
+        check_same_grid({str(ref_path): read_geometry(ref_path), str(pred_path): read_geometry(pred_path)})
+
+
+def _write_outputs(out: Path, outputs: dict[str, bytes]) -> None:
+    """Write every output so that a failure part-way (a full disk) leaves `out` as it was.
+
+    A new `out` is filled as a hidden staging folder beside it and renamed into place; an existing
+    one gets each file under a hidden temp name first, renamed over the old files only once all of
+    them are written. On failure the temp files (and any folders made here) are removed.
+    """
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    staging: Path | None = None
+    temps: dict[str, Path] = {}
+    try:
+        if created:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # os.mkdir, not mkdtemp: the kernel applies the umask, as for any folder the user makes.
+            staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.staging"
+            staging.mkdir()
+            for name, data in outputs.items():
+                (staging / name).write_bytes(data)
+            os.replace(staging, out)
+            staging = None
+            return
+        for name, data in outputs.items():
+            # Mode 0o666 less the umask (applied by the kernel), as open() gives; mkstemp would make 0600.
+            temps[name] = out / f".{name}.{secrets.token_hex(4)}.tmp"
+            os.close(os.open(temps[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            temps[name].write_bytes(data)
+        for name, tmp in temps.items():
+            os.replace(tmp, out / name)
+        temps = {}
+    except OSError as exc:
+        raise CrossModalNetError(f"{out}: cannot write the report ({exc.strerror or exc}); "
+                                 "the folder is left as it was") from None
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for folder in created[1:]:  # parents made for a new `out`, innermost first
+            if folder.is_dir() and not out.exists():
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
 def evaluate_paths(
     pred: str | os.PathLike,
     ref: str | os.PathLike,
@@ -130,22 +213,31 @@ def evaluate_paths(
 ) -> dict[str, Any]:
     """Score predicted label maps against references and write the report into `out`.
 
-    pred, ref: two NIfTI files or two folders of them (matched by case name). Every input is read
-    and checked (readable, 3D, label values, same grid as its reference) and every output is made
-    in memory before the first file is written, so an error leaves `out` untouched. Each file is
-    then written atomically. Prints the markdown table; returns the summary.
+    pred, ref: two NIfTI files or two folders of them (matched by case name). Every header is
+    checked first (readable, 3D, within the memory budget, same grid as its reference), then every
+    case is read and scored (voxels, label values) and every output is made in memory before the
+    first file is written, so an error leaves `out` untouched; the files are then written all or
+    none (`_write_outputs`). Entries of the folders that are not NIfTI files are named on stderr
+    and in summary.json ("ignored_entries"). Prints the markdown table; returns the summary.
     """
     check_convention(hd95)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CrossModalNetError(f"{out}: exists and is not a folder")
-    pairs, extra = match_cases(pred, ref)
+    ignored: list[str] = []
+    pairs, extra = match_cases(pred, ref, ignored)
+    _check_headers(pairs)
+    if ignored:
+        more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
+        print(f"note: {len(ignored)} entr{'y' if len(ignored) == 1 else 'ies'} without a .nii/.nii.gz name "
+              f"ignored: {', '.join(ignored[:3])}{more}", file=sys.stderr)
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
         print(f"warning: {len(extra)} prediction(s) in {pred} have no reference and are ignored: "
               f"{', '.join(extra[:3])}{more}", file=sys.stderr)
     rows, summary = evaluate_arrays(_FileCases(pairs), hd95=hd95, topology=topology, progress=progress)
     summary["unmatched_predictions"] = extra
+    summary["ignored_entries"] = ignored
     columns = COLUMNS + (TOPOLOGY_COLUMNS if topology else ())
     outputs = {
         "metrics.csv": _csv_text(rows, columns).encode(),
@@ -153,9 +245,7 @@ def evaluate_paths(
         "hd95.png": plot_hd95(rows, summary),
         "dice.png": plot_dice(rows, summary),
     }
-    for name, data in outputs.items():
-        with atomic_path(out / name) as tmp:
-            tmp.write_bytes(data)
+    _write_outputs(out, outputs)
     print(format_table(summary))
     print(f"wrote {', '.join(outputs)} to {out}")
     return summary

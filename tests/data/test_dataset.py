@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
-from crossmodalnet.data.dataset import CHANNELS, check_case, load_case, load_dataset, write_dataset_json
+from crossmodalnet.data.dataset import CHANNELS, check_case, check_case_id, load_case, load_dataset, write_dataset_json
 from crossmodalnet.data.io import Geometry, write_image, write_label
 from crossmodalnet.data.labels import NUM_CLASSES, to_codes
 from crossmodalnet.errors import CrossModalNetError
@@ -150,3 +150,56 @@ def test_corrupt_file_in_check_case(folder):
         check_case(case)
     with pytest.raises(CrossModalNetError, match=r"case_0_mr.nii.gz: cannot read as NIfTI"):
         load_case(case)
+
+
+# --- case ids: they name output files ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("good", ["case_0", "A", "1001", "ct.mr-2", "x" * 128])
+def test_safe_case_ids(good):
+    assert check_case_id(good) is None
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "../x", "/x", "a/b", "a\\b", ".hidden", "-x", "_x", "x" * 129, "é",
+                                 "a b", "a\x00", 5, None])
+def test_unsafe_case_ids(bad):
+    assert check_case_id(bad)
+
+
+def test_case_ids_unique_across_splits_ignoring_case(folder):
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["test"][0]["id"] = "CASE_0"  # training[0] is case_0
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(CrossModalNetError, match=r"test\[0\] id 'CASE_0' is also the id of training\[0\]"):
+        load_dataset(folder)
+
+
+def test_ids_taken_from_file_names_are_checked(folder):
+    meta = json.loads((folder / "dataset.json").read_text())
+    for entry in meta["training"]:
+        entry.pop("id")
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    assert [c.id for c in load_dataset(folder)["training"]] == ["case_0_ct", "case_1_ct"]
+    (folder / "imagesTr" / "case_0_ct.nii.gz").rename(folder / "imagesTr" / ".case_0_ct.nii.gz")
+    meta["training"][0]["ct"] = "imagesTr/.case_0_ct.nii.gz"
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(CrossModalNetError, match=r"training\[0\] id \(taken from the file name\) '' must be"):
+        load_dataset(folder)
+
+
+def test_check_case_applies_the_header_checks(folder, monkeypatch):
+    case = load_dataset(folder)["training"][0]
+    monkeypatch.setenv("CROSSMODALNET_MAX_IMAGE_BYTES", "1000")  # below the 6x7x8 float32 volume
+    with pytest.raises(CrossModalNetError, match=r"case_0_ct.nii.gz: the header claims 6x7x8 voxels"):
+        check_case(case)
+
+
+def test_one_case_may_be_listed_in_two_splits_but_not_twice_in_one(folder):
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["test"].append(dict(meta["training"][0]))  # case_0 in training and in test: the same files
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    assert [c.id for c in load_dataset(folder)["test"]] == ["case_2", "case_0"]
+    meta["test"].append(dict(meta["training"][0]))  # and twice in test
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(CrossModalNetError, match=r"test\[2\] id 'case_0' is also the id of test\[1\]"):
+        load_dataset(folder)

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 
 from crossmodalnet.data.io import (
+    DEFAULT_MAX_IMAGE_BYTES,
     GRID_ATOL_MM,
+    MAX_IMAGE_BYTES_ENV,
     Geometry,
     atomic_path,
     check_same_grid,
+    max_image_bytes,
+    read_geometry,
     read_image,
     read_label,
     write_image,
@@ -222,7 +226,7 @@ def test_singular_affine(tmp_path):
         ([0, 1, 9], r"\[9\]"),  # an index past the table
         ([0, 205, 300], r"\[300\]"),  # a code not in the table
         ([0, 3, -1], r"\[-1\]"),
-        ([0, 1, 205], r"neither class indices"),  # indices and codes mixed
+        ([0, 1, 205], r"mixes class indices \[1\] with MM-WHS codes \[205\]"),  # indices and codes mixed
     ],
 )
 def test_label_values_outside_the_table(tmp_path, values, match):
@@ -255,3 +259,42 @@ def test_check_same_grid_names_both_files():
     shifted[0, 3] += 0.5
     with pytest.raises(CrossModalNetError, match=r"label.nii.gz: affine differs from ct.nii.gz by up to 0.5 mm"):
         check_same_grid({"ct.nii.gz": g, "mr.nii.gz": g, "label.nii.gz": Geometry(shifted, g.shape)})
+
+
+# --- the memory budget and the header's claims, checked before any voxel is read ------------------
+
+
+def test_memory_budget_from_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "vol.nii.gz"
+    _save_raw(path, np.zeros((16, 16, 16), dtype=np.int16))  # 16 KiB as float32
+    monkeypatch.delenv(MAX_IMAGE_BYTES_ENV, raising=False)
+    assert max_image_bytes() == DEFAULT_MAX_IMAGE_BYTES == 4 * 2**30
+    assert read_image(path)[0].shape == (16, 16, 16)
+    monkeypatch.setenv(MAX_IMAGE_BYTES_ENV, str(16 * 16 * 16 * 4 - 1))
+    for reader in (read_geometry, read_image, read_label):
+        with pytest.raises(CrossModalNetError, match=r"16x16x16 voxels of int16 .* over the budget") as exc:
+            reader(path)
+        _assert_one_line_naming(exc, path)
+    monkeypatch.setenv(MAX_IMAGE_BYTES_ENV, "lots")
+    with pytest.raises(CrossModalNetError, match=f"{MAX_IMAGE_BYTES_ENV}: expected a positive number"):
+        read_image(path)
+
+
+def test_header_claims_checked_against_the_file_size(tmp_path):
+    good = tmp_path / "good.nii"
+    _save_raw(good, np.arange(4096, dtype=np.float32).reshape(16, 16, 16))
+    short = tmp_path / "short.nii"
+    short.write_bytes(good.read_bytes()[:-1])  # one byte of the body missing
+    # Found from the header and the file size alone: read_geometry refuses it too.
+    for reader in (read_geometry, read_image):
+        with pytest.raises(CrossModalNetError, match=r"file of 16735 bytes is too small .* \(16736 bytes\)") as exc:
+            reader(short)
+        _assert_one_line_naming(exc, short)
+    # gzip cannot compress beyond 1032:1: a 16 MiB body cannot hide in a few hundred bytes.
+    liar = tmp_path / "liar.nii.gz"
+    raw = bytearray(good.read_bytes())
+    raw[40:56] = np.array([3, 256, 256, 256, 1, 1, 1, 1], dtype="<i2").tobytes()
+    liar.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(CrossModalNetError, match=r"too small .* uncompressed\): truncated or a bad header") as exc:
+        read_geometry(liar)
+    _assert_one_line_naming(exc, liar)

@@ -48,8 +48,12 @@ def test_detect_encoding():
         detect_encoding(np.array([0, 8]))
     with pytest.raises(ValueError, match=r"\[206\]"):
         detect_encoding(np.array([0, 205, 206]))
-    with pytest.raises(ValueError, match="neither"):
-        detect_encoding(np.array([0, 3, 500]))  # mixed encodings
+    # Mixed encodings: 3 and 500 are each valid, in different tables; the message names both sides
+    # and does not call 500 invalid.
+    with pytest.raises(ValueError, match=r"mixes class indices \[3\] with MM-WHS codes \[500\]"):
+        detect_encoding(np.array([0, 3, 500]))
+    with pytest.raises(ValueError, match=r"label values \[9999\] are neither"):  # invalid in both beats mixed
+        detect_encoding(np.array([0, 3, 500, 9999]))
 
 
 def test_bad_values():

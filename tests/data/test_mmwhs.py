@@ -330,3 +330,23 @@ def test_registration_raises_label_dice(tmp_path, method, least):
     assert np.nanmean(list(label_dice(on_ct, ct_label).values())) >= after - 0.1
     report = (out / "registration_report.csv").read_text().splitlines()
     assert report[0].startswith("id,split,fixed,moving,method,mean_dice_before,mean_dice_after") and len(report) == 2
+
+
+def test_bad_voxels_of_the_last_pair_stop_the_run_before_the_first_case(tmp_path, capsys):
+    raw = _raw(tmp_path, train=(1001, 1002))
+    path = raw / "mr_train" / "mr_train_1002_label.nii.gz"
+    codes, geom, _ = read_label(path)
+    bad = to_codes(codes)
+    bad[1, 1, 1] = 301
+    write_label(path, bad, geom)
+    assert _cli(raw, tmp_path / "out") == 2
+    _one_line_error(capsys, "mr_train_1002_label.nii.gz", "[301]")
+    _nothing_written(tmp_path / "out")  # case 1001 comes first and was not started
+
+
+def test_prepared_grid_over_the_memory_budget(tmp_path, capsys, monkeypatch):
+    raw = _raw(tmp_path, train=(1001,))
+    monkeypatch.setenv("CROSSMODALNET_MAX_IMAGE_BYTES", str(24**3 * 4 - 1))
+    assert _cli(raw, tmp_path / "out") == 2  # --size 24
+    _one_line_error(capsys, "--size 24x24x24", "over the memory budget")
+    _nothing_written(tmp_path / "out")

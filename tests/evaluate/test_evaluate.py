@@ -337,3 +337,36 @@ def test_cli_other_bad_inputs(folders, tmp_path, capsys, problem):
     assert main(["evaluate", str(pred), str(ref), "--out", str(out)]) == 2
     _assert_clean_failure(capsys, tmp_path / "no_such_dir" if problem == "out_is_file" else out, match)
     assert out.is_file() if problem == "out_is_file" else not out.exists()
+
+
+def test_entries_that_are_not_nifti_are_named_not_skipped_silently(folders, tmp_path, capsys):
+    pred, ref = folders
+    (pred / "original").mkdir()  # predict's folder of label maps on the original grids
+    write_label(pred / "original" / "a.nii.gz", _labels(1), GEOM)
+    (ref / "README.txt").write_text("labels of the test split")
+    (ref / ".a.1234.nii.gz").write_bytes(b"")  # a temp file of an atomic write: not a case, not named
+    out = tmp_path / "out"
+    summary = evaluate_paths(pred, ref, out, progress=False)
+    assert summary["cases"] == ["a", "b"]
+    assert summary["ignored_entries"] == [str(pred / "original"), str(ref / "README.txt")]
+    assert json.loads((out / "summary.json").read_text())["ignored_entries"] == summary["ignored_entries"]
+    err = capsys.readouterr().err
+    assert f"note: 2 entries without a .nii/.nii.gz name ignored: {pred / 'original'}, {ref / 'README.txt'}" in err
+
+
+def test_a_second_report_replaces_the_first_and_keeps_other_files(folders, tmp_path, capsys):
+    pred, ref = folders
+    out = tmp_path / "out"
+    assert main(["evaluate", str(pred), str(ref), "--out", str(out)]) == 0
+    first = (out / "summary.json").read_text()
+    (out / "notes.txt").write_text("mine")
+    os.remove(pred / "b.nii")
+    write_label(pred / "b.nii.gz", _labels(7), GEOM)  # another prediction: another report
+    assert main(["evaluate", str(pred), str(ref), "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["dice.png", "hd95.png", "metrics.csv", "notes.txt", "summary.json"]
+    assert (out / "summary.json").read_text() != first and (out / "notes.txt").read_text() == "mine"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "metrics.csv").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert sorted(os.listdir(tmp_path)) == ["out", "pred", "ref"]  # no staging folder left beside it

@@ -3,7 +3,9 @@
 RAW (as released): `ct_train/ct_train_1001_image.nii.gz` + `ct_train_1001_label.nii.gz` (MM-WHS codes),
 `mr_train/...`, optionally `ct_test/`, `mr_test/` without labels. Case i of one modality is paired
 with case i of the other (sorted by number), or as a CSV says (`ct,mr[,id]`, paths relative to RAW).
-Only headers are read here (`check_headers`); the volumes are (X, Y, Z) NIfTI files.
+Inputs are checked here before any case starts: headers (`check_headers`), then voxels and label
+values (`prepare.read_pair`, for every pair still to do, before the output folder is made); the
+volumes are (X, Y, Z) NIfTI files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from crossmodalnet.data.dataset import check_case_id
 from crossmodalnet.data.io import check_same_grid, read_geometry
 from crossmodalnet.errors import CrossModalNetError
 
@@ -119,11 +122,13 @@ def read_pairs_csv(csv_path: str | os.PathLike, raw: str | os.PathLike) -> list[
             raise CrossModalNetError(f"{csv_path} line {line}: both 'ct' and 'mr' are needed")
         stems = [re.sub(r"(_image)?\.nii(\.gz)?$", "", paths[k].name) for k in ("ct", "mr")]
         case_id = row.get("id") or f"{stems[0]}_{stems[1]}"
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", case_id):
-            raise CrossModalNetError(f"{csv_path} line {line}: id {case_id!r} may hold only letters, digits, _ . -")
-        if case_id in seen:
-            raise CrossModalNetError(f"{csv_path} line {line}: id {case_id!r} appears twice")
-        seen.add(case_id)
+        # The id names the prepared files and dataset.json lists it: the dataset's own rule.
+        problem = check_case_id(case_id)
+        if problem:
+            raise CrossModalNetError(f"{csv_path} line {line}: id {case_id!r:.80} {problem}")
+        if case_id.casefold() in seen:
+            raise CrossModalNetError(f"{csv_path} line {line}: id {case_id!r} appears twice (letter case ignored)")
+        seen.add(case_id.casefold())
         pairs.append(Pair(case_id, paths["ct"], paths["mr"], paths.get("ct_label") or _label_beside(paths["ct"]),
                           paths.get("mr_label") or _label_beside(paths["mr"])))
     if not pairs:

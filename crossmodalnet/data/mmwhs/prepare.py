@@ -24,7 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from crossmodalnet.data.io import check_same_grid, read_image, read_label, write_image, write_label
+from crossmodalnet.data.io import (
+    MAX_IMAGE_BYTES_ENV,
+    check_same_grid,
+    max_image_bytes,
+    read_image,
+    read_label,
+    write_image,
+    write_label,
+)
 from crossmodalnet.data.mmwhs.grid import crop_grid, fraction_inside, heart_box, label_dice
 from crossmodalnet.data.mmwhs.pairing import MODALITIES, Pair
 from crossmodalnet.data.mmwhs.records import RECORD_FORMAT, geometry_to_json
@@ -55,6 +63,14 @@ class PrepareConfig:
             raise CrossModalNetError(f"--spacing must be positive (mm), got {self.spacing}")
         if len(self.size) != 3 or not all(int(s) >= 8 for s in self.size):
             raise CrossModalNetError(f"--size must be at least 8 voxels, got {self.size}")
+        # The prepared grid is allocated several times per case (image, warped image, label) as
+        # float32: refuse a grid over the per-volume memory budget before any case starts.
+        voxels = math.prod(int(s) for s in self.size)
+        if voxels * 4 > max_image_bytes():
+            raise CrossModalNetError(
+                f"--size {'x'.join(map(str, self.size))}: the prepared grid holds {voxels:.3g} voxels "
+                f"({voxels * 4 / 2**30:.3g} GiB as float32), over the memory budget of "
+                f"{max_image_bytes() / 2**30:.3g} GiB per volume (${MAX_IMAGE_BYTES_ENV} raises it)")
         if not (math.isfinite(self.margin_mm) and self.margin_mm >= 0):
             raise CrossModalNetError(f"--margin must be >= 0 mm, got {self.margin_mm}")
 
