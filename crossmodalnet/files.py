@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_csv"]
+__all__ = ["atomic_path", "temp_file_beside", "write_csv"]
 
 
 def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
@@ -40,6 +40,12 @@ def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
     raise FileExistsError(f"{folder}: no free temporary file name with prefix {prefix!r}")
 
 
+def temp_file_beside(path: str | os.PathLike) -> Path:
+    """A new empty hidden file in `path`'s folder whose name keeps `path`'s suffixes (to be renamed onto it)."""
+    path = Path(path)
+    return _new_file(path.parent, f".{path.name.split('.')[0]}.", "".join(path.suffixes) or ".tmp")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -48,8 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    tmp_path = _new_file(path.parent, f".{path.name.split('.')[0]}.", suffix)
+    tmp_path = temp_file_beside(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -27,6 +27,7 @@ from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.evaluate.metrics import COLUMNS, TOPOLOGY_COLUMNS, Row, Spacing, check_convention
 from crossmodalnet.evaluate.plots import plot_dice, plot_hd95
 from crossmodalnet.evaluate.summary import evaluate_arrays, format_table
+from crossmodalnet.files import atomic_path, temp_file_beside
 
 __all__ = ["match_cases", "evaluate_paths"]
 
@@ -175,14 +176,13 @@ def _write_outputs(out: Path, outputs: dict[str, bytes]) -> None:
             staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.staging"
             staging.mkdir()
             for name, data in outputs.items():
-                (staging / name).write_bytes(data)
+                with atomic_path(staging / name) as tmp:
+                    tmp.write_bytes(data)
             os.replace(staging, out)
             staging = None
             return
         for name, data in outputs.items():
-            # Mode 0o666 less the umask (applied by the kernel), as open() gives; mkstemp would make 0600.
-            temps[name] = out / f".{name}.{secrets.token_hex(4)}.tmp"
-            os.close(os.open(temps[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            temps[name] = temp_file_beside(out / name)
             temps[name].write_bytes(data)
         for name, tmp in temps.items():
             os.replace(tmp, out / name)
