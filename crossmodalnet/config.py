@@ -244,7 +244,10 @@ class TrainConfig(_Schema):
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2  # held out when dataset.json has no validation
     sw_batch_size: PositiveInt = 2
     sw_overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
-    num_workers: NonNegativeInt = 1  # background processes that sample and augment patches (0: in the loop)
+    # Background processes that sample and augment patches; 0: in the training loop; None: 0 on a CPU
+    # (workers would take cores from the model, and the pipeline costs a few % of a step: docs/benchmarks.md,
+    # "Data pipeline"), 2 on a GPU (the model must never wait for data).
+    num_workers: NonNegativeInt | None = None
     device: Device = "auto"
     augment: bool = True
     # Augmentation (when `augment`). No mirroring by default: a mirrored heart is situs inversus,
@@ -306,7 +309,7 @@ class AdaptConfig(_Schema):
     val_every: NonNegativeInt = 5  # epochs between source-validation Dice (diagnostic); 0: never
     seed: NonNegativeInt = 0
     device: Device = "auto"
-    num_workers: NonNegativeInt = 1  # background processes that sample patches (0: in the loop)
+    num_workers: NonNegativeInt | None = None  # patch-sampling processes; None: 0 on a CPU, 2 on a GPU
 
     @field_validator("terms", mode="before")
     @classmethod

@@ -43,7 +43,7 @@ from crossmodalnet.train import distributed as ddp
 
 __all__ = [
     "BatchSource", "Task", "LoopSettings", "Engine", "PreparedRun", "batch_iterator", "param_groups", "step_seed",
-    "training_autocast", "split_by_rank", "gather_lists",
+    "training_autocast", "split_by_rank", "gather_lists", "resolve_workers",
 ]
 
 _FORMAT = 2  # of state.pt
@@ -148,9 +148,16 @@ class LoopSettings:
     max_minutes: float | None = None
     grad_clip: float = 0.0
     precision: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = 0  # None: `resolve_workers`
     val_every: int = 0
     desc: str = "train"
+
+
+def resolve_workers(num_workers: int | None, device: torch.device) -> int:
+    """The number of patch-sampling processes: as configured, or (None) 0 on a CPU and 2 on a GPU."""
+    if num_workers is not None:
+        return num_workers
+    return 2 if device.type == "cuda" else 0
 
 
 class _Steps(Dataset):
@@ -249,7 +256,8 @@ class Engine:
         self._start, self._elapsed0 = time.monotonic(), self.elapsed
         bar = tqdm(total=s.total_steps, initial=self.step, disable=not main or s.desc == "", unit="step",
                    dynamic_ncols=True, desc=s.desc)
-        batches = batch_iterator(self.task.batches, self.step, s.total_steps, s.num_workers)
+        batches = batch_iterator(self.task.batches, self.step, s.total_steps,
+                                 resolve_workers(s.num_workers, self.device))
         try:
             stop = False
             while self.step < s.total_steps and not stop:

@@ -22,6 +22,7 @@ from crossmodalnet.train.engine import (
     Task,
     batch_iterator,
     param_groups,
+    resolve_workers,
     split_by_rank,
     training_autocast,
 )
@@ -51,6 +52,12 @@ def test_training_with_workers_gives_the_same_weights(ellipsoid_data, tmp_path):
     wa, wb = load_file(a / "last" / "model.safetensors"), load_file(b / "last" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (a / "steps.csv").read_text() == (b / "steps.csv").read_text()
+
+
+def test_workers_default_to_none_on_a_cpu_and_two_on_a_gpu():
+    assert resolve_workers(None, torch.device("cpu")) == 0
+    assert resolve_workers(None, torch.device("cuda")) == 2
+    assert resolve_workers(3, torch.device("cpu")) == 3
 
 
 def test_no_weight_decay_on_norms_biases_position_biases_and_placeholders():
