@@ -9,7 +9,7 @@ runs as a single process. Rank 0 ("main") validates, logs and writes the run fol
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,6 +27,8 @@ __all__ = [
     "all_reduce_sum",
     "main_first",
     "all_gather_objects",
+    "split_by_rank",
+    "gather_lists",
 ]
 
 T = TypeVar("T")
@@ -135,3 +137,15 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def split_by_rank(items: Sequence[Any], dist: DistInfo) -> list[Any]:
+    """This rank's share of `items` (every world_size-th, from its rank)."""
+    return list(items[dist.rank::dist.world_size])
+
+
+def gather_lists(mine: list[Any], dist: DistInfo) -> list[Any]:
+    """The concatenation of every process's list (rank order); `mine` for one process."""
+    if not dist.distributed:
+        return mine
+    return [item for part in all_gather_objects(mine, dist) for item in part]

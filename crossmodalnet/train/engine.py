@@ -43,7 +43,7 @@ from crossmodalnet.train import distributed as ddp
 
 __all__ = [
     "BatchSource", "Task", "LoopSettings", "Engine", "PreparedRun", "batch_iterator", "param_groups", "step_seed",
-    "training_autocast", "split_by_rank", "gather_lists", "resolve_workers",
+    "training_autocast", "resolve_workers",
 ]
 
 _FORMAT = 2  # of state.pt
@@ -400,18 +400,6 @@ class PreparedRun:
         """Run the loop; returns the engine at its last step."""
         return Engine(self.task, self.settings, run=self.run, dist=self.dist, model_config=self.model_config,
                       resume_state=self.state).fit()
-
-
-def split_by_rank(items: Sequence[Any], dist: ddp.DistInfo) -> list[Any]:
-    """This rank's share of `items` (every world_size-th, from its rank)."""
-    return list(items[dist.rank::dist.world_size])
-
-
-def gather_lists(mine: list[Any], dist: ddp.DistInfo) -> list[Any]:
-    """The concatenation of every process's list (rank order); `mine` for one process."""
-    if not dist.distributed:
-        return mine
-    return [item for part in ddp.all_gather_objects(mine, dist) for item in part]
 
 
 def _numpy_state(saved: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -37,7 +37,8 @@ from crossmodalnet.runs import RunFolder
 from crossmodalnet.train import distributed as ddp
 from crossmodalnet.train import preflight
 from crossmodalnet.train.data import PatchSampler
-from crossmodalnet.train.engine import LoopSettings, PreparedRun, Task, gather_lists, param_groups, split_by_rank
+from crossmodalnet.train.distributed import gather_lists, split_by_rank
+from crossmodalnet.train.engine import LoopSettings, PreparedRun, Task, param_groups
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
 from crossmodalnet.train.report import METRIC_COLUMNS, STEP_TERMS, format_summary, plot_curves
 

@@ -15,7 +15,7 @@ from crossmodalnet.config import ModelConfig
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.evaluate import compute_case_metrics
 from crossmodalnet.models.registry import build_model
-from crossmodalnet.train.distributed import DistInfo
+from crossmodalnet.train.distributed import DistInfo, split_by_rank
 from crossmodalnet.train.engine import (
     Engine,
     LoopSettings,
@@ -23,7 +23,6 @@ from crossmodalnet.train.engine import (
     batch_iterator,
     param_groups,
     resolve_workers,
-    split_by_rank,
     training_autocast,
 )
 from crossmodalnet.train.trainer import case_dice, train
