@@ -20,7 +20,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "temp_file_beside", "write_csv"]
+from crossmodalnet.errors import CrossModalNetError
+
+__all__ = ["atomic_path", "temp_file_beside", "write_csv", "check_output_folder"]
 
 
 def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
@@ -78,3 +80,18 @@ def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[di
     with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue())
     return Path(path)
+
+
+def check_output_folder(out: str | os.PathLike, flag: str = "output folder") -> None:
+    """Refuse an output folder that is a file or lies below one, in one line naming it (`flag`: how
+    the user names it, e.g. "--out"). Creating it, later, is the check that it can be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CrossModalNetError(f"{out}: cannot create the output folder (a file of that name exists); "
+                                 f"choose another {flag}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CrossModalNetError(f"{out}: cannot create the output folder ({parent} is a file); "
+                                         f"choose another {flag}")
+            break

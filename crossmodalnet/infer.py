@@ -37,6 +37,7 @@ from crossmodalnet.data.labels import to_codes
 from crossmodalnet.data.mmwhs import load_record, restore_to_original
 from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import check_output_folder
 from crossmodalnet.models.inference import PRECISIONS, autocast_dtype, sliding_window_probabilities
 from crossmodalnet.models.registry import check_input_size
 from crossmodalnet.runs import RunFolder
@@ -235,15 +236,9 @@ def _output_names(cases: Sequence[Case], names: Sequence[str], records: dict[str
 def _check_outputs(dest: Path, out: Path, outputs: Sequence[str], cases: Sequence[Case]) -> None:
     """Refuse an unusable --out before any work: a file where a folder must be (or the reverse), a path
     below a file, an output that would replace one of the inputs."""
-    if dest.exists() and not dest.is_dir():
-        raise CrossModalNetError(f"{dest}: exists and is not a folder; choose another --out")
+    check_output_folder(dest, "--out")
     if out != dest and out.is_dir():
         raise CrossModalNetError(f"{out}: is a folder; give a .nii.gz file name or a folder without the suffix")
-    for parent in dest.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CrossModalNetError(f"{out}: {parent} is a file, not a folder; choose another --out")
-            break
     inputs = {os.path.realpath(p) for c in cases for p in (c.ct, c.mr, c.label) if p is not None}
     for rel in outputs:
         if os.path.realpath(dest / rel) in inputs:

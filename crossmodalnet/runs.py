@@ -52,7 +52,7 @@ from crossmodalnet.config import (
 )
 from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.errors import CrossModalNetError
-from crossmodalnet.files import atomic_path, write_csv
+from crossmodalnet.files import atomic_path, check_output_folder, write_csv
 from crossmodalnet.models.registry import build_model
 
 __all__ = ["RunFolder", "MIN_FREE_BYTES", "save_weights", "load_weights", "read_model_config"]
@@ -93,12 +93,9 @@ class RunFolder:
         """Refuse a path that exists and is not a folder, lies below a file, or on a file system that
         is read-only or (nearly) full: checked before the folder is created, so a refusal leaves
         nothing behind. (A disk that fills later leaves the last complete checkpoint to resume.)"""
-        if self.path.exists() and not self.path.is_dir():
-            raise CrossModalNetError(f"{self.path}: exists and is not a folder; choose another --out")
+        check_output_folder(self.path, "--out")
         for parent in (self.path, *self.path.parents):
-            if parent.exists():
-                if not parent.is_dir():
-                    raise CrossModalNetError(f"{self.path}: {parent} is a file, not a folder; choose another --out")
+            if parent.exists():  # a folder: check_output_folder refused a file
                 fs = os.statvfs(parent)
                 if fs.f_flag & os.ST_RDONLY:
                     raise CrossModalNetError(f"{self.path}: {parent} is on a read-only file system; "

@@ -31,7 +31,7 @@ from crossmodalnet.data.mmwhs.prepare import PrepareConfig, done_record, nanmean
 from crossmodalnet.data.mmwhs.register import RegistrationConfig, set_threads
 from crossmodalnet.data.mmwhs.splits import assign_splits, parse_split
 from crossmodalnet.errors import CrossModalNetError
-from crossmodalnet.files import atomic_path
+from crossmodalnet.files import atomic_path, check_output_folder
 
 __all__ = ["prepare_mmwhs", "prepare_from_cli"]
 
@@ -133,7 +133,7 @@ def prepare_mmwhs(raw: str | os.PathLike, out: str | os.PathLike, config: Prepar
         if unlabeled:
             tqdm.write(f"note: {len(unlabeled)} pair(s) without both labels (first {unlabeled[0]}) are registered "
                        "by image: --register label needs the labels of both modalities")
-    _check_out(out)
+    check_output_folder(out)
     todo = [p for p in found if done_record(p, out, folder[p.id], config, move=False) is None]
     for p in tqdm(todo, desc="check pairs", unit="pair", disable=None if progress else True):
         read_pair(p)  # the voxels: a truncated file or NaN in the last pair stops the run before the first
@@ -143,17 +143,6 @@ def prepare_mmwhs(raw: str | os.PathLike, out: str | os.PathLike, config: Prepar
     except BaseException:
         _prune(out, before)
         raise
-
-
-def _check_out(out: Path) -> None:
-    """Refuse an OUT that is a file or lies below one (creating it, later, is the check that it can be written)."""
-    if out.exists() and not out.is_dir():
-        raise CrossModalNetError(f"{out}: exists and is not a folder; choose another output folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CrossModalNetError(f"{out}: {parent} is a file, not a folder; choose another output folder")
-            break
 
 
 def _folders(out: Path) -> set[Path]:

@@ -31,7 +31,7 @@ from crossmodalnet.data.phantom.generate import FOV_MM, PhantomCase, check_args,
 from crossmodalnet.data.phantom.preview import write_preview
 from crossmodalnet.data.phantom.render import Domain, get_domain
 from crossmodalnet.errors import CrossModalNetError
-from crossmodalnet.files import atomic_path
+from crossmodalnet.files import atomic_path, check_output_folder
 
 __all__ = ["synthesize"]
 
@@ -120,13 +120,7 @@ def synthesize(out: str | os.PathLike, cases: int = 20, size: int = 96, seed: in
 
 def _check_new_folder(out: Path) -> None:
     """Refuse an OUT that is a file, lies below a file, or already holds files."""
-    if out.exists() and not out.is_dir():
-        raise CrossModalNetError(f"{out}: cannot create the output folder (a file of that name exists)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CrossModalNetError(f"{out}: cannot create the output folder ({parent} is a file)")
-            break
+    check_output_folder(out)
     if out.is_dir() and any(out.iterdir()):
         raise CrossModalNetError(f"{out}: folder is not empty; pass a new folder (old files would mix "
                                  "with the new set)")
