@@ -151,7 +151,10 @@ class ModelConfig(_Schema):
     name: str = "crossmodalnet"
     size: str = "small"
     in_channels: PositiveInt = 1  # per modality stream
-    out_channels: Annotated[int, Field(ge=2)] = 8  # background + 7 structures
+    # Input channels of the dataset (modalities/sequences): CrossModalNet has one stream each, the
+    # baselines see them stacked. Set from the dataset by `train`.
+    modalities: Annotated[int, Field(ge=1, le=4)] = 2
+    out_channels: Annotated[int, Field(ge=1)] = 8  # classes with background (softmax) or regions (sigmoid)
     feature_size: PositiveInt | None = None  # channels of the token grid; doubles at each stage
     depths: tuple[PositiveInt, ...] | None = None  # Swin blocks per encoder stage
     num_heads: tuple[PositiveInt, ...] | None = None

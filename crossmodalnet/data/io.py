@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.imageglobals import logger as nibabel_logger
 
-from crossmodalnet.data.labels import detect_encoding, to_indices
+from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path
 
@@ -121,11 +121,12 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
-def _open_header(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarray]:
+def _open_header(path: Path, volume: int | None = None) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarray]:
     """Load a NIfTI header (no voxels) and check it can be read safely. Returns (image, 3D shape, affine).
 
     Checked before any body is read: NIfTI-1/2, a real numeric data type, a 3D shape (trailing
-    singleton axes dropped) of positive sizes, the array within `max_image_bytes()`, a file large
+    singleton axes dropped) of positive sizes, or with `volume` a 4D shape (X, Y, Z, C) holding
+    that volume (MSD's multi-channel images), the array within `max_image_bytes()`, a file large
     enough for the body it claims, finite positive voxel sizes, an invertible affine.
     """
     if not path.is_file():
@@ -153,6 +154,13 @@ def _open_header(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.
         raise CrossModalNetError(f"{path}: the header gives array shape {dims}; every size must be positive")
     shape = dims
     # Accept trailing singleton axes, as some converters write (X, Y, Z, 1).
+    if volume is not None:
+        if len(shape) != 4:
+            raise CrossModalNetError(f"{path}: expected a 4D image (X, Y, Z, channels) to take channel {volume} "
+                                     f"from, got shape {dims}")
+        if not 0 <= volume < shape[3]:
+            raise CrossModalNetError(f"{path}: has {shape[3]} channels along its 4th axis, no channel {volume}")
+        shape = shape[:3]
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3:
@@ -188,14 +196,15 @@ def _open_header(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.
     return img, shape, affine
 
 
-def _load(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
-    """Header checks, then the voxels: (array (X, Y, Z) in the file's type, geometry)."""
+def _load(path: str | os.PathLike, volume: int | None = None) -> tuple[np.ndarray, Geometry]:
+    """Header checks, then the voxels: (array (X, Y, Z) in the file's type, geometry); `volume`
+    takes one 3D volume of a 4D file."""
     path = Path(path)
-    img, shape, affine = _open_header(path)
+    img, shape, affine = _open_header(path, volume)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data = np.asanyarray(img.dataobj)
+            data = np.asanyarray(img.dataobj if volume is None else img.dataobj[..., volume])
     except MemoryError:
         raise CrossModalNetError(f"{path}: not enough memory for its {'x'.join(map(str, shape))} voxels") from None
     except Exception as exc:  # zlib.error, EOFError, OSError, ValueError for a truncated or corrupt body
@@ -204,12 +213,12 @@ def _load(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     return data.reshape(shape), Geometry(affine=affine, shape=shape)
 
 
-def read_geometry(path: str | os.PathLike) -> Geometry:
+def read_geometry(path: str | os.PathLike, volume: int | None = None) -> Geometry:
     """Read only the header of a volume: its Geometry. Same header checks and errors as `read_image`
     (shape, type, memory budget, file size, voxel sizes, affine), without reading the voxels (to
     check many files before any work starts)."""
     path = Path(path)
-    _, shape, affine = _open_header(path)
+    _, shape, affine = _open_header(path, volume)
     return Geometry(affine=affine, shape=shape)
 
 
@@ -223,24 +232,24 @@ def _check_finite(path: Path, data: np.ndarray, what: str) -> None:
     raise CrossModalNetError(f"{path}: {what}{n} voxels are NaN or Inf")
 
 
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
-    """Read an intensity volume. Returns `(array float32 (X, Y, Z), geometry)`.
+def read_image(path: str | os.PathLike, volume: int | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read an intensity volume (or volume `volume` of a 4D file). Returns `(array float32 (X, Y, Z), geometry)`.
 
     Raises CrossModalNetError for a missing/corrupt file, a bad header (see `read_geometry`), a
     non-3D volume or NaN/Inf voxels (values beyond float32 become Inf and are refused too).
     """
     path = Path(path)
-    data, geom = _load(path)
+    data, geom = _load(path, volume)
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes Inf, refused just below
         data = np.asarray(data).astype(np.float32, copy=False)
     _check_finite(path, data, "")
     return data, geom
 
 
-def read_label(path: str | os.PathLike) -> tuple[np.ndarray, Geometry, str]:
-    """Read a label map. Returns `(class indices uint8 (X, Y, Z), geometry, encoding)`.
+def read_label(path: str | os.PathLike, spec: DataSpec) -> tuple[np.ndarray, Geometry, str]:
+    """Read a label map of the dataset `spec`. Returns `(class indices uint8 (X, Y, Z), geometry, encoding)`.
 
-    `encoding` is "indices" (0..7) or "codes" (MM-WHS 205..850), detected per file.
+    `encoding` is "values" (the dataset's label values) or "indices" (0..K-1), detected per file.
     """
     path = Path(path)
     data, geom = _load(path)
@@ -251,11 +260,11 @@ def read_label(path: str | os.PathLike) -> tuple[np.ndarray, Geometry, str]:
             raise CrossModalNetError(f"{path}: label map holds non-integer values")
         if data.size and max(abs(float(data.min())), abs(float(data.max()))) > 2**31:  # no int64 cast of 1e30
             raise CrossModalNetError(f"{path}: label values up to {max(abs(data.min()), abs(data.max())):g} are "
-                                     "neither class indices nor MM-WHS codes")
+                                     "not labels of the dataset")
         data = np.rint(data).astype(np.int64)
     try:
-        encoding = detect_encoding(data)
-        indices = to_indices(data)
+        encoding = spec.encoding({int(v) for v in np.unique(data)})
+        indices = spec.to_indices(data)
     except ValueError as exc:
         raise CrossModalNetError(f"{path}: {exc}") from None
     return indices, geom, encoding
@@ -282,8 +291,13 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, 
 
 
 def write_label(path: str | os.PathLike, labels: np.ndarray, geometry: Geometry) -> Path:
-    """Write an integer label map (indices or codes) atomically as int16."""
-    return write_image(path, np.asarray(labels), geometry, dtype=np.int16)
+    """Write an integer label map (indices or values) atomically, as uint8 when the values fit, else
+    int16 or int32."""
+    labels = np.asarray(labels)
+    top = int(labels.max()) if labels.size else 0
+    low = int(labels.min()) if labels.size else 0
+    dtype = np.uint8 if 0 <= low and top < 256 else np.int16 if -2**15 <= low and top < 2**15 else np.int32
+    return write_image(path, labels, geometry, dtype=dtype)
 
 
 def write_probabilities(path: str | os.PathLike, probabilities: np.ndarray, geometry: Geometry) -> Path:

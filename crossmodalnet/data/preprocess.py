@@ -1,10 +1,11 @@
 """Preprocessing shared by training and prediction: orientation, intensity, spacing.
 
-The channel name picks the normalisation, as in nnU-Net:
+The channel name picks the normalisation, as in nnU-Net (`spec.normalization_scheme`):
 - **CT**: clip to the 0.5 / 99.5 percentiles of the *foreground* (label > 0) intensities of the
   whole training set, then standardise with the mean and std of those clipped voxels
   (dataset-wide statistics: Hounsfield units mean the same thing in every scan);
-- **MR**: z-score per image (MR intensities are arbitrary per scan).
+- **anything else** (MR sequences, ADC, PET...): z-score per image (arbitrary units per scan);
+- `noNorm`: as stored.
 
 Geometry: a volume is turned to the closest canonical (RAS) axis order by permutations and flips
 only (exact, no interpolation), then resampled to the training spacing when its own spacing
@@ -31,30 +32,32 @@ import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, io_orientation
 
 from crossmodalnet.data.io import Geometry
+from crossmodalnet.data.spec import normalization_scheme
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path
 
-__all__ = ["Preprocessor", "PreparedCase", "fit_preprocessor", "CT_PERCENTILES"]
+__all__ = ["Preprocessor", "ChannelNorm", "PreparedCase", "fit_preprocessor", "CT_PERCENTILES"]
 
 CT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
 # Foreground voxels kept per case for the CT statistics (nnU-Net samples too); enough for stable
 # percentiles, bounded memory on large datasets.
 _FOREGROUND_SAMPLES_PER_CASE = 200_000
-_FORMAT = 1
+_FORMAT = 2
+_SCHEMES = ("ct", "zscore", "none")
 
 
 @dataclass
 class PreparedCase:
     """A case in network space, with what `Preprocessor.restore` needs to go back.
 
-    ct, mr: (D, H, W) float32 normalised, or None. label: (D, H, W) uint8 class indices or None.
-    geometry: the original grid. ornt: (3, 2) nibabel orientation original -> canonical.
+    images: per channel (D, H, W) float32 normalised, or None where the case lacks it.
+    label: (D, H, W) uint8 class indices or None. geometry: the original grid.
+    ornt: (3, 2) nibabel orientation original -> canonical.
     canonical_shape: shape after reorientation, before resampling.
     """
 
     id: str
-    ct: np.ndarray | None
-    mr: np.ndarray | None
+    images: list[np.ndarray | None]
     label: np.ndarray | None
     geometry: Geometry
     ornt: np.ndarray
@@ -62,30 +65,52 @@ class PreparedCase:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        ref = self.ct if self.ct is not None else self.mr
+        ref = next(x for x in self.images if x is not None)
         return tuple(int(s) for s in ref.shape)
+
+    @property
+    def present(self) -> tuple[bool, ...]:
+        return tuple(x is not None for x in self.images)
+
+    def stacked(self) -> np.ndarray:
+        """(C, D, H, W) float32, zeros for a missing channel."""
+        ref = next(x for x in self.images if x is not None)
+        return np.stack([x if x is not None else np.zeros_like(ref) for x in self.images]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ChannelNorm:
+    """How one channel is normalised: its name, scheme ("ct", "zscore", "none") and, for "ct",
+    the dataset-wide clip and statistics."""
+
+    name: str
+    scheme: str
+    clip: tuple[float, float] = (-np.inf, np.inf)
+    mean: float = 0.0
+    std: float = 1.0
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image, dtype=np.float32)
+        if self.scheme == "ct":
+            lo, hi = self.clip
+            return ((np.clip(image, lo, hi) - self.mean) / self.std).astype(np.float32)
+        if self.scheme == "zscore":
+            mean, std = float(image.mean()), float(image.std())
+            return ((image - mean) / max(std, 1e-8)).astype(np.float32)
+        return image
 
 
 @dataclass
 class Preprocessor:
-    """Fitted normalisation and target spacing. Build with `fit_preprocessor` or `load`."""
+    """Fitted normalisation per channel and target spacing. Build with `fit_preprocessor` or `load`."""
 
-    ct_clip: tuple[float, float]
-    ct_mean: float
-    ct_std: float
+    channels: tuple[ChannelNorm, ...]
     target_spacing: tuple[float, float, float] | None  # mm per canonical axis; None: keep grid
 
     # --- intensity ---------------------------------------------------------------------------
-    def normalize(self, channel: str, image: np.ndarray) -> np.ndarray:
-        """Normalise one volume by its channel name ("CT" or "MR"). Same shape, float32."""
-        image = np.asarray(image, dtype=np.float32)
-        if channel.upper() == "CT":
-            lo, hi = self.ct_clip
-            return ((np.clip(image, lo, hi) - self.ct_mean) / self.ct_std).astype(np.float32)
-        if channel.upper() == "MR":
-            mean, std = float(image.mean()), float(image.std())
-            return ((image - mean) / max(std, 1e-8)).astype(np.float32)
-        raise ValueError(f"unknown channel {channel!r}; expected CT or MR")
+    def normalize(self, channel: int, image: np.ndarray) -> np.ndarray:
+        """Normalise one volume of channel index `channel`. Same shape, float32."""
+        return self.channels[channel].apply(image)
 
     # --- geometry ----------------------------------------------------------------------------
     def network_shape(self, geometry: Geometry) -> tuple[tuple[int, int, int], np.ndarray, tuple[int, ...]]:
@@ -105,26 +130,31 @@ class Preprocessor:
 
     def prepare(
         self,
-        ct: np.ndarray | None,
-        mr: np.ndarray | None,
+        images: Sequence[np.ndarray | None],
         geometry: Geometry,
         label: np.ndarray | None = None,
         case_id: str = "",
     ) -> PreparedCase:
-        """Original volumes (X, Y, Z) -> network space: normalise, reorient, resample."""
+        """Original volumes (X, Y, Z), one per channel (None where missing) -> network space:
+        normalise, reorient, resample."""
+        if len(images) != len(self.channels):
+            raise CrossModalNetError(f"case {case_id!r}: {len(images)} channels given, the preprocessing has "
+                                     f"{len(self.channels)} ({', '.join(c.name for c in self.channels)})")
+        if all(x is None for x in images):
+            raise CrossModalNetError(f"case {case_id!r}: no channel given")
         shape, ornt, canonical_shape = self.network_shape(geometry)
-        images = {}
-        for name, image in (("CT", ct), ("MR", mr)):
+        out: list[np.ndarray | None] = []
+        for i, image in enumerate(images):
             if image is None:
-                images[name] = None
+                out.append(None)
                 continue
-            canon = apply_orientation(self.normalize(name, image), ornt)
-            images[name] = _resize(canon[None], shape, mode="trilinear")[0]
+            canon = apply_orientation(self.normalize(i, image), ornt)
+            out.append(_resize(canon[None], shape, mode="trilinear")[0])
         lab = None
         if label is not None:
             canon = apply_orientation(np.asarray(label, dtype=np.uint8), ornt)
             lab = _resize(canon[None].astype(np.float32), shape, mode="nearest-exact")[0].astype(np.uint8)
-        return PreparedCase(case_id, images["CT"], images["MR"], lab, geometry, ornt, canonical_shape)
+        return PreparedCase(case_id, out, lab, geometry, ornt, canonical_shape)
 
     @staticmethod
     def restore(values: np.ndarray | torch.Tensor, case: PreparedCase) -> np.ndarray:
@@ -144,13 +174,15 @@ class Preprocessor:
 
     # --- persistence -------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        channels = []
+        for c in self.channels:
+            entry: dict = {"name": c.name, "scheme": c.scheme}
+            if c.scheme == "ct":
+                entry.update(percentiles=list(CT_PERCENTILES), clip=list(c.clip), mean=c.mean, std=c.std)
+            channels.append(entry)
         return {
             "format": _FORMAT,
-            "channels": {
-                "CT": {"scheme": "ct", "percentiles": list(CT_PERCENTILES), "clip": list(self.ct_clip),
-                       "mean": self.ct_mean, "std": self.ct_std},
-                "MR": {"scheme": "zscore per image"},
-            },
+            "channels": channels,
             "orientation": "closest canonical (RAS)",
             "target_spacing": None if self.target_spacing is None else list(self.target_spacing),
         }
@@ -158,7 +190,8 @@ class Preprocessor:
     @classmethod
     def from_dict(cls, data: dict, source: str = "preprocess") -> Preprocessor:
         """The statistics of `to_dict`, validated: a damaged or edited file must not divide by zero
-        or spread NaN through every prediction. Errors name `source` and the key."""
+        or spread NaN through every prediction. Errors name `source` and the key. Reads format 1
+        (runs before per-channel normalisation: CT and MR)."""
         def number(value: object, key: str, allow_inf: bool = False) -> float:
             # bool is an int to Python, and a string would pass float(): both are wrong types here.
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -168,27 +201,46 @@ class Preprocessor:
                 raise _malformed(source, f"{key} must be finite, got {value}")
             return value
 
+        def ct_norm(name: str, ct: object, key: str) -> ChannelNorm:
+            if not isinstance(ct, dict):
+                raise _malformed(source, f"missing {key} (the CT normalisation)")
+            for field in ("clip", "mean", "std"):
+                if field not in ct:
+                    raise _malformed(source, f"missing {key}.{field}")
+            clip = ct["clip"]
+            if not isinstance(clip, list) or len(clip) != 2:
+                raise _malformed(source, f"{key}.clip must be a list [low, high], got {clip!r}")
+            # An infinite clip is the identity fitted on data without CT foreground (fit_preprocessor).
+            lo, hi = (number(v, f"{key}.clip", allow_inf=True) for v in clip)
+            if not lo <= hi:  # equal: a training set whose CT foreground is one value
+                raise _malformed(source, f"{key}.clip must have low <= high, got {clip!r}")
+            mean, std = number(ct["mean"], f"{key}.mean"), number(ct["std"], f"{key}.std")
+            if not std > 0:
+                raise _malformed(source, f"{key}.std must be > 0, got {std}")
+            return ChannelNorm(name, "ct", (lo, hi), mean, std)
+
         if not isinstance(data, dict):
             raise _malformed(source, f"expected a JSON object, got {type(data).__name__}")
-        if data.get("format", _FORMAT) != _FORMAT:
-            raise _malformed(source, f"format {data.get('format')!r} is not {_FORMAT}: written by "
-                                     "another version of crossmodalnet")
-        ct = data.get("channels", {}).get("CT") if isinstance(data.get("channels"), dict) else None
-        if not isinstance(ct, dict):
-            raise _malformed(source, "missing channels.CT (the CT normalisation)")
-        for key in ("clip", "mean", "std"):
-            if key not in ct:
-                raise _malformed(source, f"missing channels.CT.{key}")
-        clip = ct["clip"]
-        if not isinstance(clip, list) or len(clip) != 2:
-            raise _malformed(source, f"channels.CT.clip must be a list [low, high], got {clip!r}")
-        # An infinite clip is the identity fitted on data without CT (fit_preprocessor).
-        lo, hi = (number(v, "channels.CT.clip", allow_inf=True) for v in clip)
-        if not lo <= hi:  # equal: a training set whose CT foreground is one value
-            raise _malformed(source, f"channels.CT.clip must have low <= high, got {clip!r}")
-        mean, std = number(ct["mean"], "channels.CT.mean"), number(ct["std"], "channels.CT.std")
-        if not std > 0:
-            raise _malformed(source, f"channels.CT.std must be > 0, got {std}")
+        fmt = data.get("format", 1)
+        if fmt not in (1, _FORMAT):
+            raise _malformed(source, f"format {fmt!r} is not {_FORMAT}: written by another version of crossmodalnet")
+        raw = data.get("channels")
+        if fmt == 1:
+            ct = raw.get("CT") if isinstance(raw, dict) else None
+            channels = (ct_norm("CT", ct, "channels.CT"), ChannelNorm("MR", "zscore"))
+        else:
+            if not isinstance(raw, list) or not raw:
+                raise _malformed(source, f"channels must be a non-empty list, got {raw!r:.80}")
+            channels = []
+            for i, entry in enumerate(raw):
+                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                    raise _malformed(source, f"channels[{i}] must be an object with a name, got {entry!r:.80}")
+                scheme = entry.get("scheme")
+                if scheme not in _SCHEMES:
+                    raise _malformed(source, f"channels[{i}].scheme must be one of {_SCHEMES}, got {scheme!r}")
+                channels.append(ct_norm(entry["name"], entry, f"channels[{i}]") if scheme == "ct"
+                                else ChannelNorm(entry["name"], scheme))
+            channels = tuple(channels)
         spacing = data.get("target_spacing")
         if spacing is not None:
             if not isinstance(spacing, list) or len(spacing) != 3:
@@ -196,7 +248,7 @@ class Preprocessor:
             spacing = tuple(number(v, "target_spacing") for v in spacing)
             if not all(v > 0 for v in spacing):
                 raise _malformed(source, f"target_spacing must be positive (mm), got {list(spacing)}")
-        return cls(ct_clip=(lo, hi), ct_mean=mean, ct_std=std, target_spacing=spacing)
+        return cls(channels=channels, target_spacing=spacing)
 
     def save(self, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:
@@ -224,37 +276,46 @@ def _malformed(source: str, detail: str) -> CrossModalNetError:
 
 
 def fit_preprocessor(
-    cases: Sequence[dict], target_spacing: Sequence[float] | None = None, seed: int = 0
+    cases: Sequence[dict], channels: Sequence[str], target_spacing: Sequence[float] | None = None, seed: int = 0
 ) -> Preprocessor:
-    """Fit the CT statistics and the target spacing on training cases.
+    """Fit the normalisation of every channel and the target spacing on training cases.
 
-    cases: dicts from `dataset.load_case` ({"ct", "mr", "label", "geometry"}), all labelled.
+    cases: dicts from `dataset.load_case` ({"images", "label", "geometry"}), all labelled.
+    channels: the dataset's channel names; each picks its scheme (`spec.normalization_scheme`).
     target_spacing: mm per canonical axis; None takes the per-axis median of the cases.
     """
     rng = np.random.default_rng(seed)
-    foreground = []
     spacings = []
     for case in cases:
         if case.get("label") is None:
-            raise CrossModalNetError("fitting the CT normalisation needs labelled training cases")
+            raise CrossModalNetError("fitting the normalisation needs labelled training cases")
         spacings.append(_canonical_spacing(case["geometry"]))
-        if case.get("ct") is None:
+    norms = []
+    for i, name in enumerate(channels):
+        scheme = normalization_scheme(name)
+        if scheme != "ct":
+            norms.append(ChannelNorm(name, scheme))
             continue
-        values = case["ct"][case["label"] > 0]
-        if values.size > _FOREGROUND_SAMPLES_PER_CASE:
-            values = rng.choice(values, _FOREGROUND_SAMPLES_PER_CASE, replace=False)
-        foreground.append(values.astype(np.float64))
-    if foreground and sum(v.size for v in foreground) > 0:
-        values = np.concatenate(foreground)
-        lo, hi = (float(v) for v in np.percentile(values, CT_PERCENTILES))
-        clipped = np.clip(values, lo, hi)
-        mean, std = float(clipped.mean()), max(float(clipped.std()), 1e-8)
-    else:  # no CT in the training data: identity, so that MR-only data still works
-        lo, hi, mean, std = -np.inf, np.inf, 0.0, 1.0
+        foreground = []
+        for case in cases:
+            image = case["images"][i]
+            if image is None:
+                continue
+            values = image[case["label"] > 0]
+            if values.size > _FOREGROUND_SAMPLES_PER_CASE:
+                values = rng.choice(values, _FOREGROUND_SAMPLES_PER_CASE, replace=False)
+            foreground.append(values.astype(np.float64))
+        if foreground and sum(v.size for v in foreground) > 0:
+            values = np.concatenate(foreground)
+            lo, hi = (float(v) for v in np.percentile(values, CT_PERCENTILES))
+            clipped = np.clip(values, lo, hi)
+            norms.append(ChannelNorm(name, "ct", (lo, hi), float(clipped.mean()), max(float(clipped.std()), 1e-8)))
+        else:  # no foreground of this channel in the training data: identity
+            norms.append(ChannelNorm(name, "ct"))
     if target_spacing is None and spacings:
         target_spacing = tuple(float(v) for v in np.median(np.array(spacings), axis=0))
     spacing = None if target_spacing is None else tuple(float(s) for s in target_spacing)
-    return Preprocessor(ct_clip=(lo, hi), ct_mean=mean, ct_std=std, target_spacing=spacing)
+    return Preprocessor(channels=tuple(norms), target_spacing=spacing)
 
 
 def _canonical_spacing(geometry: Geometry) -> tuple[float, float, float]:
