@@ -22,7 +22,10 @@ __all__ = ["main", "build_parser"]
 
 _EPILOG = """\
 The flow:
-  crossmodalnet synth data/phantoms --cases 20 --size 96      # paired CT/MR phantoms, no download
+  crossmodalnet dataset data/myops --channel C0='raw/*_C0.nii.gz' --channel LGE='raw/*_LGE.nii.gz' \\
+      --channel T2='raw/*_T2.nii.gz' --label 'raw/*_gd.nii.gz' --labels MYO=200 LV=500 RV=600 \\
+      edema=1220 scar=2221 --region scar=2221 --region edema+scar=1220,2221   # your own files
+  crossmodalnet synth data/phantoms --cases 20 --size 96      # or paired CT/MR phantoms, no download
   crossmodalnet train data/phantoms --out runs/cmn             # CPU default model
   crossmodalnet predict runs/cmn data/phantoms --out runs/cmn/pred
   crossmodalnet evaluate runs/cmn/pred data/phantoms/labelsTs --out runs/cmn/eval
@@ -87,9 +90,16 @@ def _cmd_prepare_mmwhs(a: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
-    from crossmodalnet.evaluate import evaluate_paths
+    from crossmodalnet.evaluate import evaluate_paths, resolve_spec
 
-    evaluate_paths(a.pred, a.ref, a.out, hd95=a.hd95, topology=a.topology)
+    spec = resolve_spec(a.ref, dataset=a.dataset, run=a.run)
+    evaluate_paths(a.pred, a.ref, a.out, spec=spec, hd95=a.hd95, topology=a.topology)
+
+
+def _cmd_dataset(a: argparse.Namespace) -> None:
+    from crossmodalnet.data.builder import build_from_cli
+
+    build_from_cli(a)
 
 
 def _cmd_models(a: argparse.Namespace) -> None:
@@ -149,10 +159,19 @@ def _add_analysis_args(parser: argparse.ArgumentParser, cases: int, estimator: s
     parser.add_argument("--seed", type=int, default=0, help="seed of untrained models, subsampling, probes (default 0)")
 
 
+def _name_value(text: str) -> tuple[str, str]:
+    """`NAME=VALUE` -> (NAME, VALUE), for argparse."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="crossmodalnet",
-        description="3D multimodal (CT + MR) whole-heart segmentation with a cross-modal transformer.",
+        description="3D multimodal medical image segmentation (1 to 4 co-registered channels: CT + MR, "
+                    "cardiac MR sequences, brain MR...) with a cross-modal transformer.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -204,9 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SyN iterations per level, coarsest first (default 60x40x20)")
     pm.set_defaults(func=_cmd_prepare_mmwhs)
 
-    e = sub.add_parser("evaluate", help="Dice, IoU and HD95 per structure and case",
+    e = sub.add_parser("evaluate", help="Dice, IoU and HD95 per class, region and case",
                        description="Compare predicted label maps with references (files or folders "
-                                   "matched by file name). Labels may be indices 0-7 or MM-WHS codes.")
+                                   "matched by file name), per class and per region of the dataset. Labels "
+                                   "may be the dataset's values or class indices. The labels and regions are "
+                                   "those of the dataset.json beside or above REF, or of --dataset / --run.")
     e.add_argument("pred", type=Path, help="predicted label map, or a folder of them")
     e.add_argument("ref", type=Path, help="reference label map, or a folder of them")
     e.add_argument("--out", type=Path, required=True, help="folder for metrics.csv, summary.json, plots")
@@ -214,7 +235,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="monai: max of the two directed 95th percentiles (default); "
                         "pooled: 95th percentile of both directions together (medpy)")
     e.add_argument("--topology", action="store_true", help="also report Betti-number errors per structure")
+    e.add_argument("--dataset", type=Path, default=None, help="dataset folder whose dataset.json names the labels")
+    e.add_argument("--run", type=Path, default=None, help="run folder whose spec.json names the labels")
     e.set_defaults(func=_cmd_evaluate)
+
+    ds = sub.add_parser(
+        "dataset", help="assemble a dataset folder from your own files (links, no copies)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build a dataset folder (dataset.json + links to your files) from any file naming: one glob "
+                    "per channel and one for the labels; a case's id is the part of the names its files share. "
+                    "Every case's channels and label are checked to share one grid (all failing cases are "
+                    "named) and the label values to be the declared ones, before anything is written.",
+        epilog="example (MyoPS 2020: bSSFP, LGE and T2 with labels 200/500/600/1220/2221):\n"
+               "  crossmodalnet dataset data/myops --channel C0='raw/*_C0.nii.gz' --channel LGE='raw/*_LGE.nii.gz' \\\n"
+               "      --channel T2='raw/*_T2.nii.gz' --label 'raw/*_gd.nii.gz' \\\n"
+               "      --labels MYO=200 LV=500 RV=600 edema=1220 scar=2221 \\\n"
+               "      --region LV=500 --region RV=600 --region myocardium=200,1220,2221 \\\n"
+               "      --region edema+scar=1220,2221 --region scar=2221\n"
+               "  crossmodalnet train data/myops --out runs/myops")
+    ds.add_argument("out", type=Path, help="new dataset folder")
+    ds.add_argument("--channel", type=_name_value, action="append", required=True, metavar="NAME=GLOB",
+                    help="a channel: its name (CT, MR, C0, LGE, T2, FLAIR, ...: CT gets CT normalisation) and a "
+                         "glob of its files; 1 to 4, in channel order")
+    ds.add_argument("--label", default=None, metavar="GLOB", help="glob of the label maps (cases without one: test)")
+    ds.add_argument("--labels", type=_name_value, nargs="+", required=True, metavar="NAME=VALUE",
+                    help="the label names and their values in the label files (background 0 is implied)")
+    ds.add_argument("--region", type=_name_value, action="append", default=None, metavar="NAME=V1,V2",
+                    help="a region: a union of label values (or names), evaluated as its own row")
+    ds.add_argument("--train-regions", action="store_true",
+                    help="train one sigmoid per region (nnU-Net's region training) instead of softmax over labels")
+    ds.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
+    ds.add_argument("--name", default=None, help="dataset name (default: the folder's name)")
+    ds.set_defaults(func=_cmd_dataset)
 
     m = sub.add_parser("models", help="list registered models with parameters and GFLOPs",
                        description="Every registered model with its parameters and forward GFLOPs on a "
@@ -265,17 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="segment whole volumes into NIfTI label maps",
                        description="Predict with a trained run. INPUT is a dataset folder (its test "
-                                   "split) or give --ct/--mr files. Label maps keep the input geometry; for a "
-                                   "prepare-mmwhs folder they are also written on the original fixed-image "
-                                   "grid in OUT/original/<id>.nii.gz.")
+                                   "split) or give one case's files with --image NAME=FILE (channel names of "
+                                   "the run). Label maps keep the input geometry and hold the dataset's label "
+                                   "values; for a prepare-mmwhs folder they are also written on the original "
+                                   "fixed-image grid in OUT/original/<id>.nii.gz.")
     r.add_argument("run", type=Path, help="run folder (config.yaml + model.safetensors)")
     r.add_argument("input", type=Path, nargs="?", default=None, help="dataset folder (test split)")
-    r.add_argument("--ct", type=Path, default=None, help="CT volume (NIfTI)")
-    r.add_argument("--mr", type=Path, default=None, help="MR volume (NIfTI), on the CT's grid")
+    r.add_argument("--image", type=_name_value, action="append", default=None, metavar="NAME=FILE",
+                   help="one channel of one case, by the run's channel name (e.g. --image C0=a.nii.gz "
+                        "--image LGE=b.nii.gz); all on one grid")
+    r.add_argument("--ct", type=Path, default=None, help="shorthand for --image CT=FILE")
+    r.add_argument("--mr", type=Path, default=None, help="shorthand for --image MR=FILE")
     r.add_argument("--out", type=Path, required=True, help="output folder or .nii.gz file")
     r.add_argument("--split", default="test", help="dataset split to predict (default test)")
-    r.add_argument("--labels", choices=["codes", "indices"], default="codes",
-                   help="write MM-WHS codes (default) or class indices 0-7")
+    r.add_argument("--labels", choices=["values", "codes", "indices"], default="values",
+                   help="write the dataset's label values (default; 'codes' is the old name) or class indices")
     r.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (4D)")
     r.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     r.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from crossmodalnet.config import ModelConfig, TrainConfig
-from crossmodalnet.data.dataset import load_dataset
+from crossmodalnet.data.dataset import load_dataset, read_spec
 from crossmodalnet.data.phantom import synthesize
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.evaluate import evaluate_paths
@@ -103,7 +103,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", minutes: float | None = None,
             raise CrossModalNetError(f"{out / 'data'}: test case {case.id!r} has no label to evaluate against")
         (out / "references").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(case.label, out / "references" / f"{case.id}.nii.gz")
-    summary = evaluate_paths(out / "predictions", out / "references", out / "evaluation")
+    summary = evaluate_paths(out / "predictions", out / "references", out / "evaluation", spec=read_spec(out / "data"))
     times["evaluation_s"] = time.monotonic() - t
     times["total_s"] = time.monotonic() - start
 

@@ -1,17 +1,21 @@
 """Whole-volume prediction with a trained run, written as NIfTI on the input's own grid.
 
     run = load_run("runs/cmn", device="cpu")
-    probs = predict_case(run.model, ct, mr, run.preprocessor, geometry, roi_size=(64, 64, 64))
-    labels = probs.argmax(0)                              # (X, Y, Z) class indices 0..7
+    probs = predict_case(run.model, [ct, mr], run.preprocessor, geometry, roi_size=(64, 64, 64),
+                         activation=run.spec.activation)
+    labels = run.spec.decide(probs)                       # (X, Y, Z) class indices 0..K-1
     predict("runs/cmn", "runs/cmn/pred", data_dir="data/phantoms")   # the test split -> NIfTI
 
 The preprocessing is the run's own (`preprocess.json`: normalisation, canonical orientation,
 target spacing); the network runs with MONAI's sliding window (roi = the training patch size,
 Gaussian blending); probabilities are resampled and reoriented back to the input grid before
-the argmax, so the label map has the input's shape and affine exactly. For a dataset folder made
+the argmax (or, for a model trained on regions, the regions over 0.5 painted in the dataset's
+order), so the label map has the input's shape and affine exactly; it holds the dataset's label
+values (`spec.json` of the run), or class indices on request. For a dataset folder made
 by `prepare-mmwhs` (a `records/<id>.json` per case) the same probabilities also go back onto the
 original fixed image's grid (`mmwhs.restore_to_original`): `<out>/original/<id>.nii.gz`.
-Shapes: ct, mr (X, Y, Z) arrays; network input (1, 1, D, H, W) each; probabilities (8, X, Y, Z).
+Shapes: one (X, Y, Z) array per channel (None where missing); network input (1, C, D, H, W);
+probabilities (K, X, Y, Z).
 """
 
 from __future__ import annotations
@@ -31,11 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crossmodalnet.config import TrainConfig
-from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset
+from crossmodalnet.data.dataset import Case, ImageRef, check_case, load_case, load_dataset
 from crossmodalnet.data.io import Geometry, write_label, write_probabilities
-from crossmodalnet.data.labels import to_codes
 from crossmodalnet.data.mmwhs import load_record, restore_to_original
 from crossmodalnet.data.preprocess import Preprocessor
+from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import check_output_folder
 from crossmodalnet.models.inference import PRECISIONS, autocast_dtype, sliding_window_probabilities
@@ -69,6 +73,7 @@ class LoadedRun:
     config: TrainConfig
     preprocessor: Preprocessor
     device: torch.device
+    spec: DataSpec
 
     @property
     def supports_missing_modality(self) -> bool:
@@ -85,13 +90,12 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
         check_input_size(config.model, config.patch_size)
     except CrossModalNetError as exc:
         raise CrossModalNetError(f"{run.config_path}: patch_size {list(config.patch_size)}: {exc}") from None
-    return LoadedRun(model, config, run.read_preprocess(), dev)
+    return LoadedRun(model, config, run.read_preprocess(), dev, run.read_spec())
 
 
 def predict_case(
     model: nn.Module,
-    ct: np.ndarray | None,
-    mr: np.ndarray | None,
+    images: Sequence[np.ndarray | None],
     preprocess: Preprocessor,
     geometry: Geometry,
     roi_size: Sequence[int],
@@ -99,14 +103,18 @@ def predict_case(
     sw_batch_size: int = 2,
     device: torch.device | None = None,
     precision: str = "auto",
+    activation: str = "softmax",
 ) -> np.ndarray:
-    """Probabilities (C, X, Y, Z) float32 of one case on its original grid `geometry`.
+    """Probabilities (K, X, Y, Z) float32 of one case on its original grid `geometry`.
 
-    ct, mr: (X, Y, Z) raw intensities on `geometry`, either may be None.
+    images: one (X, Y, Z) array of raw intensities on `geometry` per channel, None where missing.
+    activation: "softmax" over classes, or "sigmoid" per region (`DataSpec.activation`).
     """
-    case = preprocess.prepare(ct, mr, geometry)
-    tensors = [None if x is None else torch.from_numpy(x)[None, None] for x in (case.ct, case.mr)]
-    probs = sliding_window_probabilities(model, *tensors, roi_size, overlap, sw_batch_size, device, precision)
+    case = preprocess.prepare(images, geometry)
+    image = torch.from_numpy(case.stacked())[None]
+    present = torch.tensor([case.present], dtype=torch.bool)
+    probs = sliding_window_probabilities(model, image, present, roi_size, overlap, sw_batch_size, device, precision,
+                                         activation=activation)
     return preprocess.restore(probs[0], case)
 
 
@@ -115,22 +123,22 @@ def predict(
     out: str | os.PathLike,
     data_dir: str | os.PathLike | None = None,
     split: str = "test",
-    ct: str | os.PathLike | None = None,
-    mr: str | os.PathLike | None = None,
-    labels: str = "codes",
+    images: dict[str, str | os.PathLike] | None = None,
+    labels: str = "values",
     probabilities: bool = False,
     device: str | torch.device | None = None,
     overlap: float | None = None,
     precision: str = "auto",
 ) -> list[Path]:
-    """Predict a dataset split (`data_dir`) or one case (`ct` and/or `mr` files) into `out`.
+    """Predict a dataset split (`data_dir`) or one case (`images`: channel name -> file) into `out`.
 
     out: a folder (one `<case id>.nii.gz` per case, on the case's input grid) or, for one case, a
     `.nii.gz` file name. For a `data_dir` made by `prepare-mmwhs`, each case with a record
     (`records/<id>.json`) is also written on the original fixed image's grid (the raw scan's shape and
     affine; background outside the prepared crop): `out/original/<id>.nii.gz`.
-    labels: "codes" (MM-WHS 205..850) or "indices" (0..7), for both. probabilities: also write
-    `<name>_probabilities.nii.gz`, a 4D float map (X, Y, Z, 8), on the input grid only.
+    labels: "values" (the dataset's label values; "codes", the old name, is the same) or "indices"
+    (0..K-1), for both. probabilities: also write `<name>_probabilities.nii.gz`, a 4D float map
+    (X, Y, Z, K: classes, or regions for a model trained on regions), on the input grid only.
     precision: see `sliding_window_probabilities` (bf16 on a CPU with AVX-512 BF16: docs/benchmarks.md).
     Returns the label map paths on the input grids, one per case.
 
@@ -139,22 +147,34 @@ def predict(
     (`OUT.partial-<random>/`, or `OUT/.partial-<random>/` when OUT exists) and are renamed into OUT
     at the end, replaced files set aside until all are in. A failure leaves OUT as it was.
     """
-    if labels not in ("codes", "indices"):
-        raise CrossModalNetError(f"labels must be 'codes' or 'indices', got {labels!r}")
-    if (data_dir is None) == (ct is None and mr is None):
-        raise CrossModalNetError("give either a dataset folder or --ct/--mr files, not both or neither")
+    if labels not in ("values", "codes", "indices"):
+        raise CrossModalNetError(f"labels must be 'values' or 'indices', got {labels!r}")
+    if (data_dir is None) == (not images):
+        raise CrossModalNetError("give either a dataset folder or --image files, not both or neither")
     out = Path(out)
+    spec = RunFolder(run_dir).read_spec()
     records: dict[str, dict] = {}  # case id -> prepare-mmwhs record, for the way back to the original scan
     if data_dir is not None:
-        cases = load_dataset(data_dir)[split]
+        dataset = load_dataset(data_dir)
+        if dataset.spec.channels != spec.channels:
+            raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: channels {list(dataset.spec.channels)} are not "
+                                     f"those run {run_dir} was trained on {list(spec.channels)}")
+        cases = dataset[split]
         if not cases:
             raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: lists no {split!r} cases")
         records = {c.id: r for c in cases if (r := load_record(data_dir, c.id)) is not None}
         dest, names = out, [f"{_safe_id(c.id, Path(data_dir) / 'dataset.json')}.nii.gz" for c in cases]
     else:
-        ref = Path(ct if ct is not None else mr)
+        by_name = {c.casefold(): i for i, c in enumerate(spec.channels)}
+        refs: list[ImageRef | None] = [None] * spec.num_channels
+        for name, path in images.items():
+            if name.casefold() not in by_name:
+                raise CrossModalNetError(f"--image {name}={path}: {name!r} is not a channel of run {run_dir} "
+                                         f"({', '.join(spec.channels)})")
+            refs[by_name[name.casefold()]] = ImageRef(Path(path))
+        ref = next(r.path for r in refs if r is not None)
         case_id = ref.name.split(".")[0]
-        cases = [Case(id=case_id, ct=None if ct is None else Path(ct), mr=None if mr is None else Path(mr))]
+        cases = [Case(id=case_id, images=tuple(refs))]
         is_file = out.name.endswith((".nii.gz", ".nii"))
         # Into a folder, the input's file name names the output: it must be one that stays in the folder.
         dest, names = (out.parent, [out.name]) if is_file else (out, [f"{_safe_id(case_id, ref)}.nii.gz"])
@@ -162,37 +182,39 @@ def predict(
     outputs = _output_names(cases, names, records, probabilities)
     _check_outputs(dest, out, outputs, cases)
     for case in cases:
-        for path in (case.ct, case.mr):
-            if path is not None and not Path(path).is_file():
+        for path in case.files:
+            if not Path(path).is_file():
                 raise CrossModalNetError(f"{path}: file not found")
-        grid = check_case(Case(case.id, case.ct, case.mr))
+        grid = check_case(Case(case.id, case.images))
         if case.id in records:
             _check_record(records[case.id], grid, case.id)
-    for case in tqdm(cases, desc="check inputs", unit="case", disable=None if len(cases) > 1 else True):
-        load_case(case, with_label=False)  # the voxels too: a truncated file or NaN stops here, not mid-way
+    inputs = [Case(c.id, c.images) for c in cases]  # predict never reads a label
+    for case in tqdm(inputs, desc="check inputs", unit="case", disable=None if len(cases) > 1 else True):
+        load_case(case, spec, with_label=False)  # the voxels too: a truncated file or NaN stops here, not mid-way
     run = load_run(run_dir, device)
     autocast_dtype(precision, run.device)  # a bad precision fails before the first case
-    single = [c for c in cases if c.ct is None or c.mr is None]
+    single = [c for c in cases if not all(c.present)]
     if single and not run.supports_missing_modality:
-        missing = "MR" if single[0].mr is None else "CT"
+        missing = [n for n, has in zip(spec.channels, single[0].present, strict=True) if not has]
         raise CrossModalNetError(
-            f"case {single[0].id!r} has no {missing}, but run {run_dir} was not trained for a missing "
-            f"modality (model {run.config.model.name!r}, modality_dropout={run.config.model.modality_dropout}); "
-            "give both --ct and --mr"
+            f"case {single[0].id!r} has no {', '.join(missing)}, but run {run_dir} was not trained for a missing "
+            f"channel (model {run.config.model.name!r}, modality_dropout={run.config.model.modality_dropout}); "
+            f"give every channel ({', '.join(spec.channels)})"
         )
     overlap = run.config.sw_overlap if overlap is None else overlap
-    encode = to_codes if labels == "codes" else (lambda indices: indices)
+    encode = spec.to_values if labels in ("values", "codes") else (lambda indices: indices)
     staging = _make_staging(dest, out)
     try:
-        for case, name in zip(tqdm(cases, desc="predict", unit="case"), names, strict=True):
-            data = load_case(case, with_label=False)
+        for case, name in zip(tqdm(inputs, desc="predict", unit="case"), names, strict=True):
+            data = load_case(case, spec, with_label=False)
             try:
-                probs = predict_case(run.model, data["ct"], data["mr"], run.preprocessor, data["geometry"],
-                                     run.config.patch_size, overlap, run.config.sw_batch_size, run.device, precision)
+                probs = predict_case(run.model, data["images"], run.preprocessor, data["geometry"],
+                                     run.config.patch_size, overlap, run.config.sw_batch_size, run.device, precision,
+                                     activation=spec.activation)
             except MemoryError as exc:  # a volume too large for this machine: say which one
-                raise CrossModalNetError(f"{case.ct or case.mr}: out of memory predicting case {case.id!r} of "
+                raise CrossModalNetError(f"{case.first_image()}: out of memory predicting case {case.id!r} of "
                                          f"shape {data['geometry'].shape} ({exc})") from None
-            write_label(staging / name, encode(probs.argmax(0).astype(np.uint8)), data["geometry"])
+            write_label(staging / name, encode(spec.decide(probs)), data["geometry"])
             if case.id in records:
                 original, original_grid = restore_to_original(probs, records[case.id], data["geometry"])
                 write_label(staging / ORIGINAL_DIR / name, encode(original), original_grid)
@@ -239,7 +261,7 @@ def _check_outputs(dest: Path, out: Path, outputs: Sequence[str], cases: Sequenc
     check_output_folder(dest, "--out")
     if out != dest and out.is_dir():
         raise CrossModalNetError(f"{out}: is a folder; give a .nii.gz file name or a folder without the suffix")
-    inputs = {os.path.realpath(p) for c in cases for p in (c.ct, c.mr, c.label) if p is not None}
+    inputs = {os.path.realpath(p) for c in cases for p in c.files}
     for rel in outputs:
         if os.path.realpath(dest / rel) in inputs:
             raise CrossModalNetError(f"{dest / rel}: is one of the inputs; predicting would overwrite it, "
@@ -310,13 +332,17 @@ def _check_record(record: dict, grid: Geometry, case_id: str) -> None:
 
 
 def predict_from_cli(args: argparse.Namespace) -> None:
-    """`crossmodalnet predict RUN [INPUT] --out OUT [--ct F] [--mr F] [--labels] [--probabilities]`.
+    """`crossmodalnet predict RUN [INPUT] --out OUT [--image NAME=F ...] [--labels] [--probabilities]`.
 
     For a prepare-mmwhs folder the label maps are written twice: `OUT/<id>.nii.gz` on the prepared
     grid (the one `evaluate` compares with labelsTs/) and `OUT/original/<id>.nii.gz` on the original
     fixed image's grid (open it over the raw scan).
     """
-    written = predict(args.run, args.out, data_dir=args.input, split=args.split, ct=args.ct, mr=args.mr,
+    images = dict(args.image or [])
+    for name in ("ct", "mr"):  # the MM-WHS shorthands --ct F, --mr F
+        if getattr(args, name, None) is not None:
+            images[name.upper()] = getattr(args, name)
+    written = predict(args.run, args.out, data_dir=args.input, split=args.split, images=images or None,
                       labels=args.labels, probabilities=args.probabilities, device=args.device,
                       precision=args.precision)
     where = written[0] if len(written) == 1 else written[0].parent

@@ -10,6 +10,7 @@ Layout (a trained run; an adapted run adds the `adapt*` files):
 
     RUN/config.yaml                      the resolved TrainConfig
     RUN/preprocess.json                  normalisation statistics and target spacing (training data)
+    RUN/spec.json                        the dataset's channels, labels and regions (runs before it: MM-WHS)
     RUN/model.safetensors                weights to predict with (best by validation Dice, or the
                                          adaptation's final ones); metadata: the ModelConfig
     RUN/last/                            resume checkpoint: model.safetensors, state.pt, manifest.json
@@ -51,6 +52,7 @@ from crossmodalnet.config import (
     to_yaml,
 )
 from crossmodalnet.data.preprocess import Preprocessor
+from crossmodalnet.data.spec import MMWHS, DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path, check_output_folder, write_csv
 from crossmodalnet.models.registry import build_model
@@ -70,6 +72,7 @@ class RunFolder:
 
     CONFIG = "config.yaml"
     PREPROCESS = "preprocess.json"
+    SPEC = "spec.json"
     WEIGHTS = _WEIGHTS
     LAST = "last"
     METRICS = "metrics.csv"
@@ -162,10 +165,31 @@ class RunFolder:
     def write_preprocess(self, preprocessor: Preprocessor) -> Path:
         return preprocessor.save(self.path / self.PREPROCESS)
 
+    @property
+    def spec_path(self) -> Path:
+        return self.path / self.SPEC
+
+    def has_spec(self) -> bool:
+        return self.spec_path.is_file()
+
+    def read_spec(self) -> DataSpec:
+        """The dataset description the run was trained on; a run from before `spec.json` was trained
+        on the MM-WHS preset (CT + MR, seven structures)."""
+        if not self.has_spec():
+            return MMWHS
+        try:
+            text = self.spec_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise CrossModalNetError(f"{self.spec_path}: not a UTF-8 text file") from None
+        return DataSpec.from_json(text, str(self.spec_path))
+
+    def write_spec(self, spec: DataSpec) -> Path:
+        return self._write_text(self.SPEC, spec.to_json())
+
     def copy_definition_from(self, source: RunFolder) -> None:
-        """Copy what `predict` needs besides weights (config and preprocessing) from another run."""
-        for name in (self.CONFIG, self.PREPROCESS):
-            if not (self.path / name).is_file():
+        """Copy what `predict` needs besides weights (config, preprocessing, dataset description)."""
+        for name in (self.CONFIG, self.PREPROCESS, self.SPEC):
+            if (source.path / name).is_file() and not (self.path / name).is_file():
                 with atomic_path(self.path / name) as tmp:
                     shutil.copyfile(source.path / name, tmp)
 

@@ -160,6 +160,21 @@ class DataSpec:
         return len(self.regions) if self.train_regions else self.num_classes
 
     @property
+    def activation(self) -> str:
+        """How the network's logits become probabilities: "sigmoid" per region or "softmax"."""
+        return "sigmoid" if self.train_regions else "softmax"
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Probabilities (num_outputs, *S) -> class indices (*S) uint8: the argmax, or with
+        `train_regions` every region over 0.5 painted in `region_order`."""
+        probs = np.asarray(probs)
+        if len(probs) != self.num_outputs:
+            raise ValueError(f"expected {self.num_outputs} probability maps, got {len(probs)}")
+        if self.train_regions:
+            return self.paint_regions(probs > 0.5)
+        return probs.argmax(0).astype(np.uint8)
+
+    @property
     def names(self) -> tuple[str, ...]:
         """Foreground class names, in class-index order (index i + 1)."""
         return tuple(c.name for c in self.classes)

@@ -1,8 +1,9 @@
-"""Metrics of one case: Dice, IoU and HD95 (and optionally Betti-number errors) per structure.
+"""Metrics of one case: Dice, IoU and HD95 (and optionally Betti-number errors) per class and region.
 
-Inputs are label maps (X, Y, Z) of class indices 0..7 on one grid. Each of the seven structures
-of `labels.STRUCTURES` is scored one against one with MONAI's metric functions; HD95 is in mm from
-the reference's voxel spacing (array-axis order).
+Inputs are label maps (X, Y, Z) of class indices 0..K-1 on one grid. Each class of the dataset
+(`spec.DataSpec`), then each of its regions (unions of classes: MyoPS edema+scar, BraTS whole
+tumour), is scored one against one with MONAI's metric functions (rows of kind "class" and
+"region"); HD95 is in mm from the reference's voxel spacing (array-axis order).
 
 HD95 conventions (they differ a lot on real data; the summary names the one used):
 - "monai" (default): the larger of the two directed 95th percentiles of surface distances,
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossmodalnet.data.labels import NUM_CLASSES, STRUCTURES
+from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.evaluate.topology import betti_errors
 
@@ -47,7 +48,7 @@ HD95_CONVENTIONS: dict[str, str] = {
     "monai": "max of the two directed 95th percentiles of surface distances (MONAI)",
     "pooled": "95th percentile of both directions' surface distances pooled (medpy hd95)",
 }
-COLUMNS: tuple[str, ...] = ("case", "structure", "dice", "iou", "hd95", "note")
+COLUMNS: tuple[str, ...] = ("case", "kind", "structure", "dice", "iou", "hd95", "note")
 TOPOLOGY_COLUMNS: tuple[str, ...] = ("betti_error_0", "betti_error_1", "betti_error_2")
 
 Spacing = Sequence[float]
@@ -59,14 +60,15 @@ def check_convention(hd95: str) -> None:
         raise CrossModalNetError(f"unknown HD95 convention {hd95!r}; choose from {sorted(HD95_CONVENTIONS)}")
 
 
-def _check_labels(name: str, arr: np.ndarray) -> np.ndarray:
+def _check_labels(name: str, arr: np.ndarray, num_classes: int) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim != 3:
         raise ValueError(f"{name}: expected a 3D label map (X, Y, Z), got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         raise ValueError(f"{name}: expected integer class indices, got dtype {arr.dtype}")
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= NUM_CLASSES):
-        raise ValueError(f"{name}: class indices must lie in 0..{NUM_CLASSES - 1} (codes: use to_indices)")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
+        raise ValueError(f"{name}: class indices must lie in 0..{num_classes - 1} (label values: use "
+                         "DataSpec.to_indices)")
     return arr
 
 
@@ -146,15 +148,15 @@ def _structure_metrics(p: np.ndarray, r: np.ndarray, spacing: Spacing, hd95: str
 
 
 def compute_case_metrics(
-    pred: np.ndarray, ref: np.ndarray, spacing: Spacing, hd95: str = "monai", topology: bool = False
+    pred: np.ndarray, ref: np.ndarray, spacing: Spacing, spec: DataSpec, hd95: str = "monai", topology: bool = False
 ) -> list[Row]:
-    """Metrics of one case, one row per structure of `labels.STRUCTURES`.
+    """Metrics of one case, one row per class of `spec`, then one per region.
 
-    pred, ref: (X, Y, Z) class indices 0..7 on the same grid. spacing: voxel size in mm per array
-    axis (the reference's). Returns [{"structure", "dice", "iou", "hd95", "note"[, betti errors]}].
+    pred, ref: (X, Y, Z) class indices 0..K-1 on the same grid. spacing: voxel size in mm per array
+    axis (the reference's). Returns [{"kind", "structure", "dice", "iou", "hd95", "note"[, betti errors]}].
     """
     check_convention(hd95)
-    pred, ref = _check_labels("pred", pred), _check_labels("ref", ref)
+    pred, ref = _check_labels("pred", pred, spec.num_classes), _check_labels("ref", ref, spec.num_classes)
     if pred.shape != ref.shape:
         raise ValueError(f"pred shape {pred.shape} differs from ref shape {ref.shape}")
     spacing = tuple(float(s) for s in spacing)
@@ -166,7 +168,12 @@ def compute_case_metrics(
         warnings.filterwarnings("ignore", message=".*is all 0.*")
         # MONAI's own internal call of a deprecated argument; nothing a user can act on.
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-        for s in STRUCTURES:
-            rows.append({"structure": s.name, **_structure_metrics(pred == s.index, ref == s.index,
-                                                                    spacing, hd95, topology)})
+        for index, name in enumerate(spec.names, start=1):
+            rows.append({"kind": "class", "structure": name,
+                         **_structure_metrics(pred == index, ref == index, spacing, hd95, topology)})
+        for region in spec.regions:
+            members = spec.region_indices(region)
+            rows.append({"kind": "region", "structure": region.name,
+                         **_structure_metrics(np.isin(pred, members), np.isin(ref, members), spacing, hd95,
+                                              topology)})
     return rows

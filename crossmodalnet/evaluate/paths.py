@@ -1,8 +1,9 @@
 """Files: pairing predicted label maps with references, reading them lazily, writing the report.
 
-`evaluate_paths` writes into OUT: `metrics.csv` (case, structure, dice, iou, hd95, note
+`evaluate_paths` writes into OUT: `metrics.csv` (case, kind, structure, dice, iou, hd95, note
 [, betti_error_0, betti_error_1, betti_error_2]), `summary.json`, `hd95.png`, `dice.png`.
-Label files hold (X, Y, Z) class indices or MM-WHS codes (`io.read_label` detects which per file).
+Label files hold (X, Y, Z) class indices or the dataset's label values (`io.read_label` detects
+which per file). The labels and regions are the dataset's: `resolve_spec` finds them.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from crossmodalnet.data.dataset import read_spec
 from crossmodalnet.data.io import check_same_grid, read_geometry, read_label
+from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.evaluate.metrics import COLUMNS, TOPOLOGY_COLUMNS, Row, Spacing, check_convention
 from crossmodalnet.evaluate.plots import plot_dice, plot_hd95
 from crossmodalnet.evaluate.summary import evaluate_arrays, format_table
 from crossmodalnet.files import atomic_path, temp_file_beside
+from crossmodalnet.runs import RunFolder
 
-__all__ = ["match_cases", "evaluate_paths"]
+__all__ = ["match_cases", "evaluate_paths", "resolve_spec"]
 
 _NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
@@ -118,13 +122,14 @@ def match_cases(
 class _FileCases(Mapping):
     """{case: (pred indices, ref indices, ref spacing)}, read on access so one case is in memory."""
 
-    def __init__(self, pairs: dict[str, tuple[Path, Path]]) -> None:
+    def __init__(self, pairs: dict[str, tuple[Path, Path]], spec: DataSpec) -> None:
         self.pairs = pairs
+        self.spec = spec
 
     def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray, Spacing]:
         pred_path, ref_path = self.pairs[name]
-        ref, ref_geom, _ = read_label(ref_path)
-        pred, pred_geom, _ = read_label(pred_path)
+        ref, ref_geom, _ = read_label(ref_path, self.spec)
+        pred, pred_geom, _ = read_label(pred_path, self.spec)
         check_same_grid({str(ref_path): ref_geom, str(pred_path): pred_geom})
         # Index-space distances scaled per axis are world distances for any rotation in the affine.
         return pred, ref, ref_geom.spacing
@@ -203,10 +208,30 @@ def _write_outputs(out: Path, outputs: dict[str, bytes]) -> None:
                     break
 
 
+def resolve_spec(ref: str | os.PathLike, dataset: str | os.PathLike | None = None,
+                 run: str | os.PathLike | None = None) -> DataSpec:
+    """The labels and regions to score with: the dataset's (`dataset`, a folder with dataset.json), the
+    run's (`run`), or those of the dataset the references belong to (a dataset.json in `ref`'s folder
+    or the one above it, as `labelsTs/` sits in its dataset)."""
+    if dataset is not None and run is not None:
+        raise CrossModalNetError("give --dataset or --run, not both")
+    if dataset is not None:
+        return read_spec(dataset)
+    if run is not None:
+        return RunFolder(run).read_spec()
+    folder = Path(ref) if Path(ref).is_dir() else Path(ref).parent
+    for candidate in (folder, folder.parent):
+        if (candidate / "dataset.json").is_file():
+            return read_spec(candidate)
+    raise CrossModalNetError(f"{ref}: no dataset.json beside or above the references to name the labels; "
+                             "give --dataset DATA or --run RUN")
+
+
 def evaluate_paths(
     pred: str | os.PathLike,
     ref: str | os.PathLike,
     out: str | os.PathLike,
+    spec: DataSpec | None = None,
     hd95: str = "monai",
     topology: bool = False,
     progress: bool = True,
@@ -224,6 +249,7 @@ def evaluate_paths(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CrossModalNetError(f"{out}: exists and is not a folder")
+    spec = spec if spec is not None else resolve_spec(ref)
     ignored: list[str] = []
     pairs, extra = match_cases(pred, ref, ignored)
     _check_headers(pairs)
@@ -235,15 +261,15 @@ def evaluate_paths(
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
         print(f"warning: {len(extra)} prediction(s) in {pred} have no reference and are ignored: "
               f"{', '.join(extra[:3])}{more}", file=sys.stderr)
-    rows, summary = evaluate_arrays(_FileCases(pairs), hd95=hd95, topology=topology, progress=progress)
+    rows, summary = evaluate_arrays(_FileCases(pairs, spec), spec, hd95=hd95, topology=topology, progress=progress)
     summary["unmatched_predictions"] = extra
     summary["ignored_entries"] = ignored
     columns = COLUMNS + (TOPOLOGY_COLUMNS if topology else ())
     outputs = {
         "metrics.csv": _csv_text(rows, columns).encode(),
         "summary.json": (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode(),
-        "hd95.png": plot_hd95(rows, summary),
-        "dice.png": plot_dice(rows, summary),
+        "hd95.png": plot_hd95(rows, summary, spec),
+        "dice.png": plot_dice(rows, summary, spec),
     }
     _write_outputs(out, outputs)
     print(format_table(summary))

@@ -14,10 +14,24 @@ from typing import Any
 
 import numpy as np
 
-from crossmodalnet.data.labels import STRUCTURES
+from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.evaluate.metrics import Row
 
 __all__ = ["plot_hd95", "plot_dice"]
+
+
+def _groups(summary: dict[str, Any], spec: DataSpec) -> list[tuple[str, str, np.ndarray, dict[str, Any]]]:
+    """(kind, name, RGB 0-1, summary entry) of every class, then every region (grey shades)."""
+    out = [("class", n, np.array(c) / 255.0, summary["per_structure"][n])
+           for n, c in zip(spec.names, spec.colors(), strict=True)]
+    for i, r in enumerate(spec.regions):
+        out.append(("region", r.name, np.full(3, 0.35 + 0.5 * i / max(len(spec.regions), 1)),
+                    summary["per_region"][r.name]))
+    return out
+
+
+def _label(kind: str, name: str) -> str:
+    return name if kind == "class" else f"[{name}]"
 
 
 def _png_bytes(fig: Any) -> bytes:
@@ -26,31 +40,32 @@ def _png_bytes(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def plot_hd95(rows: Sequence[Row], summary: dict[str, Any]) -> bytes:
-    """Grouped bars (as the paper's Figure 2): one group per structure, one bar per case."""
+def plot_hd95(rows: Sequence[Row], summary: dict[str, Any], spec: DataSpec) -> bytes:
+    """Grouped bars (as the paper's Figure 2): one group per class (then region, in brackets), one
+    bar per case."""
     from matplotlib.figure import Figure  # heavy: matplotlib loads only when a plot is drawn
 
     cases = summary["cases"]
     n = len(cases)
     width = 0.8 / n
-    fig = Figure(figsize=(min(16.0, max(7.0, 1.0 + 0.12 * n * len(STRUCTURES))), 4.0))
+    groups = _groups(summary, spec)
+    fig = Figure(figsize=(min(16.0, max(7.0, 1.0 + 0.12 * n * len(groups))), 4.0))
     ax = fig.subplots()
     top = max([r["hd95"] for r in rows if not math.isnan(r["hd95"])], default=1.0)
-    for gi, s in enumerate(STRUCTURES):
-        values = {r["case"]: r["hd95"] for r in rows if r["structure"] == s.name}
+    for gi, (kind, name, color, entry) in enumerate(groups):
+        values = {r["case"]: r["hd95"] for r in rows if r["structure"] == name and r.get("kind", "class") == kind}
         xs = gi - 0.4 + width * (np.arange(n) + 0.5)
         heights = [values[c] for c in cases]
-        color = np.array(s.color) / 255.0
         ax.bar(xs, [0.0 if math.isnan(h) else h for h in heights], width=width * 0.9, color=color,
                edgecolor="black", linewidth=0.3)
         for x, h in zip(xs, heights, strict=True):
             if math.isnan(h):  # a missing value must not read as a perfect 0 mm
                 ax.text(x, 0.01 * top, "×", ha="center", va="bottom", color="dimgray", fontsize=8)
-        mean = summary["per_structure"][s.name]["hd95"]
+        mean = entry["hd95"]
         if mean is not None:
             ax.hlines(mean, gi - 0.42, gi + 0.42, colors="black", linewidth=1.2)
-    ax.set_xticks(range(len(STRUCTURES)), [s.name for s in STRUCTURES])
-    ax.set_xlim(-0.6, len(STRUCTURES) - 0.4)
+    ax.set_xticks(range(len(groups)), [_label(k, nm) for k, nm, _, _ in groups])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylabel("HD95 (mm)")
     ax.set_title(f"HD95 per structure ({summary['hd95_convention']} convention), {n} case(s)\n"
                  "bars: cases in metrics.csv order; line: mean; ×: undefined (empty mask)", fontsize=9)
@@ -59,17 +74,18 @@ def plot_hd95(rows: Sequence[Row], summary: dict[str, Any]) -> bytes:
     return _png_bytes(fig)
 
 
-def plot_dice(rows: Sequence[Row], summary: dict[str, Any]) -> bytes:
-    """Box plot of Dice over cases per structure, cases as dots."""
+def plot_dice(rows: Sequence[Row], summary: dict[str, Any], spec: DataSpec) -> bytes:
+    """Box plot of Dice over cases per class (then region, in brackets), cases as dots."""
     from matplotlib.figure import Figure  # heavy: matplotlib loads only when a plot is drawn
 
-    fig = Figure(figsize=(7.0, 4.0))
+    groups = _groups(summary, spec)
+    fig = Figure(figsize=(max(7.0, 0.8 * len(groups)), 4.0))
     ax = fig.subplots()
     rng = np.random.default_rng(0)  # fixed jitter: the same inputs give the same picture
-    for gi, s in enumerate(STRUCTURES):
-        values = np.array([r["dice"] for r in rows if r["structure"] == s.name], dtype=float)
+    for gi, (kind, name, color, _) in enumerate(groups):
+        values = np.array([r["dice"] for r in rows if r["structure"] == name and r.get("kind", "class") == kind],
+                          dtype=float)
         values = values[~np.isnan(values)]
-        color = np.array(s.color) / 255.0
         if values.size == 0:
             ax.text(gi, 0.5, "n/a", ha="center", color="dimgray")
             continue
@@ -78,8 +94,8 @@ def plot_dice(rows: Sequence[Row], summary: dict[str, Any]) -> bytes:
         box["medians"][0].set(color="black")
         ax.scatter(gi + rng.uniform(-0.15, 0.15, values.size), values, s=10, color=color,
                    edgecolor="black", linewidth=0.3, zorder=3)
-    ax.set_xticks(range(len(STRUCTURES)), [s.name for s in STRUCTURES])
-    ax.set_xlim(-0.6, len(STRUCTURES) - 0.4)
+    ax.set_xticks(range(len(groups)), [_label(k, nm) for k, nm, _, _ in groups])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("Dice")
     mean = summary["mean_dice"]

@@ -52,8 +52,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from crossmodalnet.config import AdaptConfig, TrainConfig, config_differences, load_yaml, parse_terms, replace
 from crossmodalnet.data.dataset import Case, load_case, load_dataset
-from crossmodalnet.data.io import check_same_grid, read_image
 from crossmodalnet.data.preprocess import PreparedCase, Preprocessor
+from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.registry import build_model
 from crossmodalnet.runs import RunFolder, load_weights
@@ -100,12 +100,12 @@ def _tap_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def forward_with_features(model: nn.Module, ct: torch.Tensor, mr: torch.Tensor,
+def forward_with_features(model: nn.Module, image: torch.Tensor, present: torch.Tensor | None = None,
                           stage: int = -1) -> tuple[Any, torch.Tensor]:
-    """`model(ct, mr)` and, from the same pass, the fused encoder map of one stage.
+    """`model(image, present)` and, from the same pass, the fused encoder map of one stage.
 
-    ct, mr: (B, 1, D, H, W). Returns (logits (B, 8, D, H, W) or the deep-supervision list,
-    features (B, 2C_s, d, h, w) of the padded input): the output of `model.fused_skips[stage]`,
+    image: (B, M, D, H, W); present: (B, M) bool or None. Returns (logits (B, K, D, H, W) or the
+    deep-supervision list, features (B, M C_s, d, h, w) of the padded input): the output of `model.fused_skips[stage]`,
     -1 the map entering the bottleneck, -2, -3, ... the finer ones. A hook reads it, so that the
     forward stays the model's own (and, under DDP, the wrapper's).
     """
@@ -116,7 +116,7 @@ def forward_with_features(model: nn.Module, ct: torch.Tensor, mr: torch.Tensor,
     if not -len(fused) <= stage <= -1:
         raise CrossModalNetError(f"feature_stage must be in [-{len(fused)}, -1] for this model, got {stage}")
     with _tap_output(fused[stage]) as seen:
-        out = model(ct, mr)
+        out = model(image, present)
     return out, seen[0]
 
 
@@ -131,8 +131,9 @@ class PairedBatches:
         src, tgt = self.source.batch(step), self.target.batch(step)
         if self.remap > 0:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, step, _REMAP_STREAM]))
-            src["ct"], src["mr"] = (random_transfer(src[m], self.remap, rng) for m in ("ct", "mr"))
-        return {"ct": torch.cat([src["ct"], tgt["ct"]]), "mr": torch.cat([src["mr"], tgt["mr"]]),
+            src["image"] = torch.cat([random_transfer(src["image"][:, c:c + 1], self.remap, rng)
+                                      for c in range(src["image"].shape[1])], dim=1)
+        return {"image": torch.cat([src["image"], tgt["image"]]), "present": torch.cat([src["present"], tgt["present"]]),
                 "label": src["label"]}
 
 
@@ -145,12 +146,13 @@ class AdaptationTask(Task):
     select_best = False
 
     def __init__(self, config: AdaptConfig, run_config: TrainConfig, model: nn.Module, batches: PairedBatches,
-                 val_cases: list[PreparedCase], device: torch.device) -> None:
+                 val_cases: list[PreparedCase], device: torch.device, spec: DataSpec) -> None:
         self.config, self.run_config, self.model, self.batches = config, run_config, model, batches
-        self.val_cases, self.device = val_cases, device
+        self.val_cases, self.device, self.spec = val_cases, device, spec
         mc = run_config.model
         torch.manual_seed(config.seed)  # same discriminators for a given seed
-        features = 2 * mc.feature_size * 2 ** (len(mc.depths) + config.feature_stage)  # both streams at that stage
+        # Every stream's channels at that stage, concatenated.
+        features = mc.modalities * mc.feature_size * 2 ** (len(mc.depths) + config.feature_stage)
         disc: dict[str, nn.Module] = {}
         if "marginal" in config.terms:
             disc["marginal"] = DomainDiscriminator(features, config.hidden, config.dropout)
@@ -174,13 +176,13 @@ class AdaptationTask(Task):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.config
-        ct, mr, label = batch["ct"], batch["mr"], batch["label"]
+        image, label = batch["image"], batch["label"]
         b = label.shape[0]
-        out, features = forward_with_features(model, ct, mr, cfg.feature_stage)
+        out, features = forward_with_features(model, image, batch["present"], cfg.feature_stage)
         outs = out if isinstance(out, list | tuple) else [out]
         losses = self.loss_fn([o[:b] for o in outs], label)
         probs = torch.softmax(outs[0].float(), dim=1)  # 2B, K, *patch
-        domain = torch.cat([torch.ones(b), torch.zeros(ct.shape[0] - b)]).to(ct.device)
+        domain = torch.cat([torch.ones(b), torch.zeros(image.shape[0] - b)]).to(image.device)
         f, g, dom = discriminator_inputs(features.float(), probs.detach(), domain, cfg.token_level)
         lam = grl_coefficient(min(1.0, step / max(1, self.total_steps)), cfg.grl_gamma, cfg.grl_scale)
         acc = {"marginal": math.nan, "conditional": math.nan}
@@ -195,7 +197,8 @@ class AdaptationTask(Task):
             losses["conditional"], acc["conditional"] = domain_loss(logits, dom, weights)
         if "topology" in cfg.terms:
             losses["topology"] = topology_loss(probs[b:], cfg.topology_size, cfg.topology_threshold,
-                                               pool=cfg.topology_pool, bars=cfg.topology_bars)
+                                               pool=cfg.topology_pool, bars=cfg.topology_bars,
+                                               encloses=dict(self.spec.enclosures))
         total, used = self.balancer(losses, update=False)
         if cfg.entropy_weight > 0:
             losses["entropy"] = mean_entropy(probs[b:])
@@ -214,7 +217,8 @@ class AdaptationTask(Task):
     def validate(self, dist: ddp.DistInfo) -> dict[str, float] | None:
         if not self.val_cases:
             return None
-        dice = validation_dice(self.model, self.val_cases, self.run_config, self.device, dist)["mean"]
+        scores = validation_dice(self.model, self.val_cases, self.run_config, self.device, self.spec, dist)
+        dice = scores["val_region_mean"] if self.spec.regions else scores["val_dice_mean"]
         return {"source_val_dice": dice, "score": dice}
 
     def on_validation(self, scores: dict[str, float], run: RunFolder, epoch: int, step: int) -> None:
@@ -265,7 +269,7 @@ def _check_resume(out: RunFolder, config: AdaptConfig, inputs: dict[str, str]) -
         raise CrossModalNetError(f"{where}: --resume refused, other settings ({'; '.join(diffs)})")
 
 
-def _prepare_target(root: Path, preprocessor: Preprocessor) -> list[PreparedCase]:
+def _prepare_target(root: Path, preprocessor: Preprocessor, spec: DataSpec) -> list[PreparedCase]:
     """Target training + validation cases in network space, images only, with a dummy all-zero label.
 
     Label files are never opened (nor required to exist): the images are read one by one.
@@ -273,25 +277,27 @@ def _prepare_target(root: Path, preprocessor: Preprocessor) -> list[PreparedCase
     dataset = load_dataset(root, check_files=False)  # checking files would stat the label paths too
     cases = [*dataset["training"], *dataset["validation"]]
     json_path = root / "dataset.json"
+    if dataset.spec.channels != spec.channels:
+        raise CrossModalNetError(f"{json_path}: channels {list(dataset.spec.channels)} are not the source run's "
+                                 f"{list(spec.channels)}")
     if not cases:
         raise CrossModalNetError(f"{json_path}: lists no training or validation images to adapt to "
                                  "(the test split is kept for evaluation)")
     prepared = []
     for c in cases:
-        if c.ct is None or c.mr is None:
-            raise CrossModalNetError(f"{json_path}: target case {c.id!r} needs both CT and MR images")
-        ct, grid = read_image(c.ct)
-        mr, mr_grid = read_image(c.mr)
-        check_same_grid({str(c.ct): grid, str(c.mr): mr_grid})
-        case = preprocessor.prepare(ct, mr, grid, None, c.id)
+        for ref in c.images:
+            if ref is not None and not ref.path.is_file():
+                raise CrossModalNetError(f"{ref.path}: file not found (target case {c.id!r})")
+        d = load_case(replace_case(c, label=None), spec, with_label=False)
+        case = preprocessor.prepare(d["images"], d["geometry"], None, c.id)
         # A dummy label, so that PatchSampler can cache the case; all background: uniform patch centres.
         prepared.append(replace_case(case, label=np.zeros(case.shape, dtype=np.uint8)))
     return prepared
 
 
-def _prepare_labeled(case: Case, preprocessor: Preprocessor) -> PreparedCase:
-    d = load_case(case)
-    return preprocessor.prepare(d["ct"], d["mr"], d["geometry"], d["label"], case.id)
+def _prepare_labeled(case: Case, preprocessor: Preprocessor, spec: DataSpec) -> PreparedCase:
+    d = load_case(case, spec)
+    return preprocessor.prepare(d["images"], d["geometry"], d["label"], case.id)
 
 
 def prepare_adaptation(source_run: str | os.PathLike, source_data: str | os.PathLike,
@@ -301,6 +307,13 @@ def prepare_adaptation(source_run: str | os.PathLike, source_data: str | os.Path
     dist = dist or ddp.DistInfo(device=ddp.resolve_device(config.device))
     source, out = RunFolder(source_run), RunFolder(out_dir)
     run_config, preprocessor = ddp.main_first(lambda: _open_source_run(source, out), dist)
+    spec = source.read_spec()
+    if spec.train_regions:  # the discriminators condition on softmax class probabilities
+        raise CrossModalNetError(f"{source.spec_path}: the run was trained on regions (sigmoids); adapt needs "
+                                 "a run trained on classes (softmax)")
+    if preflight.dataset_spec(source_data) != spec:
+        raise CrossModalNetError(f"{Path(source_data) / 'dataset.json'}: its channels, labels or regions are not "
+                                 f"those run {source.path} was trained on")
     stages = len(run_config.model.depths)
     if not -stages <= config.feature_stage <= -1:
         raise CrossModalNetError(f"adapt config: feature_stage must be in [-{stages}, -1] for the model of "
@@ -311,9 +324,9 @@ def prepare_adaptation(source_run: str | os.PathLike, source_data: str | os.Path
     batch = config.batch_size or run_config.batch_size
     preflight.check_runnable(replace(run_config, batch_size=batch), dist.world_size)
     train_cases, val_cases = ddp.main_first(lambda: preflight.dataset_splits(source_data, run_config), dist)
-    source_cases = [_prepare_labeled(c, preprocessor) for c in train_cases]
-    val_prepared = [_prepare_labeled(c, preprocessor) for c in val_cases[dist.rank::dist.world_size]]
-    target_cases = _prepare_target(Path(target_data), preprocessor)
+    source_cases = [_prepare_labeled(c, preprocessor, spec) for c in train_cases]
+    val_prepared = [_prepare_labeled(c, preprocessor, spec) for c in val_cases[dist.rank::dist.world_size]]
+    target_cases = _prepare_target(Path(target_data), preprocessor, spec)
     if dist.is_main:  # every check passed: now the folder may be written
         out.create()
         out.copy_definition_from(source)  # what `predict` needs besides weights
@@ -334,7 +347,7 @@ def prepare_adaptation(source_run: str | os.PathLike, source_data: str | os.Path
     if dist.distributed:  # every rank needs the step count; DDP broadcasts rank 0's weights
         state = ddp.main_first(lambda: state, dist)
     model.to(dist.device)
-    task = AdaptationTask(config, run_config, model, batches, val_prepared, dist.device)
+    task = AdaptationTask(config, run_config, model, batches, val_prepared, dist.device, spec)
     settings = LoopSettings(
         total_steps=task.total_steps, iterations_per_epoch=config.iterations_per_epoch, seed=config.seed,
         max_minutes=config.max_minutes, grad_clip=run_config.grad_clip, precision=run_config.precision,

@@ -2,20 +2,22 @@
 augmentation on the CPU.
 
     sampler = PatchSampler(cases, config, rank=0, batch_size=2)
-    batch = sampler.batch(step)   # {"ct": (B, 1, *P), "mr": (B, 1, *P), "label": (B, 1, *P) int64}
+    batch = sampler.batch(step)   # {"image": (B, C, *P), "present": (B, C) bool, "label": (B, 1, *P) int64}
 
 Every batch is a pure function of (seed, rank, step): the random generator is re-made from
 those three numbers at each step, so a resumed run draws exactly the patches the uninterrupted
 run drew, DDP processes (different ranks) draw different patches, and the batches are the same
 whether they are drawn in the training loop or in background workers (`train.engine`).
 
-Foreground oversampling: a share `foreground_ratio` of patches is centred on a voxel of one
-structure, the structure picked uniformly among those present, so that small structures (PA,
-AO) are seen as often as the large ones. Augmentation: rotation (+-15 deg about each axis, in mm
-so anisotropic grids rotate correctly) and isotropic scaling (+-10 %) resampled with
-`grid_sample` (trilinear images, nearest labels, zeros outside), the MR displaced against the CT
-and the label (`misalign_prob`, `misalign_voxels`: registration error), intensity scale/shift per
-channel, and mirroring only along `flip_axes` (none by default: see `TrainConfig`).
+C is the dataset's channels; a channel a case lacks is zeros with `present` False (the model puts
+its learned placeholders there). Foreground oversampling: a share `foreground_ratio` of patches is
+centred on a voxel of one class, the class picked uniformly among those present, so that small
+structures (PA, scar) are seen as often as the large ones. Augmentation: rotation (+-15 deg about
+each axis, in mm so anisotropic grids rotate correctly) and isotropic scaling (+-10 %) resampled
+with `grid_sample` (trilinear images, nearest labels, zeros outside), every channel but the first
+displaced against the first and the label, each by its own draw (`misalign_prob`,
+`misalign_voxels`: registration error), intensity scale/shift per channel, and mirroring only
+along `flip_axes` (none by default: see `TrainConfig`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from crossmodalnet.config import TrainConfig
-from crossmodalnet.data.labels import NUM_CLASSES
 from crossmodalnet.data.preprocess import PreparedCase
 from crossmodalnet.errors import CrossModalNetError
 
@@ -40,18 +41,19 @@ def step_generator(seed: int, rank: int, step: int, sample: int = 0) -> np.rando
 
 
 class _CachedCase:
-    """One case as tensors: image (2, D, H, W) float32 (missing modality = zeros), label (D, H, W)."""
+    """One case as tensors: image (C, D, H, W) float32 (missing channel = zeros), present (C,) bool,
+    label (D, H, W) int64."""
 
     def __init__(self, case: PreparedCase) -> None:
-        if case.label is None or case.ct is None or case.mr is None:
-            raise CrossModalNetError(f"case {case.id!r}: training needs CT, MR and a label")
+        if case.label is None:
+            raise CrossModalNetError(f"case {case.id!r}: training needs a label")
         self.id = case.id
-        self.image = torch.from_numpy(np.stack([case.ct, case.mr]).astype(np.float32))
+        self.image = torch.from_numpy(case.stacked())
+        self.present = torch.tensor(case.present, dtype=torch.bool)
         self.label = torch.from_numpy(case.label.astype(np.int64))
         self.shape = tuple(int(s) for s in case.label.shape)
-        # Voxel coordinates of every structure, for foreground-centred patches.
-        self.coords = {c: np.argwhere(case.label == c).astype(np.int32) for c in range(1, NUM_CLASSES)}
-        self.coords = {c: v for c, v in self.coords.items() if len(v)}
+        # Voxel coordinates of every class present, for foreground-centred patches.
+        self.coords = {int(c): np.argwhere(case.label == c).astype(np.int32) for c in np.unique(case.label) if c}
 
 
 class PatchSampler:
@@ -76,30 +78,32 @@ class PatchSampler:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of training step `step` (global step count, from 0)."""
-        images, labels = [], []
+        images, labels, present = [], [], []
         for i in range(self.batch_size):
             # One generator per sample: which patch is drawn does not depend on how many numbers
             # the augmentation of the samples before it consumed.
-            image, label = self._sample(step_generator(self.config.seed, self.rank, step, i))
+            image, label, has = self._sample(step_generator(self.config.seed, self.rank, step, i))
             images.append(image)
             labels.append(label)
-        image = torch.stack(images)
-        return {"ct": image[:, 0:1], "mr": image[:, 1:2], "label": torch.stack(labels)[:, None]}
+            present.append(has)
+        return {"image": torch.stack(images), "present": torch.stack(present), "label": torch.stack(labels)[:, None]}
 
     # --- one patch ---------------------------------------------------------------------------
-    def _sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         case = self.cases[int(rng.integers(len(self.cases)))]
         center = self._center(case, rng, foreground=rng.random() < cfg.foreground_ratio)
         aug = np.random.default_rng(rng.integers(2**63))  # augmentation draws its own stream
         # Drawn only when enabled, so that runs without it keep their random streams.
-        shift = self._mr_shift(aug) if cfg.augment and cfg.misalign_prob > 0 else None
+        shifts = ({c: self._mr_shift(aug) for c in range(1, case.image.shape[0])}
+                  if cfg.augment and cfg.misalign_prob > 0 else {})
+        shifts = {c: v for c, v in shifts.items() if v is not None}
         if cfg.augment and aug.random() < cfg.spatial_prob:
-            image, label = self._transformed(case, center, aug, shift)
+            image, label = self._transformed(case, center, aug, shifts)
         else:
             image, label = self._crop(case, center)
-            if shift is not None:  # the MR of a patch whose centre is displaced (whole voxels)
-                image[1] = self._window(case.image[1], center + np.rint(shift).astype(np.int64))
+            for c, shift in shifts.items():  # a channel whose patch centre is displaced (whole voxels)
+                image[c] = self._window(case.image[c], center + np.rint(shift).astype(np.int64))
         if cfg.augment:
             for c in range(image.shape[0]):
                 if aug.random() < cfg.intensity_prob:
@@ -109,10 +113,10 @@ class PatchSampler:
             for axis in cfg.flip_axes:
                 if aug.random() < 0.5:
                     image, label = image.flip(1 + axis), label.flip(axis)
-        return image.contiguous(), label.contiguous()
+        return image.contiguous(), label.contiguous(), case.present.clone()
 
     def _mr_shift(self, rng: np.random.Generator) -> np.ndarray | None:
-        """Displacement (3,) in voxels of the MR against the CT, or None (this patch stays registered)."""
+        """Displacement (3,) in voxels of a channel against the first, or None (it stays registered)."""
         if rng.random() >= self.config.misalign_prob:
             return None
         direction = rng.normal(size=3)
@@ -150,10 +154,11 @@ class PatchSampler:
         return out
 
     def _transformed(
-        self, case: _CachedCase, center: np.ndarray, rng: np.random.Generator, mr_shift: np.ndarray | None = None
+        self, case: _CachedCase, center: np.ndarray, rng: np.random.Generator,
+        shifts: dict[int, np.ndarray] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated and scaled patch around `center`, resampled from the whole cached volume; the MR
-        sampled `mr_shift` voxels away (volume axes) when given."""
+        """Rotated and scaled patch around `center`, resampled from the whole cached volume; channel
+        c sampled `shifts[c]` voxels away (volume axes) when given."""
         cfg = self.config
         angles = np.deg2rad(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees, size=3))
         zoom = 1.0 + rng.uniform(-cfg.scale_range, cfg.scale_range)
@@ -172,9 +177,9 @@ class PatchSampler:
 
         g = grid(points)
         image = F.grid_sample(case.image[None], g, mode="bilinear", padding_mode="zeros", align_corners=True)
-        if mr_shift is not None:
-            image[:, 1:2] = F.grid_sample(case.image[None, 1:2], grid(points + mr_shift), mode="bilinear",
-                                          padding_mode="zeros", align_corners=True)
+        for c, shift in (shifts or {}).items():
+            image[:, c:c + 1] = F.grid_sample(case.image[None, c:c + 1], grid(points + shift), mode="bilinear",
+                                              padding_mode="zeros", align_corners=True)
         label = F.grid_sample(case.label[None, None].float(), g, mode="nearest", padding_mode="zeros",
                               align_corners=True)
         return image[0], label[0, 0].round().long()

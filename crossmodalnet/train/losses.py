@@ -1,7 +1,8 @@
 """Segmentation loss with named terms, and the adaptive loss balancing of Def. 4.
 
 `DiceCETerms` is MONAI's Dice + cross-entropy (softmax, one-hot target) with its two terms
-returned separately, so that they can be balanced:
+returned separately, so that they can be balanced; with `regions=True` it is Dice + binary
+cross-entropy of one sigmoid per region against region masks (nnU-Net's region-based training):
 
     terms = DiceCETerms()(logits, target)   # logits (B, C, D, H, W) or a deep-supervision list
     terms["dice"], terms["ce"]              # scalar tensors, differentiable
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DeepSupervisionLoss, DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
 from torch import nn
 
 __all__ = ["DiceCETerms", "AdaptiveLossBalancing"]
@@ -31,8 +32,8 @@ class DiceCETerms(nn.Module):
     """Dice and cross-entropy of logits against a label map, as two named scalar terms.
 
     forward(logits, target): logits (B, C, D, H, W), or a list of them for deep supervision
-    (full resolution first, then coarser); target (B, 1, D, H, W) class indices.
-    Returns {"dice": tensor, "ce": tensor}.
+    (full resolution first, then coarser); target (B, 1, D, H, W) class indices, or with
+    `regions` (B, R, D, H, W) region masks (0/1, R = C). Returns {"dice": tensor, "ce": tensor}.
 
     Deep supervision weights each level like MONAI's `DeepSupervisionLoss` ("exp": 1, 1/2,
     1/4, ...) but normalised to sum to 1, so that the loss scale (and the learning rate that
@@ -42,9 +43,13 @@ class DiceCETerms(nn.Module):
 
     names: tuple[str, str] = ("dice", "ce")
 
-    def __init__(self, weight_mode: str = "exp") -> None:
+    def __init__(self, weight_mode: str = "exp", regions: bool = False) -> None:
         super().__init__()
+        self.regions = regions
         self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        # Regions overlap (nested): one sigmoid each, Dice and BCE on the masks, as nnU-Net does.
+        self.region_dice = DiceLoss(sigmoid=True)
+        self.bce = nn.BCEWithLogitsLoss()
         self._levels = DeepSupervisionLoss(self.dice_ce, weight_mode=weight_mode)
 
     def forward(self, logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -57,6 +62,11 @@ class DiceCETerms(nn.Module):
             if out.shape[2:] != target.shape[2:]:
                 t = F.interpolate(target.float(), size=out.shape[2:], mode="nearest-exact")
             out = out.float()  # losses in fp32 even under autocast: softmax of fp16 logits underflows
+            if self.regions:
+                t = t.float()
+                dice = dice + (w / norm) * self.region_dice(out, t)
+                ce = ce + (w / norm) * self.bce(out, t)
+                continue
             dice = dice + (w / norm) * self.dice_ce.dice(out, t)
             ce = ce + (w / norm) * self.dice_ce.ce(out, t)
         return {"dice": dice, "ce": ce}

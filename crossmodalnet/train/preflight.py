@@ -2,8 +2,10 @@
 
 - `resolve_config`: the --config file (or a resumed run's config.yaml) and CLI flags -> one `TrainConfig`;
 - `check_runnable`: what the schema cannot know (the number of processes);
-- `dataset_splits`: every listed file exists and each case's CT, MR and label share a grid; under
-  DDP also every validation case's voxels (see there).
+- `dataset_spec`: the dataset's channels, labels and regions (and, resuming, that they are the run's);
+- `dataset_splits`: every listed file exists and each case's channels and label share a grid; under
+  DDP also every validation case's voxels (see there);
+- `check_label_values`: every declared label occurs in the training labels.
 Every refusal is one `CrossModalNetError` line naming the file or key.
 """
 
@@ -16,12 +18,15 @@ from pathlib import Path
 import torch.distributed
 
 from crossmodalnet.config import CROSSMODALNET_FIELDS, ModelConfig, TrainConfig, load_config_file, replace, to_dict
-from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset
+import numpy as np
+
+from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset, read_spec
+from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.registry import check_input_size
 from crossmodalnet.runs import RunFolder
 
-__all__ = ["check_runnable", "resolve_config", "dataset_splits"]
+__all__ = ["check_runnable", "resolve_config", "dataset_spec", "dataset_splits", "check_label_values"]
 
 
 def check_runnable(config: TrainConfig, world_size: int = 1) -> None:
@@ -46,10 +51,9 @@ def dataset_splits(data_dir: str | os.PathLike, config: TrainConfig) -> tuple[li
     if not train_cases:
         raise CrossModalNetError(f"{json_path}: lists no training cases")
     for case in train_cases + val_cases:
-        for key in ("ct", "mr", "label"):
-            if getattr(case, key) is None:
-                raise CrossModalNetError(f"{json_path}: case {case.id!r} has no {key!r}; training needs "
-                                         "paired CT and MR with a label")
+        if case.label is None:
+            raise CrossModalNetError(f"{json_path}: case {case.id!r} has no label; training and validation "
+                                     "cases need one")
         check_case(case)
     if not val_cases and config.val_fraction > 0 and len(train_cases) >= 2:
         k = min(len(train_cases) - 1, max(1, round(config.val_fraction * len(train_cases))))
@@ -58,8 +62,30 @@ def dataset_splits(data_dir: str | os.PathLike, config: TrainConfig) -> tuple[li
         # Each process loads only its share of the validation cases, after the main process has
         # created the run folder: a NaN in another's share must stop the run here, before that.
         for case in val_cases:
-            load_case(case)
+            load_case(case, dataset.spec)
     return train_cases, val_cases
+
+
+def dataset_spec(data_dir: str | os.PathLike, run: RunFolder | None = None) -> DataSpec:
+    """The dataset's channels, labels and regions; resuming (`run` given), they must be the run's."""
+    spec = read_spec(data_dir)
+    if run is not None and run.has_spec() and run.read_spec() != spec:
+        raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: its channels, labels or regions differ from "
+                                 f"those of the run being resumed ({run.spec_path})")
+    return spec
+
+
+def check_label_values(data_dir: str | os.PathLike, spec: DataSpec, labels: list[np.ndarray]) -> None:
+    """Refuse a dataset description that declares a label no training label map holds (a table
+    typed for other files: MM-WHS codes for files of indices, say)."""
+    seen = np.zeros(spec.num_classes, dtype=bool)
+    for label in labels:
+        seen[np.unique(label)] = True
+    absent = [c for i, c in enumerate(spec.classes) if not seen[i + 1]]
+    if absent:
+        names = ", ".join(f"{c.name} = {c.value}" for c in absent)
+        raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: label(s) {names} occur in none of the "
+                                 f"{len(labels)} training label maps; remove them or check the label files")
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:

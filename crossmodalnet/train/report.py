@@ -13,17 +13,29 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from crossmodalnet.data.labels import NAMES
+from crossmodalnet.data.spec import DataSpec
 
-__all__ = ["METRIC_COLUMNS", "STEP_TERMS", "plot_curves", "plot_adaptation", "format_summary"]
+__all__ = ["metric_columns", "score_columns", "STEP_TERMS", "plot_curves", "plot_adaptation", "format_summary"]
 
 STEP_TERMS: tuple[str, ...] = ("loss", "loss_dice", "loss_ce", "weight_dice", "weight_ce")
-METRIC_COLUMNS: tuple[str, ...] = (
-    "epoch", "step", "lr", *STEP_TERMS, "val_dice_mean", *(f"val_dice_{n}" for n in NAMES), "best_val_dice", "time_s",
-)
 
 
-def plot_curves(history: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]], balancing: bool = True) -> Figure:
+def score_columns(spec: DataSpec) -> tuple[str, ...]:
+    """Validation columns of a dataset: the mean and each class's Dice, then, when the dataset has
+    regions, their mean and each region's (`val_region_*`; the score that selects checkpoints)."""
+    cols = ("val_dice_mean", *(f"val_dice_{n}" for n in spec.names))
+    if spec.regions:
+        cols += ("val_region_mean", *(f"val_region_{r.name}" for r in spec.regions))
+    return cols
+
+
+def metric_columns(spec: DataSpec) -> tuple[str, ...]:
+    """The columns of `metrics.csv` for a dataset."""
+    return ("epoch", "step", "lr", *STEP_TERMS, *score_columns(spec), "best_val_dice", "time_s")
+
+
+def plot_curves(history: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]], balancing: bool = True,
+                spec: DataSpec | None = None) -> Figure:
     """Three panels: training losses per epoch, validation Dice per structure, balancing weights.
 
     A bare `Figure` (no pyplot): it renders on its own Agg canvas and leaves the user's backend alone.
@@ -36,9 +48,13 @@ def plot_curves(history: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any
     axes[0].set(title="training loss", xlabel="epoch")
     axes[0].legend()
     val = [r for r in history if _finite(r.get("val_dice_mean"))]
-    for name in NAMES:
-        axes[1].plot([r["epoch"] for r in val], [r.get(f"val_dice_{name}") for r in val], lw=0.8, label=name)
-    axes[1].plot([r["epoch"] for r in val], [r["val_dice_mean"] for r in val], "k-o", lw=2, label="mean")
+    rows = ([f"val_region_{r.name}" for r in spec.regions] if spec is not None and spec.regions
+            else [f"val_dice_{n}" for n in (spec.names if spec is not None else ())])
+    for key in rows:
+        axes[1].plot([r["epoch"] for r in val], [r.get(key) for r in val], lw=0.8,
+                     label=key.removeprefix("val_dice_").removeprefix("val_region_"))
+    mean_key = "val_region_mean" if spec is not None and spec.regions else "val_dice_mean"
+    axes[1].plot([r["epoch"] for r in val], [r[mean_key] for r in val], "k-o", lw=2, label="mean")
     axes[1].set(title="validation Dice (whole volumes)", xlabel="epoch", ylim=(0, 1))
     axes[1].legend(fontsize=7, ncol=2)
     x = [r["step"] for r in steps]
@@ -79,10 +95,11 @@ def plot_adaptation(history: Sequence[dict[str, Any]], steps: Sequence[dict[str,
     return fig
 
 
-def format_summary(row: dict[str, Any], epochs: int) -> str:
-    """The one line printed per validation."""
-    per = " ".join(f"{n} {row[f'val_dice_{n}']:.3f}" for n in NAMES if _finite(row.get(f"val_dice_{n}")))
-    return (f"epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}  val Dice {row['val_dice_mean']:.4f} "
+def format_summary(row: dict[str, Any], epochs: int, spec: DataSpec) -> str:
+    """The one line printed per validation (regions when the dataset has them, else classes)."""
+    prefix, names = ("val_region_", [r.name for r in spec.regions]) if spec.regions else ("val_dice_", spec.names)
+    per = " ".join(f"{n} {row[prefix + n]:.3f}" for n in names if _finite(row.get(prefix + n)))
+    return (f"epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}  val Dice {row[prefix + 'mean']:.4f} "
             f"({per})  best {row['best_val_dice']:.4f}  {row['time_s'] / 60:.1f} min")
 
 

@@ -50,11 +50,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from crossmodalnet.data.labels import NUM_CLASSES, STRUCTURES
+from collections.abc import Mapping
 
 BARS: tuple[str, ...] = ("all", "decision")
-# class index -> indices of the structures it wraps (from the label table)
-ENCLOSES: dict[int, tuple[int, ...]] = {s.index: s.encloses for s in STRUCTURES if s.encloses}
 
 __all__ = ["BARS", "POOLS", "persistence_diagram", "persistence_terms", "persistence_penalty", "topology_loss"]
 
@@ -199,7 +197,7 @@ def _pool(x: torch.Tensor, out: list[int], how: str) -> torch.Tensor:
 
 def topology_loss(probs: torch.Tensor, size: int = 16, threshold: float = 0.5,
                   include_background: bool = False, pool: str = "avg", bars: str = "all",
-                  margin: float = 0.1) -> torch.Tensor:
+                  margin: float = 0.1, encloses: Mapping[int, tuple[int, ...]] | None = None) -> torch.Tensor:
     """Mean persistence penalty over (sample, structure) pairs of softmax probs (B, C, D, H, W).
 
     The probabilities are pooled to at most `size` voxels per axis first (`pool`):
@@ -214,9 +212,9 @@ def topology_loss(probs: torch.Tensor, size: int = 16, threshold: float = 0.5,
       very voxel at fault (the window's maximum, the window's minimum). Two diagrams a structure.
     A structure enters only when its pooled maximum reaches `threshold` (predicted somewhere in
     the patch); `threshold` is also the decision level of `bars` "decision", which also takes
-    the holes of an enclosing structure from its union with what it encloses (`ENCLOSES`; class
-    indices of the label table, so `probs` must have all `NUM_CLASSES` channels then). Returns 0
-    (still attached to the graph) when no structure qualifies.
+    the holes of an enclosing structure from its union with what it encloses (`encloses`: class
+    index -> the indices it wraps, the dataset's `DataSpec.enclosures`; none when the dataset
+    says nothing). Returns 0 (still attached to the graph) when no structure qualifies.
     """
     if probs.dim() != 5:
         raise ValueError(f"expected probabilities (B, C, D, H, W), got shape {tuple(probs.shape)}")
@@ -227,14 +225,14 @@ def topology_loss(probs: torch.Tensor, size: int = 16, threshold: float = 0.5,
     out = [min(int(s), int(size)) for s in probs.shape[2:]]
     source = probs.float()
     components, holes = ("max", "min") if pool == "split" else (pool, pool)
-    nested = bars == "decision" and probs.shape[1] == NUM_CLASSES
+    nested = bars == "decision" and bool(encloses)
     pooled = _pool(source, out, components)
     first = 0 if include_background else 1
     present = pooled[:, first:].detach().flatten(2).amax(2) >= threshold  # B, C'
     penalties = []
     for b, c in present.nonzero().tolist():
         k = first + c
-        wrapped = ENCLOSES.get(k, ()) if nested else ()
+        wrapped = tuple(encloses.get(k, ())) if nested else ()
         if holes == components and not wrapped:  # one map serves every term
             penalties.append(persistence_penalty(pooled[b, k], bars, threshold, margin))
             continue

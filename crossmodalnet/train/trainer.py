@@ -3,11 +3,15 @@
     train("data/phantoms", "runs/cmn", TrainConfig())      # -> Path("runs/cmn")
 
 `SegmentationTask` is what one step computes: a batch of patches (`train.data.PatchSampler`,
-(B, 1, *patch_size) per modality) through `model(ct, mr)` -> logits (B, 8, *patch_size) (or a
-deep-supervision list), Dice + CE (optionally balanced by Def. 4). The `Engine` runs it: every
+(B, C, *patch_size), C the dataset's channels, with which are present) through
+`model(image, present)` -> logits (B, K, *patch_size) (or a deep-supervision list), Dice + CE
+(optionally balanced by Def. 4); K is the dataset's classes, or its regions when it trains on
+regions (sigmoid per region, Dice + BCE on nested masks, as nnU-Net). The `Engine` runs it: every
 `val_every` epochs the validation volumes are predicted whole (sliding window, Gaussian blending)
-and scored with the Dice `evaluate` reports; the best weights become `model.safetensors`; every
-epoch ends with a complete resume checkpoint `last/`.
+and scored with the Dice `evaluate` reports (per class, and per region: the regions' mean selects
+the checkpoint when the dataset has regions); the best weights become `model.safetensors`; every
+epoch ends with a complete resume checkpoint `last/`. The dataset's description (channels,
+labels, regions) is recorded in the run as `spec.json`.
 
 Every input (configuration, run folder, dataset, every case's images and labels) is checked and
 loaded before the run folder is created or written: a refusal leaves nothing behind.
@@ -23,14 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice
-from monai.networks.utils import one_hot
 from torch import nn
 
-from crossmodalnet.config import TrainConfig
+from crossmodalnet.config import TrainConfig, replace
 from crossmodalnet.data.dataset import load_case
-from crossmodalnet.data.labels import NAMES, NUM_CLASSES
 from crossmodalnet.data.preprocess import PreparedCase, Preprocessor, fit_preprocessor
+from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.models.inference import sliding_window_probabilities
 from crossmodalnet.models.registry import build_model
 from crossmodalnet.runs import RunFolder
@@ -40,7 +42,7 @@ from crossmodalnet.train.data import PatchSampler
 from crossmodalnet.train.distributed import gather_lists, split_by_rank
 from crossmodalnet.train.engine import LoopSettings, PreparedRun, Task, param_groups
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
-from crossmodalnet.train.report import METRIC_COLUMNS, STEP_TERMS, format_summary, plot_curves
+from crossmodalnet.train.report import STEP_TERMS, format_summary, metric_columns, plot_curves, score_columns
 
 __all__ = ["SegmentationTask", "prepare_training", "train", "train_from_cli", "validation_dice",
            "case_dice", "warmup_cosine"]
@@ -59,15 +61,19 @@ class SegmentationTask(Task):
     """Supervised segmentation: Dice + CE on patches, validation Dice on whole volumes."""
 
     columns = STEP_TERMS
-    metric_columns = METRIC_COLUMNS
     best_column = "best_val_dice"
 
     def __init__(self, config: TrainConfig, model: nn.Module, sampler: PatchSampler,
-                 val_cases: list[PreparedCase], device: torch.device) -> None:
+                 val_cases: list[PreparedCase], device: torch.device, spec: DataSpec) -> None:
         self.config, self.model, self.batches, self.val_cases, self.device = config, model, sampler, val_cases, device
+        self.spec = spec
+        self.metric_columns = metric_columns(spec)
         opt_cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
         self.optimizers = [opt_cls(param_groups([model], config.weight_decay), lr=config.lr)]
-        self.loss_fn = DiceCETerms()
+        self.loss_fn = DiceCETerms(regions=spec.train_regions)
+        # Class index -> (R,) membership of each region, for region targets on the device.
+        self.region_table = torch.from_numpy(
+            spec.region_masks(np.arange(spec.num_classes)).T.astype(np.float32)) if spec.train_regions else None
         self.balancer = AdaptiveLossBalancing(DiceCETerms.names, config.balancing_alpha)
 
     def lr_factor(self, step: int, total_steps: int) -> float:
@@ -75,8 +81,11 @@ class SegmentationTask(Task):
         return warmup_cosine(step, total_steps, cfg.warmup_epochs * cfg.iterations_per_epoch, cfg.scheduler)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        out = model(batch["ct"], batch["mr"])
-        terms = self.loss_fn(out, batch["label"])
+        out = model(batch["image"], batch["present"])
+        target = batch["label"]
+        if self.region_table is not None:  # (B, 1, *P) indices -> (B, R, *P) region masks
+            target = self.region_table.to(target.device)[target[:, 0]].movedim(-1, 1)
+        terms = self.loss_fn(out, target)
         if self.config.loss_balancing:
             total, weights = self.balancer(terms, update=False)
         else:
@@ -89,15 +98,15 @@ class SegmentationTask(Task):
             self.balancer.update({"dice": logs["loss_dice"], "ce": logs["loss_ce"]})
 
     def validate(self, dist: ddp.DistInfo) -> dict[str, float] | None:
-        scores = validation_dice(self.model, self.val_cases, self.config, self.device, dist)
-        return {"val_dice_mean": scores["mean"], **{f"val_dice_{n}": scores[n] for n in NAMES},
-                "score": scores["mean"]}
+        scores = validation_dice(self.model, self.val_cases, self.config, self.device, self.spec, dist)
+        score = scores["val_region_mean"] if self.spec.regions else scores["val_dice_mean"]
+        return {**scores, "score": score}
 
     def figure(self, history: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Any:
-        return plot_curves(history, steps, self.config.loss_balancing)
+        return plot_curves(history, steps, self.config.loss_balancing, self.spec)
 
     def summary_line(self, row: dict[str, Any], epochs: int) -> str:
-        return format_summary(row, epochs)
+        return format_summary(row, epochs, self.spec)
 
     def state_dict(self) -> dict[str, Any]:
         return {"balancing": self.balancer.state_dict()}
@@ -106,23 +115,29 @@ class SegmentationTask(Task):
         self.balancer.load_state_dict(state["balancing"])
 
 
-def case_dice(probs: torch.Tensor, label: np.ndarray) -> torch.Tensor:
-    """Dice per structure (7,) of one case, by the rule `evaluate` reports: a structure absent from
-    both prediction and reference is NaN (not scored); absent from exactly one, 0.
+def case_dice(indices: np.ndarray, label: np.ndarray, spec: DataSpec) -> np.ndarray:
+    """Dice of one case per class, then per region ((K - 1 + R,) float64), by the rule `evaluate`
+    reports: a class absent from both prediction and reference is NaN (not scored); absent from
+    exactly one, 0.
 
-    probs: (1, C, D, H, W); label: (D, H, W) class indices.
+    indices, label: (D, H, W) class indices (prediction, reference).
     """
-    pred = one_hot(probs.argmax(1, keepdim=True), NUM_CLASSES)
-    ref = one_hot(torch.from_numpy(label.astype(np.int64))[None, None], NUM_CLASSES)
-    dice = compute_dice(pred, ref, include_background=False, ignore_empty=False)[0].float()
-    both_empty = (pred[0, 1:].flatten(1).sum(1) == 0) & (ref[0, 1:].flatten(1).sum(1) == 0)
-    return torch.where(both_empty, torch.full_like(dice, math.nan), dice)
+    pred, ref = np.asarray(indices), np.asarray(label)
+    masks = [(pred == c, ref == c) for c in range(1, spec.num_classes)]
+    pr, rr = spec.region_masks(pred), spec.region_masks(ref)
+    masks += list(zip(pr, rr, strict=True))
+    out = np.empty(len(masks))
+    for i, (p, r) in enumerate(masks):
+        total = int(p.sum()) + int(r.sum())
+        out[i] = math.nan if total == 0 else 2.0 * int(np.logical_and(p, r).sum()) / total
+    return out
 
 
 @torch.no_grad()
 def validation_dice(model: nn.Module, cases: list[PreparedCase], config: TrainConfig, device: torch.device,
-                    dist: ddp.DistInfo | None = None) -> dict[str, float]:
-    """Dice per structure (mean over `cases`, prepared with labels) and their mean, on whole volumes.
+                    spec: DataSpec, dist: ddp.DistInfo | None = None) -> dict[str, float]:
+    """Dice per class and per region (mean over `cases`, prepared with labels) and their means, on
+    whole volumes, keyed by `report.score_columns`.
 
     Sliding window with the config's roi, overlap and batch; the model is left in training mode.
     Under DDP each process passes (and scores) its own share of the cases, and all get every score.
@@ -131,37 +146,58 @@ def validation_dice(model: nn.Module, cases: list[PreparedCase], config: TrainCo
     model.eval()
     mine = []
     for case in cases:
-        ct, mr = (torch.from_numpy(x)[None, None] for x in (case.ct, case.mr))
-        probs = sliding_window_probabilities(model, ct, mr, config.patch_size, config.sw_overlap,
-                                             config.sw_batch_size, device)
-        mine.append(case_dice(probs, case.label).tolist())
+        image = torch.from_numpy(case.stacked())[None]
+        present = torch.tensor([case.present], dtype=torch.bool)
+        probs = sliding_window_probabilities(model, image, present, config.patch_size, config.sw_overlap,
+                                             config.sw_batch_size, device, activation=spec.activation)
+        mine.append(case_dice(spec.decide(probs[0].numpy()), case.label, spec).tolist())
     model.train()
     every = gather_lists(mine, dist)
-    if not every:
-        return {"mean": math.nan, **dict.fromkeys(NAMES, math.nan)}
-    per = torch.nanmean(torch.tensor(every, dtype=torch.float64), dim=0)  # (cases, 7) -> (7,), NaN-aware
-    return {"mean": float(torch.nanmean(per)), **{n: float(v) for n, v in zip(NAMES, per, strict=True)}}
+    k = spec.num_classes - 1
+    if every:
+        # (cases, K - 1 + R) -> (K - 1 + R,), NaN-aware; a column NaN in every case stays NaN.
+        table = np.array(every, dtype=np.float64)
+        per = np.array([np.nanmean(col) if np.isfinite(col).any() else math.nan for col in table.T])
+    else:
+        per = np.full(k + len(spec.regions), math.nan)
+    names = score_columns(spec)
+
+    def mean(values: np.ndarray) -> float:
+        return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+
+    out = {"val_dice_mean": mean(per[:k]), **{f"val_dice_{n}": float(v) for n, v in zip(spec.names, per[:k],
+                                                                                         strict=True)}}
+    if spec.regions:
+        out["val_region_mean"] = mean(per[k:])
+        out.update({f"val_region_{r.name}": float(v) for r, v in zip(spec.regions, per[k:], strict=True)})
+    assert tuple(out) == names
+    return out
 
 
 def _prepare(data_dir: str | os.PathLike, run: RunFolder, config: TrainConfig, resume: bool,
-             dist: ddp.DistInfo) -> tuple[Preprocessor, list[PreparedCase], list[PreparedCase]]:
-    """Check every input, then load and prepare every case; nothing is written here."""
+             dist: ddp.DistInfo) -> tuple[TrainConfig, DataSpec, Preprocessor, list[PreparedCase], list[PreparedCase]]:
+    """Check every input, then load and prepare every case; nothing is written here.
+
+    Returns the configuration with the model's inputs and outputs set from the dataset."""
+    spec = ddp.main_first(lambda: preflight.dataset_spec(data_dir, run if resume else None), dist)
+    config = replace(config, model=replace(config.model, modalities=spec.num_channels, out_channels=spec.num_outputs))
     ddp.main_first(lambda: run.check_resumable(config) if resume else run.open_new(), dist)
     preflight.check_runnable(config, dist.world_size)
     train_cases, val_cases = ddp.main_first(lambda: preflight.dataset_splits(data_dir, config), dist)
-    loaded = [load_case(c) for c in train_cases]
+    loaded = [load_case(c, spec) for c in train_cases]
+    preflight.check_label_values(data_dir, spec, [d["label"] for d in loaded])
     if resume and run.has_preprocess():
         preprocessor = run.read_preprocess()
     else:
         preprocessor = Preprocessor.from_dict(ddp.main_first(
-            lambda: fit_preprocessor(loaded, config.target_spacing, config.seed).to_dict(), dist))
-    train_prepared = [preprocessor.prepare(d["ct"], d["mr"], d["geometry"], d["label"], c.id)
+            lambda: fit_preprocessor(loaded, spec.channels, config.target_spacing, config.seed).to_dict(), dist))
+    train_prepared = [preprocessor.prepare(d["images"], d["geometry"], d["label"], c.id)
                       for c, d in zip(train_cases, loaded, strict=True)]
     val_prepared = []
     for c in split_by_rank(val_cases, dist) if dist.distributed else val_cases:
-        d = load_case(c)
-        val_prepared.append(preprocessor.prepare(d["ct"], d["mr"], d["geometry"], d["label"], c.id))
-    return preprocessor, train_prepared, val_prepared
+        d = load_case(c, spec)
+        val_prepared.append(preprocessor.prepare(d["images"], d["geometry"], d["label"], c.id))
+    return config, spec, preprocessor, train_prepared, val_prepared
 
 
 def prepare_training(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig,
@@ -169,13 +205,15 @@ def prepare_training(data_dir: str | os.PathLike, out_dir: str | os.PathLike, co
     """Check every input and load every case, then create the run folder (nothing is written before)."""
     dist = dist or ddp.DistInfo(device=ddp.resolve_device(config.device))
     run = RunFolder(out_dir)
-    preprocessor, train_cases, val_cases = _prepare(data_dir, run, config, resume, dist)
+    config, spec, preprocessor, train_cases, val_cases = _prepare(data_dir, run, config, resume, dist)
     if dist.is_main:  # every check passed: now the folder may be written (a resume keeps its files)
         run.create()
         if not run.has_config():
             run.write_config(config)
         if not run.has_preprocess():
             run.write_preprocess(preprocessor)
+        if not run.has_spec():
+            run.write_spec(spec)
     ddp.barrier(dist)
     torch.manual_seed(config.seed)  # same initial weights for a given seed
     model = build_model(config.model.name, config.model)
@@ -186,7 +224,7 @@ def prepare_training(data_dir: str | os.PathLike, out_dir: str | os.PathLike, co
     sampler = PatchSampler(train_cases, config, rank=dist.rank, batch_size=config.batch_size // dist.world_size,
                            spacing=preprocessor.target_spacing)
     # Under DDP each process holds (and scores) its own share of the validation cases.
-    task = SegmentationTask(config, model, sampler, val_cases, dist.device)
+    task = SegmentationTask(config, model, sampler, val_cases, dist.device, spec)
     settings = LoopSettings(
         total_steps=config.epochs * config.iterations_per_epoch, iterations_per_epoch=config.iterations_per_epoch,
         seed=config.seed, max_minutes=config.max_minutes, grad_clip=config.grad_clip, precision=config.precision,

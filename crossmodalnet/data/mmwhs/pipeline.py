@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from crossmodalnet.data.dataset import write_dataset_json
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.data.labels import NAMES
 from crossmodalnet.data.mmwhs.pairing import check_headers, find_pairs, read_pairs_csv
 from crossmodalnet.data.mmwhs.prepare import PrepareConfig, done_record, nanmean, prepare_case, read_pair
@@ -190,7 +191,7 @@ def _prepare_all(found: list, out: Path, folder: dict[str, str], splits: dict[st
         tqdm.write(f"note: the {grid} grid of {config.spacing[0]:g} mm voxels cuts off part of the fixed label in "
                    f"{len(cut)} case(s) (worst {cut[0][1]}: {cut[0][0]:.1%} inside); use a larger --size or --spacing")
     return write_dataset_json(
-        out, {s: [entry(cid) for cid in ids] for s, ids in splits.items()}, name="mmwhs-prepared",
+        out, {s: [entry(cid) for cid in ids] for s, ids in splits.items()}, name="mmwhs-prepared", spec=MMWHS,
         mmwhs={**config.describe(), "split": split, "seed": int(seed), "report": "registration_report.csv",
                "validation": "given" if split_counts[1] is not None else "20% of the training part"},
     )

@@ -37,6 +37,7 @@ from crossmodalnet.data.mmwhs.grid import crop_grid, fraction_inside, heart_box,
 from crossmodalnet.data.mmwhs.pairing import MODALITIES, Pair
 from crossmodalnet.data.mmwhs.records import RECORD_FORMAT, geometry_to_json
 from crossmodalnet.data.mmwhs.register import RegistrationConfig, register, warp
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path
 
@@ -116,7 +117,7 @@ def read_pair(pair: Pair) -> tuple[dict, dict, dict]:
         images[mod], grids[mod] = read_image(pair.image(mod))
         labels[mod] = None
         if pair.label(mod) is not None:
-            labels[mod], label_grid, _ = read_label(pair.label(mod))
+            labels[mod], label_grid, _ = read_label(pair.label(mod), MMWHS)
             check_same_grid({str(pair.image(mod)): grids[mod], str(pair.label(mod)): label_grid})
     return images, grids, labels
 

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crossmodalnet.data.dataset import write_dataset_json
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.data.io import read_image, read_label, write_image, write_label
 from crossmodalnet.data.labels import to_codes
 from crossmodalnet.data.phantom.generate import FOV_MM, PhantomCase, check_args, generate_case, split_cases
@@ -165,14 +166,14 @@ def _write_all(out: Path, ids: list[str], cases: int, size: int, seed: int, dom:
         keys = ("rotation_deg", "translation_mm", "elastic_rms_mm")
         summary = {cid: {k: results[cid]["mr_residual"][k] for k in keys} for cid in ids}
         write_dataset_json(out, {k: [entries[c] for c in v] for k, v in split.items()},
-                           name=f"crossmodalnet-phantom-{dom.name}", description=dom.description,
+                           name=f"crossmodalnet-phantom-{dom.name}", spec=MMWHS, description=dom.description,
                            phantom={"sidecar": "phantom.json", "seed": int(seed), "domain": dom.name,
                                     "mr_residual": summary})
         first = ids[0]
         if preview:
             ct, geom = read_image(out / entries[first]["ct"])
             mr, _ = read_image(out / entries[first]["mr"])
-            lab, _, _ = read_label(out / entries[first]["label"])
+            lab, _, _ = read_label(out / entries[first]["label"], MMWHS)
             write_preview(out / "preview.png", ct, mr, lab, geom, title=f"{first} ({dom.name} domain)")
         return
     with atomic_path(out / "mmwhs_truth.json") as tmp:
@@ -180,6 +181,6 @@ def _write_all(out: Path, ids: list[str], cases: int, size: int, seed: int, dom:
     if preview:
         stem = out / "ct_train" / "ct_train_1001"
         ct, geom = read_image(f"{stem}_image.nii.gz")
-        lab, _, _ = read_label(f"{stem}_label.nii.gz")
+        lab, _, _ = read_label(f"{stem}_label.nii.gz", MMWHS)
         mr, mr_geom = read_image(out / "mr_train" / "mr_train_1001_image.nii.gz")
         write_preview(out / "preview.png", ct, mr, lab, geom, mr_geom, title=f"MM-WHS layout, case 1001 ({dom.name})")
