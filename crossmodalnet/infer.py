@@ -157,8 +157,8 @@ def predict(
     if data_dir is not None:
         dataset = load_dataset(data_dir)
         if dataset.spec.channels != spec.channels:
-            raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: channels {list(dataset.spec.channels)} are not "
-                                     f"those run {run_dir} was trained on {list(spec.channels)}")
+            raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: channels {list(dataset.spec.channels)} "
+                                     f"are not those run {run_dir} was trained on {list(spec.channels)}")
         cases = dataset[split]
         if not cases:
             raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: lists no {split!r} cases")

@@ -141,7 +141,8 @@ class DataSpec:
                         f"got {list(self.region_order)}")
             for r, v in zip(self.regions, self.region_order, strict=True):
                 if v not in r.values:
-                    return f"region_order paints region {r.name!r} with {v}, which is not one of its values {list(r.values)}"
+                    return (f"region_order paints region {r.name!r} with {v}, which is not one of its values "
+                            f"{list(r.values)}")
         return None
 
     # --- sizes and names ---------------------------------------------------------------------

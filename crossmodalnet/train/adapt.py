@@ -133,8 +133,8 @@ class PairedBatches:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, step, _REMAP_STREAM]))
             src["image"] = torch.cat([random_transfer(src["image"][:, c:c + 1], self.remap, rng)
                                       for c in range(src["image"].shape[1])], dim=1)
-        return {"image": torch.cat([src["image"], tgt["image"]]), "present": torch.cat([src["present"], tgt["present"]]),
-                "label": src["label"]}
+        return {"image": torch.cat([src["image"], tgt["image"]]),
+                "present": torch.cat([src["present"], tgt["present"]]), "label": src["label"]}
 
 
 class AdaptationTask(Task):

@@ -15,11 +15,10 @@ import argparse
 import os
 from pathlib import Path
 
+import numpy as np
 import torch.distributed
 
 from crossmodalnet.config import CROSSMODALNET_FIELDS, ModelConfig, TrainConfig, load_config_file, replace, to_dict
-import numpy as np
-
 from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset, read_spec
 from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError

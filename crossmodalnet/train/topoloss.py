@@ -45,12 +45,12 @@ the birth term would otherwise invent one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-
-from collections.abc import Mapping
 
 BARS: tuple[str, ...] = ("all", "decision")
 

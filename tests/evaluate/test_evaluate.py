@@ -13,6 +13,7 @@ from scipy import ndimage
 from crossmodalnet.cli import main
 from crossmodalnet.data.io import Geometry, write_label
 from crossmodalnet.data.labels import NAMES, to_codes
+from crossmodalnet.data.spec import MMWHS, DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.evaluate import (
     COLUMNS,
@@ -64,7 +65,7 @@ def _hd95_reference(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[float, 
 def test_dice_iou_exact_on_overlapping_cubes():
     ref = _box((10, 10, 10), (20, 20, 20), 1) + _box((0, 0, 0), (4, 8, 8), 3)
     pred = _box((12, 10, 10), (22, 20, 20), 1) + _box((0, 0, 0), (8, 8, 8), 3)
-    rows = compute_case_metrics(pred, ref, (1.0, 1.0, 1.0))
+    rows = compute_case_metrics(pred, ref, (1.0, 1.0, 1.0), MMWHS)
     assert [r["structure"] for r in rows] == list(NAMES)
     myo, lv = _row(rows, "MYO"), _row(rows, "LV")
     # 10³ cubes overlapping 8x10x10: Dice 2·800/2000, IoU 800/1200
@@ -88,7 +89,7 @@ def test_hd95_of_a_cube_shifted_along_an_anisotropic_axis(axis, hd95):
     shift[axis] = 2
     ref = _box((10, 10, 10), (20, 20, 20))
     pred = np.roll(ref, shift, axis=(0, 1, 2))
-    myo = _row(compute_case_metrics(pred, ref, spacing, hd95=hd95), "MYO")
+    myo = _row(compute_case_metrics(pred, ref, spacing, MMWHS, hd95=hd95), "MYO")
     assert myo["hd95"] == pytest.approx(6.0, rel=1e-6)
     assert myo["dice"] == pytest.approx(0.8, abs=1e-12)
     assert _hd95_reference(pred.astype(bool), ref.astype(bool), spacing) == pytest.approx((6.0, 6.0))
@@ -102,8 +103,8 @@ def test_hd95_conventions_differ_on_a_distant_plate():
     ref = _box((10, 10, 10), (20, 20, 20))
     pred = ref.copy()
     pred[30, 12:18, 12:18] = 1
-    monai = _row(compute_case_metrics(pred, ref, spacing, hd95="monai"), "MYO")
-    pooled = _row(compute_case_metrics(pred, ref, spacing, hd95="pooled"), "MYO")
+    monai = _row(compute_case_metrics(pred, ref, spacing, MMWHS, hd95="monai"), "MYO")
+    pooled = _row(compute_case_metrics(pred, ref, spacing, MMWHS, hd95="pooled"), "MYO")
     assert monai["hd95"] == pytest.approx(22.0, rel=1e-6)
     assert pooled["hd95"] == 0.0
     assert _hd95_reference(pred.astype(bool), ref.astype(bool), spacing) == pytest.approx((22.0, 0.0))
@@ -122,8 +123,8 @@ def test_both_conventions_match_the_independent_implementation(seed):
     # Keep the shapes in the same region so distances are moderate; one structure per case.
     ref_l, pred_l = ref.astype(np.uint8) * 5, pred.astype(np.uint8) * 5
     expected_monai, expected_pooled = _hd95_reference(pred, ref, spacing)
-    monai = _row(compute_case_metrics(pred_l, ref_l, spacing, "monai"), "RV")["hd95"]
-    pooled = _row(compute_case_metrics(pred_l, ref_l, spacing, "pooled"), "RV")["hd95"]
+    monai = _row(compute_case_metrics(pred_l, ref_l, spacing, MMWHS, "monai"), "RV")["hd95"]
+    pooled = _row(compute_case_metrics(pred_l, ref_l, spacing, MMWHS, "pooled"), "RV")["hd95"]
     assert monai == pytest.approx(expected_monai, rel=1e-5)
     assert pooled == pytest.approx(expected_pooled, rel=1e-5)
     # The percentile of a union lies between the two directed percentiles: pooled <= monai.
@@ -137,7 +138,7 @@ def test_both_conventions_match_the_independent_implementation(seed):
 def test_empty_mask_rules():
     ref = _box((2, 2, 2), (8, 8, 8), 1) + _box((10, 2, 2), (14, 6, 6), 2)  # MYO, LA
     pred = _box((2, 2, 2), (8, 8, 8), 1) + _box((20, 2, 2), (24, 6, 6), 3)  # MYO, LV (no LA)
-    rows = compute_case_metrics(pred, ref, (1.0, 1.0, 2.0), topology=True)
+    rows = compute_case_metrics(pred, ref, (1.0, 1.0, 2.0), MMWHS, topology=True)
     myo, la, lv, ra = (_row(rows, n) for n in ("MYO", "LA", "LV", "RA"))
     assert (myo["dice"], myo["iou"], myo["hd95"], myo["note"]) == (1.0, 1.0, 0.0, "")
     # Missed structure: Dice/IoU 0 is the true value; HD95 to an empty set is undefined.
@@ -149,7 +150,7 @@ def test_empty_mask_rules():
     assert all(math.isnan(ra[k]) for k in ("dice", "iou", "hd95", "betti_error_0", "betti_error_1"))
     assert (la["betti_error_0"], lv["betti_error_0"], myo["betti_error_0"]) == (1.0, 1.0, 0.0)
 
-    summary = summarize([{"case": "c", **r} for r in rows])
+    summary = summarize([{"case": "c", **r} for r in rows], MMWHS)
     assert summary["per_structure"]["LA"]["nan"] == {"dice": 0, "iou": 0, "hd95": 1}
     assert summary["per_structure"]["RA"]["nan"] == {"dice": 1, "iou": 1, "hd95": 1}
     assert summary["per_structure"]["LA"]["notes"] == {"empty prediction": 1}
@@ -166,7 +167,7 @@ def test_summary_means_and_table():
         "a": (ref, ref, (1.0, 1.0, 1.0)),
         "b": (np.roll(ref, 2, axis=0), ref, (3.0, 1.0, 1.0)),  # Dice 0.75: 6 of 8 slabs overlap
     }
-    rows, summary = evaluate_arrays(cases, hd95="pooled")
+    rows, summary = evaluate_arrays(cases, MMWHS, hd95="pooled")
     assert [r["case"] for r in rows[:: len(NAMES)]] == ["a", "b"]
     myo = summary["per_structure"]["MYO"]
     assert myo["dice"] == pytest.approx((1.0 + 0.75) / 2, abs=1e-6)
@@ -183,15 +184,15 @@ def test_summary_means_and_table():
 def test_bad_arguments():
     ref = _box((1, 1, 1), (4, 4, 4))
     with pytest.raises(ValueError, match="shape"):
-        compute_case_metrics(ref, ref[:-1], (1, 1, 1))
+        compute_case_metrics(ref, ref[:-1], (1, 1, 1), MMWHS)
     with pytest.raises(ValueError, match="0..7"):
-        compute_case_metrics(ref * 9, ref, (1, 1, 1))
+        compute_case_metrics(ref * 9, ref, (1, 1, 1), MMWHS)
     with pytest.raises(ValueError, match="integer"):
-        compute_case_metrics(ref.astype(float), ref, (1, 1, 1))
+        compute_case_metrics(ref.astype(float), ref, (1, 1, 1), MMWHS)
     with pytest.raises(ValueError, match="spacing"):
-        compute_case_metrics(ref, ref, (1, 0, 1))
+        compute_case_metrics(ref, ref, (1, 0, 1), MMWHS)
     with pytest.raises(CrossModalNetError, match="unknown HD95 convention 'medpy'"):
-        compute_case_metrics(ref, ref, (1, 1, 1), hd95="medpy")
+        compute_case_metrics(ref, ref, (1, 1, 1), MMWHS, hd95="medpy")
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -207,6 +208,12 @@ def _labels(seed: int) -> np.ndarray:
         lo = rng.integers(1, 14, size=3)
         out[lo[0] : lo[0] + 6, lo[1] : lo[1] + 6, lo[2] : lo[2] + 6] = label
     return out
+
+
+@pytest.fixture(autouse=True)
+def _labels_beside_the_references(tmp_path):
+    """The references' dataset names the labels (evaluate reads the dataset.json above REF)."""
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "t", **MMWHS.to_dict()}))
 
 
 @pytest.fixture
@@ -242,10 +249,10 @@ def test_cli_writes_the_report(folders, tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["dice.png", "hd95.png", "metrics.csv", "summary.json"]
     with open(out / "metrics.csv", newline="") as f:
         table = list(csv.reader(f))
-    assert tuple(table[0]) == COLUMNS == ("case", "structure", "dice", "iou", "hd95", "note")
+    assert tuple(table[0]) == COLUMNS == ("case", "kind", "structure", "dice", "iou", "hd95", "note")
     assert len(table) == 1 + 2 * 7
-    assert table[1] == ["a", "MYO", "1", "1", "0", ""]
-    assert table[4] == ["a", "RA", "nan", "nan", "nan", "both empty"]
+    assert table[1] == ["a", "class", "MYO", "1", "1", "0", ""]
+    assert table[4] == ["a", "class", "RA", "nan", "nan", "nan", "both empty"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["hd95_convention"] == "monai" and summary["num_cases"] == 2
     assert summary["nan_counts"] == {"dice": 8, "iou": 8, "hd95": 8}
@@ -369,4 +376,41 @@ def test_a_second_report_replaces_the_first_and_keeps_other_files(folders, tmp_p
     os.umask(umask)
     assert (out / "metrics.csv").stat().st_mode & 0o777 == 0o666 & ~umask
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
-    assert sorted(os.listdir(tmp_path)) == ["out", "pred", "ref"]  # no staging folder left beside it
+    assert sorted(os.listdir(tmp_path)) == ["dataset.json", "out", "pred", "ref"]  # no staging folder left beside it
+
+
+def test_regions_are_scored_as_their_own_rows(tmp_path):
+    """MyoPS-like values and nested regions: one row per class, then one per region, each the union."""
+    spec = DataSpec.from_dict({"channel_names": {"0": "C0"}, "labels": {"background": 0, "MYO": 200, "LV": 500,
+                                                                         "edema": 1220, "scar": 2221},
+                               "regions": {"myocardium": ["MYO", "edema", "scar"], "edema+scar": [1220, 2221]}})
+    ref = np.zeros(SHAPE, dtype=np.uint8)
+    ref[2:6, 2:6, 2:6] = spec.index("MYO")
+    ref[2:6, 2:6, 6:8] = spec.index("scar")
+    pred = ref.copy()
+    pred[2:6, 2:6, 6:8] = spec.index("edema")  # scar called edema: wrong class, right region
+    rows = compute_case_metrics(pred, ref, (1, 1, 1), spec)
+    assert [(r["kind"], r["structure"]) for r in rows] == [
+        ("class", "MYO"), ("class", "LV"), ("class", "edema"), ("class", "scar"),
+        ("region", "myocardium"), ("region", "edema+scar")]
+    by = {(r["kind"], r["structure"]): r for r in rows}
+    assert by["class", "scar"]["dice"] == 0.0 and by["class", "edema"]["dice"] == 0.0
+    assert by["region", "myocardium"]["dice"] == 1.0 and by["region", "edema+scar"]["dice"] == 1.0
+    assert math.isnan(by["class", "LV"]["dice"]) and by["class", "LV"]["note"] == "both empty"
+    summary = summarize([{"case": "c", **r} for r in rows], spec)
+    assert summary["region_mean_dice"] == 1.0 and summary["mean_dice"] == pytest.approx(1 / 3)
+    assert "region edema+scar" in format_table(summary)
+
+
+def test_without_a_dataset_description_evaluate_asks_for_one(tmp_path, capsys):
+    (tmp_path / "dataset.json").unlink()
+    write_label(tmp_path / "ref" / "a.nii.gz", _labels(0), GEOM)
+    write_label(tmp_path / "pred" / "a.nii.gz", _labels(0), GEOM)
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "ref"), "--out", str(tmp_path / "out")]) == 2
+    assert "give --dataset DATA or --run RUN" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "dataset.json").write_text(json.dumps({"name": "t", **MMWHS.to_dict()}))
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "ref"), "--out", str(tmp_path / "out"),
+                 "--dataset", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["mean_dice"] == 1.0

@@ -25,12 +25,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from crossmodalnet.data.dataset import write_dataset_json
-from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.data.labels import NAMES
 from crossmodalnet.data.mmwhs.pairing import check_headers, find_pairs, read_pairs_csv
 from crossmodalnet.data.mmwhs.prepare import PrepareConfig, done_record, nanmean, prepare_case, read_pair
 from crossmodalnet.data.mmwhs.register import RegistrationConfig, set_threads
 from crossmodalnet.data.mmwhs.splits import assign_splits, parse_split
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path, check_output_folder
 

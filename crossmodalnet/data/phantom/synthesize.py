@@ -25,12 +25,12 @@ import numpy as np
 from tqdm import tqdm
 
 from crossmodalnet.data.dataset import write_dataset_json
-from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.data.io import read_image, read_label, write_image, write_label
 from crossmodalnet.data.labels import to_codes
 from crossmodalnet.data.phantom.generate import FOV_MM, PhantomCase, check_args, generate_case, split_cases
 from crossmodalnet.data.phantom.preview import write_preview
 from crossmodalnet.data.phantom.render import Domain, get_domain
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path, check_output_folder
 
