@@ -275,8 +275,9 @@ def _nnunet_cases(root: Path, folder: str, spec: DataSpec, ending: str, json_pat
         if labels is not None and label is None:
             raise CrossModalNetError(f"{root / labels / (case_id + ending)}: missing (case {case_id!r} has images in "
                                      f"{folder}/ but no label)")
-        cases.append(Case(case_id, images, None if label is None else _resolve(root, str(label.relative_to(root)),
-                                                                                json_path, f"{labels}/{case_id}", True)))
+        label_ref = None if label is None else _resolve(root, str(label.relative_to(root)), json_path,
+                                                        f"{labels}/{case_id}", True)
+        cases.append(Case(case_id, images, label_ref))
     return cases
 
 
