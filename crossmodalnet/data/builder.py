@@ -192,17 +192,24 @@ def case_ids(globs: Sequence[tuple[str, str]]) -> dict[str, dict[str, Path]]:
     is not a valid file name, and two files of one glob with the same id.
     """
     compiled = [_compile(name, text) for name, text in globs]
+    if len({g.name for g in compiled}) != len(compiled):
+        raise CrossModalNetError(f"two globs share a name: {[g.name for g in compiled]}")
     left = _shared_suffix([g.head for g in compiled])
     # To the right, not past a "/": the id stays within the path component of the last wildcard.
     right = _shared_prefix([g.tail for g in compiled]).split("/", 1)[0]
     by_id: dict[str, dict[str, Path]] = {}
     folded: dict[str, str] = {}
+    taken: dict[str, _Glob] = {}  # file -> the glob that matched it first
     for g in compiled:
         files = sorted(p for p in globlib.glob(g.pattern, recursive=True) if os.path.isfile(p))
         if not files:
             raise CrossModalNetError(f"{g.name}: glob {g.text!r} matches no file (relative globs start in "
                                      f"{os.getcwd()})")
         for path in files:
+            first = taken.setdefault(path, g)
+            if first is not g:
+                raise CrossModalNetError(f"{path}: matched by both {first.name} glob {first.text!r} and {g.name} glob "
+                                         f"{g.text!r}; make them narrower")
             ending = _nifti_ending(path)
             if ending is None:
                 raise CrossModalNetError(f"{path}: matched by {g.name} glob {g.text!r} but not a NIfTI file "
@@ -234,6 +241,8 @@ def _spec(channels: list[str], labels: Sequence[tuple[str, int]],
           regions: Sequence[tuple[str, Sequence[int | str]]], train_regions: bool) -> DataSpec:
     """The dataset's description from the arguments, with one-line errors naming the argument."""
     for c in channels:
+        if c.casefold() == LABEL:
+            raise CrossModalNetError(f"--channel {c}: {LABEL!r} names the label files; choose another channel name")
         if check_case_id(c):  # the channel names a folder
             raise CrossModalNetError(f"--channel {c!r}: a channel name must be letters, digits, '.', '_' or "
                                      "'-', starting with a letter or digit (it names a folder)")
@@ -252,6 +261,7 @@ def _spec(channels: list[str], labels: Sequence[tuple[str, int]],
     by_name = {c.name: c.value for c in classes}
     built = []
     for name, values in regions:
+        values = values.split(",") if isinstance(values, str) else values  # "1220,2221", as typed
         resolved = []
         for v in values:
             if isinstance(v, str) and v.strip() in by_name:

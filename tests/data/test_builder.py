@@ -191,14 +191,20 @@ def test_bad_arguments_are_refused_in_one_line(raw, tmp_path):
     refused(lambda: build(raw, out, channels=[("C0", str(raw / "Case3001_C0.nii.gz"))]), "no wildcard")
     refused(lambda: build(raw, out, labels=[("MYO", 200), ("MYO", 500)]), "'MYO' is declared twice")
     refused(lambda: build(raw, out, regions=[("r", ["fat"])]), "--region r", "'fat'")
+    refused(lambda: build(raw, out, channels=[("C0", str(raw / "Case*.nii.gz"))]), "Case3001_gd.nii.gz",
+            "matched by both C0 glob", "and label glob")
     refused(lambda: build(raw, out, channels=[("C 0", str(raw / "Case*_C0.nii.gz"))]), "'C 0'")
+    refused(lambda: build(raw, out, channels=[("Label", str(raw / "Case*_C0.nii.gz"))]), "--channel Label")
+    refused(lambda: build(raw, out, test_fraction=1.0), "test fraction")
     (raw / "Case3001_C0.json").write_text("{}")
     refused(lambda: build(raw, out, channels=[("C0", str(raw / "Case*_C0.*"))]), "Case3001_C0.json", "not a NIfTI")
     assert not out.exists()
 
 
 def test_train_regions_paints_back_in_nested_order(raw, tmp_path):
-    spec = load_dataset(build(raw, tmp_path / "out", train_regions=True)).spec
+    regions = [("myocardium", "MYO,edema,scar"), ("edema+scar", "1220,2221"), ("scar", "scar")]  # as typed
+    spec = load_dataset(build(raw, tmp_path / "out", regions=regions, train_regions=True)).spec
+    assert [r.values for r in spec.regions] == [(200, 1220, 2221), (1220, 2221), (2221,)]
     assert spec.train_regions and spec.region_order == (200, 1220, 2221)
 
 
@@ -254,3 +260,23 @@ def test_ids_clashes_are_refused(tmp_path):
     # An id that is not a file name.
     touch(tmp_path, "_.nii.gz")
     refused(lambda: case_ids([("C0", f"{tmp_path}/*.nii.gz")]), "_.nii.gz", "case id ''")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_write_leaves_the_output_folder_as_found(raw, tmp_path, monkeypatch, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    calls = []
+    real = os.symlink
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "symlink", flaky)
+    with pytest.raises(OSError):
+        build(raw, out)
+    assert (out.is_dir() and not any(out.iterdir())) if existing else not out.exists()
