@@ -33,6 +33,7 @@ __all__ = [
     "MAX_IMAGE_BYTES_ENV",
     "read_image",
     "read_label",
+    "read_label_values",
     "write_image",
     "write_label",
     "write_probabilities",
@@ -246,11 +247,9 @@ def read_image(path: str | os.PathLike, volume: int | None = None) -> tuple[np.n
     return data, geom
 
 
-def read_label(path: str | os.PathLike, spec: DataSpec) -> tuple[np.ndarray, Geometry, str]:
-    """Read a label map of the dataset `spec`. Returns `(class indices uint8 (X, Y, Z), geometry, encoding)`.
-
-    `encoding` is "values" (the dataset's label values) or "indices" (0..K-1), detected per file.
-    """
+def read_label_values(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Read a label map as it is on disk: `(integer values (X, Y, Z), geometry)`, with no dataset to
+    interpret them (to list the values a dataset's files hold). Float files must hold whole numbers."""
     path = Path(path)
     data, geom = _load(path)
     data = np.asarray(data)
@@ -262,6 +261,16 @@ def read_label(path: str | os.PathLike, spec: DataSpec) -> tuple[np.ndarray, Geo
             raise CrossModalNetError(f"{path}: label values up to {max(abs(data.min()), abs(data.max())):g} are "
                                      "not labels of the dataset")
         data = np.rint(data).astype(np.int64)
+    return data, geom
+
+
+def read_label(path: str | os.PathLike, spec: DataSpec) -> tuple[np.ndarray, Geometry, str]:
+    """Read a label map of the dataset `spec`. Returns `(class indices uint8 (X, Y, Z), geometry, encoding)`.
+
+    `encoding` is "values" (the dataset's label values) or "indices" (0..K-1), detected per file.
+    """
+    path = Path(path)
+    data, geom = read_label_values(path)
     try:
         encoding = spec.encoding({int(v) for v in np.unique(data)})
         indices = spec.to_indices(data)

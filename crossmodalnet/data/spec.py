@@ -34,7 +34,8 @@ import numpy as np
 
 from crossmodalnet.errors import CrossModalNetError
 
-__all__ = ["LabelClass", "Region", "DataSpec", "MMWHS", "PALETTE", "MAX_CHANNELS", "CT_NAMES", "normalization_scheme"]
+__all__ = ["LabelClass", "Region", "DataSpec", "MMWHS", "PALETTE", "MAX_CHANNELS", "CT_NAMES", "normalization_scheme",
+           "default_region_order"]
 
 MAX_CHANNELS = 4
 # Channel names whose intensities are physical units (Hounsfield): dataset-wide normalisation.
@@ -115,7 +116,11 @@ class DataSpec:
             if c.value > 2**31 - 1:
                 return f"label {c.name!r}: value {c.value} does not fit a 32-bit integer"
         if len(set(values)) != len(values):
-            return f"two labels share a value: {sorted(values)}"
+            seen: dict[int, str] = {}
+            for c in self.classes:
+                if c.value in seen:
+                    return f"labels {seen[c.value]!r} and {c.name!r} share the value {c.value}"
+                seen[c.value] = c.name
         class_names = [c.name for c in self.classes]
         if len(set(class_names)) != len(class_names) or "background" in class_names:
             return f"label names must differ and not be 'background', got {class_names}"
@@ -323,6 +328,9 @@ class DataSpec:
         if not isinstance(codes, dict):
             raise fail(f"'label_codes' must be a mapping of index to value, got {codes!r:.80}")
         msd = all(_is_int_text(k) for k in raw_labels)
+        # nnU-Net v2: once one label is a list of values, every label is a region ("enhancing tumor": 3
+        # is the region of one value beside "whole tumor": [1, 2, 3]), and the classes are the values.
+        nnunet_regions = not msd and any(isinstance(v, list) for v in raw_labels.values())
         for key, val in raw_labels.items():
             if msd:  # "1": "edema": the key is the value (or the index of label_codes)
                 if not isinstance(val, str) or not val:
@@ -342,6 +350,8 @@ class DataSpec:
                            f"got {val!r:.60}")
             elif val == 0:
                 continue
+            elif nnunet_regions:
+                region_defs.append((key, [val]))
             else:
                 classes.append((key, val))
         train_regions = bool(region_defs) or bool(meta.get("train_regions", False))
@@ -350,10 +360,12 @@ class DataSpec:
             raise fail(f"'regions' must be a mapping of name to label values, got {extra!r:.80}")
         region_defs += list(extra.items())
         if region_defs and not classes:
-            # nnU-Net v2 region datasets list only regions: the classes are the values they use.
+            # nnU-Net v2 region datasets list only regions: the classes are the values they use, named
+            # after the region of that one value where there is one ("enhancing tumor": 3).
             values = sorted({v for _, vals in region_defs if isinstance(vals, list) for v in vals
                              if isinstance(v, int) and not isinstance(v, bool) and v > 0})
-            classes = [(f"label_{v}", v) for v in values]
+            single = {vals[0]: str(n) for n, vals in region_defs if isinstance(vals, list) and len(vals) == 1}
+            classes = [(single.get(v, f"label_{v}"), v) for v in values]
         by_name = {n: v for n, v in classes}
         regions = []
         for name, vals in region_defs:
@@ -369,7 +381,7 @@ class DataSpec:
             regions.append(Region(str(name), tuple(sorted(set(resolved) - {0}))))
         order = meta.get("regions_class_order", ())
         if train_regions and not order:
-            order = [max(r.values) if r.values else 0 for r in regions]
+            order = list(default_region_order(regions))
         if not isinstance(order, list | tuple) or not all(isinstance(v, int) for v in order):
             raise fail(f"'regions_class_order' must be a list of label values, got {order!r:.80}")
         colors, encloses, descr = (meta.get(k) or {} for k in ("colors", "encloses", "descriptions"))
@@ -403,6 +415,21 @@ class DataSpec:
         except (ValueError, RecursionError) as exc:
             raise CrossModalNetError(f"{source}: invalid JSON ({' '.join(str(exc).split())})") from None
         return cls.from_dict(meta, source)
+
+
+def default_region_order(regions: tuple[Region, ...] | list[Region]) -> tuple[int, ...]:
+    """The value each region paints when a dataset gives no `regions_class_order`: the largest of
+    its values that no later region holds (later regions paint over it), else its largest value.
+
+    Nested regions (MyoPS: myocardium {200, 1220, 2221} > edema+scar {1220, 2221} > scar {2221})
+    paint 200, 1220, 2221 and give back the label map they were taken from.
+    """
+    order = []
+    for i, r in enumerate(regions):
+        later = {v for other in regions[i + 1:] for v in other.values}
+        own = [v for v in r.values if v not in later]
+        order.append(max(own) if own else max(r.values, default=0))
+    return tuple(order)
 
 
 def _is_int_text(key: object) -> bool:
