@@ -61,7 +61,7 @@ from crossmodalnet.data.spec import DataSpec, LabelClass, Region, default_region
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path, check_output_folder
 
-__all__ = ["BuiltDataset", "build_dataset", "case_ids"]
+__all__ = ["BuiltDataset", "build_dataset", "build_from_cli", "case_ids"]
 
 LABEL = "label"  # how the label's files are named in messages
 # Separators trimmed from the ends of an id; "/" inside an id becomes "_".
@@ -437,3 +437,21 @@ def build_dataset(out: str | os.PathLike, channels: Sequence[tuple[str, str]], l
     return BuiltDataset(path=out, name=name, channels=tuple(names), splits={s: len(v) for s, v in splits.items()},
                         missing=missing, voxels=voxels, label_names={c.value: c.name for c in spec.classes},
                         copied=copy)
+
+
+def build_from_cli(args) -> BuiltDataset:
+    """`crossmodalnet dataset OUT --channel NAME=GLOB ... --label GLOB --labels NAME=VALUE ...
+    [--region NAME=V1,V2 ...] [--train-regions] [--copy] [--name N]`: parse the values, build, print
+    the summary."""
+    labels = []
+    for name, value in args.labels:
+        try:
+            labels.append((name, int(value)))
+        except ValueError:
+            raise CrossModalNetError(f"--labels {name}={value}: the value must be an integer") from None
+    regions = [(name, [v.strip() for v in value.split(",") if v.strip()]) for name, value in args.region or []]
+    built = build_dataset(args.out, channels=list(args.channel), label_glob=args.label, labels=labels,
+                          regions=regions, train_regions=args.train_regions, copy=args.copy, name=args.name)
+    print(built)
+    return built
+
