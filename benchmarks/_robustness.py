@@ -23,7 +23,7 @@ def misregistration_job(job: dict[str, Any], work: Path) -> dict[str, Any]:
 
     run = load_run(work / "runs" / job["source"], "cpu")
     cases, seed = load_test_split(work / "data"), job["seed"]
-    fields = {i: smooth_field(d["mr"].shape, seed, i) for i, (_, d) in enumerate(cases)}
+    fields = {i: smooth_field(d["images"][1].shape, seed, i) for i, (_, d) in enumerate(cases)}
     conditions: dict[str, Any] = {}
     for mode in ("shift", "warp"):
         for m in sorted({0, *job["magnitudes"]}):  # 0 first: the unperturbed reference of every loss
@@ -31,10 +31,11 @@ def misregistration_job(job: dict[str, Any], work: Path) -> dict[str, Any]:
             if name in conditions:
                 continue
 
-            def inputs(i: int, d: dict[str, Any], mode: str = mode, m: float = m) -> tuple[np.ndarray, np.ndarray]:
+            def inputs(i: int, d: dict[str, Any], mode: str = mode, m: float = m) -> list[np.ndarray]:
+                ct, mr = d["images"]  # the MR is displaced against the CT and the label
                 if mode == "shift":
-                    return d["ct"], shift_volume(d["mr"], m * shift_direction(seed, i))
-                return d["ct"], warp_volume(d["mr"], m * fields[i])
+                    return [ct, shift_volume(mr, m * shift_direction(seed, i))]
+                return [ct, warp_volume(mr, m * fields[i])]
 
             conditions[name] = score_cases(run, cases, inputs)
             print(f"{job['key']}: {name}: mean Dice {conditions[name]['mean_dice']}", flush=True)
@@ -47,8 +48,8 @@ def missing_job(job: dict[str, Any], work: Path) -> dict[str, Any]:
 
     run = load_run(work / "runs" / job["source"], "cpu")
     cases = load_test_split(work / "data")
-    pick = {"both": lambda i, d: (d["ct"], d["mr"]), "ct_only": lambda i, d: (d["ct"], None),
-            "mr_only": lambda i, d: (None, d["mr"])}
+    pick = {"both": lambda i, d: d["images"], "ct_only": lambda i, d: [d["images"][0], None],
+            "mr_only": lambda i, d: [None, d["images"][1]]}
     conditions = {name: score_cases(run, cases, fn) for name, fn in pick.items()}
     return {"conditions": conditions, "modality_dropout": run.config.model.modality_dropout,
             "supports_missing_modality": run.supports_missing_modality}

@@ -55,21 +55,22 @@ def score_record(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dic
 
 def load_test_split(data_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     """(case id, loaded case) of every case of the test split of `data_dir`."""
-    return [(c.id, load_case(c)) for c in load_dataset(data_dir)["test"]]
+    dataset = load_dataset(data_dir)
+    return [(c.id, load_case(c, dataset.spec)) for c in dataset["test"]]
 
 
 def score_cases(run: Any, cases: Sequence[tuple[str, dict[str, Any]]],
-                inputs: Callable[[int, dict[str, Any]], tuple[np.ndarray | None, np.ndarray | None]]) -> dict:
-    """Predict every test case with the inputs `inputs(index, case)` gives and score with the evaluator."""
+                inputs: Callable[[int, dict[str, Any]], list[np.ndarray | None]]) -> dict:
+    """Predict every test case with the channels `inputs(index, case)` gives (None where missing)
+    and score with the evaluator."""
     from crossmodalnet.evaluate import evaluate_arrays
     from crossmodalnet.infer import predict_case
 
     cfg = run.config
     scored = {}
     for i, (case_id, d) in enumerate(cases):
-        ct, mr = inputs(i, d)
-        probs = predict_case(run.model, ct, mr, run.preprocessor, d["geometry"], cfg.patch_size,
-                             cfg.sw_overlap, cfg.sw_batch_size, run.device)
-        scored[case_id] = (probs.argmax(0).astype(np.uint8), d["label"], d["geometry"].spacing)
-    rows, summary = evaluate_arrays(scored)
+        probs = predict_case(run.model, inputs(i, d), run.preprocessor, d["geometry"], cfg.patch_size,
+                             cfg.sw_overlap, cfg.sw_batch_size, run.device, activation=run.spec.activation)
+        scored[case_id] = (run.spec.decide(probs), d["label"], d["geometry"].spacing)
+    rows, summary = evaluate_arrays(scored, run.spec)
     return score_record(summary, rows)

@@ -22,8 +22,8 @@ from _scoring import load_test_split, score_record
 from safetensors import safe_open
 
 from crossmodalnet.config import TrainConfig, from_dict
-from crossmodalnet.data.dataset import load_dataset
-from crossmodalnet.data.labels import NUM_CLASSES
+from crossmodalnet.data.dataset import load_dataset, read_spec
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.models.registry import build_model
 from crossmodalnet.runs import RunFolder
 from crossmodalnet.train.engine import Engine, LoopSettings
@@ -36,8 +36,10 @@ class _RandomBatches:
     """The same random batch at every step: a probe times the step, not the data."""
 
     def __init__(self, config: TrainConfig) -> None:
-        shape = (config.batch_size, 1, *config.patch_size)
-        self.fixed = {"ct": torch.randn(shape), "mr": torch.randn(shape), "label": torch.randint(0, NUM_CLASSES, shape)}
+        m, shape = config.model.modalities, (config.batch_size, 1, *config.patch_size)
+        self.fixed = {"image": torch.randn(config.batch_size, m, *config.patch_size),
+                      "present": torch.ones(config.batch_size, m, dtype=torch.bool),
+                      "label": torch.randint(0, MMWHS.num_classes, shape)}
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         return self.fixed
@@ -55,7 +57,7 @@ def _probe(config: TrainConfig, steps: int = 3) -> tuple[float, float]:
     """
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, config.model)
-    task = SegmentationTask(config, model, _RandomBatches(config), [], torch.device("cpu"))
+    task = SegmentationTask(config, model, _RandomBatches(config), [], torch.device("cpu"), MMWHS)
     engine = Engine(task, LoopSettings(total_steps=steps + 1, iterations_per_epoch=steps + 1,
                                        grad_clip=config.grad_clip, desc=""))
     train_times, infer_times = [], []
@@ -107,8 +109,8 @@ def _latency(run: Any, cases: Sequence[dict[str, Any]], runs: int) -> dict[str, 
     for i in range(runs + 1):  # the first prediction warms the oneDNN primitive cache up
         d = cases[i % len(cases)]
         t = time.perf_counter()
-        predict_case(run.model, d["ct"], d["mr"], run.preprocessor, d["geometry"], cfg.patch_size,
-                     cfg.sw_overlap, cfg.sw_batch_size, run.device)
+        predict_case(run.model, d["images"], run.preprocessor, d["geometry"], cfg.patch_size,
+                     cfg.sw_overlap, cfg.sw_batch_size, run.device, activation=run.spec.activation)
         times.append(time.perf_counter() - t)
     return {"median_s": statistics.median(times[1:]), "min_s": min(times[1:]), "runs": runs}
 
@@ -142,7 +144,7 @@ def train_job(job: dict[str, Any], work: Path) -> dict[str, Any]:
     out["budget_bound"] = job["budget_s"] is not None and out["steps_done"] < out["steps_target"]
 
     predict(run_dir, pred_dir, data_dir=data, split="test", labels="indices", device="cpu")
-    summary = evaluate_paths(pred_dir, work / "references", eval_dir, progress=False)
+    summary = evaluate_paths(pred_dir, work / "references", eval_dir, spec=read_spec(data), progress=False)
     with open(eval_dir / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     out["test"] = score_record(summary, rows)

@@ -177,6 +177,7 @@ def code_digests() -> dict[str, str]:
 def _score(run: Path, data: Path, s: Settings, key: str, domain: str, topology: bool,
            split: str = "test") -> dict[str, Any]:
     """Predict the `split` of `data` with `run` and score it; returns evaluate's summary."""
+    from crossmodalnet.data.dataset import read_spec
     from crossmodalnet.evaluate import evaluate_paths
     from crossmodalnet.infer import predict
 
@@ -187,7 +188,7 @@ def _score(run: Path, data: Path, s: Settings, key: str, domain: str, topology: 
     predict(run, pred, data_dir=data, split=split, device="cpu")
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the final report only
         return evaluate_paths(pred, s.work / "references" / name, s.work / "evaluation" / key / name,
-                              topology=topology, progress=False)
+                              spec=read_spec(data), topology=topology, progress=False)
 
 
 def _selection_scores(folder: Path, data: dict[str, Path], s: Settings, key: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def _max_rss_mib() -> float:
 
 
 def measure(model_name: str, size: str, edge: int, batch: int, seed: int = 0) -> dict[str, float]:
-    """One forward + backward of `model_name` at `size` on (batch, 1, edge, edge, edge) CT and MR.
+    """One forward + backward of `model_name` at `size` on a (batch, 2, edge, edge, edge) CT + MR input.
 
     Returns the peak RSS after building the model and inputs (`build_mib`), the peak after the
     step (`peak_mib`) and their difference (`step_mib`), all in MiB.
@@ -43,12 +43,11 @@ def measure(model_name: str, size: str, edge: int, batch: int, seed: int = 0) ->
     torch.manual_seed(seed)
     cfg = ModelConfig.from_size(model_name, size, img_size=edge)
     model = build_model(model_name, cfg).train()
-    ct = torch.randn(batch, 1, edge, edge, edge)
-    mr = torch.randn(batch, 1, edge, edge, edge)
+    image = torch.randn(batch, cfg.modalities, edge, edge, edge)
     target = torch.randint(0, cfg.out_channels, (batch, 1, edge, edge, edge))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     build = _max_rss_mib()
-    out = model(ct, mr)
+    out = model(image)
     # Deep supervision returns [full-resolution logits, coarser ...]; the full-resolution ones suffice here.
     logits = out[0] if isinstance(out, list | tuple) else out
     loss = loss_fn(logits, target)

@@ -44,20 +44,20 @@ def run_mode(run_dir: Path, cases: list, mode: str) -> dict:
 
     def timed(data: dict) -> tuple[np.ndarray, float]:
         t = time.perf_counter()
-        probs = predict_case(model, data["ct"], data["mr"], run.preprocessor, data["geometry"], cfg.patch_size,
-                             cfg.sw_overlap, cfg.sw_batch_size, run.device, precision)
+        probs = predict_case(model, data["images"], run.preprocessor, data["geometry"], cfg.patch_size,
+                             cfg.sw_overlap, cfg.sw_batch_size, run.device, precision, activation=run.spec.activation)
         return probs, time.perf_counter() - t
 
     for i, case in enumerate(cases):
-        data = load_case(case)
+        data = load_case(case, run.spec)
         probs, took = timed(data)
         if i == 0:
             first_s = took
             _, took = timed(data)  # the same volume again, warm: every case is timed warm
         times.append(took)
-        pred = probs.argmax(0).astype(np.uint8)
+        pred = run.spec.decide(probs)
         labels[case.id] = pred
-        rows = compute_case_metrics(pred, data["label"], data["geometry"].spacing)
+        rows = compute_case_metrics(pred, data["label"], data["geometry"].spacing, run.spec)
         dice[case.id] = float(np.nanmean([r["dice"] for r in rows]))
     return {"mode": mode, "median_s": statistics.median(times), "first_s": first_s, "dice": dice, "labels": labels}
 

@@ -2,8 +2,9 @@
 
 `tiny_dataset`: a dataset-layout folder (dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/)
 of 6 phantom cases of 32^3 voxels (4.5 mm), seed 0, source domain: 4 training, 1 validation,
-1 test case. `tiny_case`: the first training case read back, as
-{"id": str, "ct": (32, 32, 32) float32 HU, "mr": float32, "label": uint8 0-7, "geometry": Geometry}.
+1 test case. `tiny_case`: the first training case read back, as {"id": str, "images": [CT, MR],
+"ct": (32, 32, 32) float32 HU, "mr": float32 (the same arrays by name), "label": uint8 0-7,
+"geometry": Geometry}.
 Read-only: tests that modify files copy them first.
 """
 
@@ -30,5 +31,6 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_case(tiny_dataset: Path) -> dict:
     """The first training case of `tiny_dataset` as arrays plus its geometry."""
-    case = load_dataset(tiny_dataset)["training"][0]
-    return {"id": case.id, **load_case(case)}
+    dataset = load_dataset(tiny_dataset)
+    data = load_case(dataset["training"][0], dataset.spec)
+    return {"id": dataset["training"][0].id, **data, "ct": data["images"][0], "mr": data["images"][1]}
