@@ -8,6 +8,15 @@ from crossmodalnet.models import build_model
 from crossmodalnet.models.inference import sliding_window_probabilities
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: for tiny models on shared cores, spinning OpenMP threads cost far more than they gain."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(modalities=3):
     torch.manual_seed(0)
     return build_model("crossmodalnet", ModelConfig.from_size("crossmodalnet", "tiny", modalities=modalities)).eval()
