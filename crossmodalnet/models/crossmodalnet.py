@@ -271,7 +271,7 @@ class CrossModalNet(nn.Module):
         return [torch.cat(level, dim=1) for level in fine], skips, torch.cat(xs, dim=1), layers
 
     def forward(self, image: torch.Tensor, present: torch.Tensor | None = None):
-        present = self.check_inputs(image, present)
+        self.check_inputs(image, present)  # before padding, so that errors name the caller's shapes
         size = image.shape[2:]
         pad = [(-s) % self.divisor for s in size]
         if any(pad):
