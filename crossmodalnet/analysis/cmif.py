@@ -41,7 +41,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossmodalnet.analysis.cases import AnalysisCase, check_pair, load_analysis_cases
 from crossmodalnet.analysis.mi import MI_ESTIMATORS, estimate_mi
 from crossmodalnet.config import ModelConfig, from_dict, to_dict
-from crossmodalnet.data.dataset import SPLITS, load_case, load_dataset, read_spec
+from crossmodalnet.data.dataset import read_spec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path, write_csv
 from crossmodalnet.infer import load_run
@@ -84,81 +84,6 @@ _CAVEAT = ("samples are spatial positions; deeper layers have fewer positions an
 _SAMPLES_PER_DIM = 4
 _CSV_COLUMNS = ("model", "estimator", "depth", "layer", "kind", "positions", "channels", "pca_dim", "cases",
                 "mi_mean", "mi_std", "cmif_mean", "cmif_std")
-
-
-@dataclass
-class AnalysisCase:
-    """One case in network space, every channel present. image: (1, M, D, H, W) float32, channels in
-    the dataset's order; label: (D, H, W) uint8 class indices or None."""
-
-    id: str
-    image: torch.Tensor
-    label: np.ndarray | None
-
-    @property
-    def channels(self) -> int:
-        return int(self.image.shape[1])
-
-    def channel(self, index: int) -> torch.Tensor:
-        """Channel `index` as (1, 1, D, H, W)."""
-        return self.image[:, index: index + 1]
-
-
-def _centre_crop(array: np.ndarray, roi: Sequence[int]) -> np.ndarray:
-    """(..., D, H, W) -> at most roi per spatial axis, centred."""
-    slices = []
-    for n, r in zip(array.shape[-3:], roi, strict=True):
-        start = max(0, (n - int(r)) // 2)
-        slices.append(slice(start, start + min(n, int(r))))
-    return array[(..., *slices)]
-
-
-def load_analysis_cases(
-    data_dir: str | os.PathLike,
-    preprocessor: Any,
-    cases: int = 3,
-    split: str | None = None,
-    roi_size: Sequence[int] | None = None,
-) -> list[AnalysisCase]:
-    """The first `cases` cases with every channel of `split` (default: held-out cases first, i.e.
-    test, then validation, then training), preprocessed by `preprocessor` (a
-    `data.preprocess.Preprocessor`) and centre-cropped to `roi_size`."""
-    if cases < 1:
-        raise CrossModalNetError(f"--cases must be >= 1, got {cases}")
-    dataset = load_dataset(data_dir)
-    order = [split] if split is not None else ["test", "validation", "training"]
-    complete = []
-    for name in order:
-        if name not in SPLITS:
-            raise CrossModalNetError(f"unknown split {name!r}; choose from {list(SPLITS)}")
-        complete += [c for c in dataset[name] if all(c.present)]
-    if not complete:
-        raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: no case with every channel "
-                                 f"({', '.join(dataset.spec.channels)}) in {order}")
-    out = []
-    for case in complete[:cases]:
-        data = load_case(case, dataset.spec, with_label=case.label is not None)
-        prep = preprocessor.prepare(data["images"], data["geometry"], data["label"], case.id)
-        roi = roi_size or prep.shape
-        image = _centre_crop(prep.stacked(), roi)
-        label = None if prep.label is None else _centre_crop(prep.label, roi)
-        out.append(AnalysisCase(case.id, torch.from_numpy(np.ascontiguousarray(image))[None], label))
-    return out
-
-
-def check_pair(model: nn.Module, pair: Sequence[int]) -> tuple[int, int]:
-    """The channel pair (a, b) of a CMIF measurement on `model`, checked; CrossModalNetError when the model
-    has a single channel (CMIF is defined between two streams) or the pair is not two of its channels."""
-    m = getattr(model, "modalities", None)
-    if m is None:
-        raise CrossModalNetError("CMIF needs a CrossModalNet (one stream per channel)")
-    if m < 2:
-        raise CrossModalNetError("CMIF is defined between two streams; this model has a single channel, so it does "
-                                 "not apply")
-    a, b = (int(i) for i in pair)
-    if len(pair) != 2 or a == b or not (0 <= a < m and 0 <= b < m):
-        raise CrossModalNetError(f"the CMIF pair must be two different channels of 0..{m - 1}, got {list(pair)}")
-    return a, b
 
 
 def _kind(name: str) -> str:
