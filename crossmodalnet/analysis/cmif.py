@@ -3,12 +3,18 @@
     results = measure_cmif("runs/cmn", "data/phantoms", cases=3, estimators=("gaussian", "ksg"))
     write_cmif(results, "runs/cmn/cmif")          # cmif.csv, cmif.json, cmif.png
 
+CMIF is defined between two streams. The model has one stream per input channel of the dataset
+(`config.modalities`); the flow is measured between one chosen pair of channels, `pair` = (a, b),
+by default (0, 1), the dataset's first two channels (CT and MR on MM-WHS). Mutual information is
+symmetric, so (a, b) and (b, a) give the same numbers: with 3-4 channels, measure each unordered
+pair of interest with its own call. A single-channel model has no pair: it is refused.
+
 For every case, the two streams' features are taken at each depth l of the encoder and
 I(F_a^l; F_b^l) is estimated with spatial positions as samples (`analysis.mi`). The depths, in
 order (l = 0, 1, 2, ...):
 
-- ``input``: the normalised CT and MR volumes themselves (one channel each, voxels as samples);
-  this is the paper's F^0 = x (Eq. 1);
+- ``input``: the normalised volumes of channels a and b themselves (one channel each, voxels as
+  samples); this is the paper's F^0 = x (Eq. 1);
 - ``stem``: the conv-stem token maps (stride `patch_size`), before Swin stage 1;
 - ``stage<i>`` / ``cross<i>``: the tokens after Swin stage i and after Cross Transformer block i.
 
@@ -19,8 +25,9 @@ Cross Transformer blocks (`cross_blocks=False`; untrained unless a run of it is 
 
 Inputs are what the model saw: the run's own preprocessing (`preprocess.json`), then a centred
 crop of at most the training patch size (the sliding-window roi) and zero padding to a multiple
-of `model.divisor`; features of padded positions are dropped. Feature maps are (P, C) per
-stream, P positions; a layer of a 64³ crop has 64³ (input), 16³ (stem, stage 1), 8³, 4³ positions.
+of `model.divisor`; features of padded positions are dropped. Only cases with every channel are
+used. Feature maps are (P, C) per stream, P positions; a layer of a 64³ crop has 64³ (input),
+16³ (stem, stage 1), 8³, 4³ positions.
 
 Caveat written into the results: samples are positions, and deeper layers have fewer of them and
 see larger neighbourhoods, so the data processing inequality does not order these numbers.
@@ -34,7 +41,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossmodalnet.analysis.cases import AnalysisCase, check_pair, load_analysis_cases
 from crossmodalnet.analysis.mi import MI_ESTIMATORS, estimate_mi
 from crossmodalnet.config import ModelConfig, from_dict, to_dict
-from crossmodalnet.data.dataset import SPLITS, load_case, load_dataset
+from crossmodalnet.data.dataset import read_spec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path, write_csv
 from crossmodalnet.infer import load_run
@@ -55,6 +62,7 @@ __all__ = [
     "LAYER0",
     "AnalysisCase",
     "load_analysis_cases",
+    "check_pair",
     "layer_features",
     "layer_dim",
     "information_flow",
@@ -67,7 +75,7 @@ __all__ = [
     "cmif_from_cli",
 ]
 
-LAYER0 = ("l=0 is 'input': the normalised CT and MR volumes (what the network receives), voxels as samples; "
+LAYER0 = ("l=0 is 'input': the normalised volumes of the two channels (what the network receives), voxels as samples; "
           "'stem' (l=1) is the conv-stem token maps before Swin stage 1")
 _CAVEAT = ("samples are spatial positions; deeper layers have fewer positions and larger receptive fields, "
            "so the data processing inequality does not order these values")
@@ -78,93 +86,43 @@ _CSV_COLUMNS = ("model", "estimator", "depth", "layer", "kind", "positions", "ch
                 "mi_mean", "mi_std", "cmif_mean", "cmif_std")
 
 
-@dataclass
-class AnalysisCase:
-    """One case in network space. ct, mr: (1, 1, D, H, W) float32; label: (D, H, W) uint8 or None."""
-
-    id: str
-    ct: torch.Tensor
-    mr: torch.Tensor
-    label: np.ndarray | None
-
-
-def _centre_crop(array: np.ndarray, roi: Sequence[int]) -> np.ndarray:
-    """(D, H, W) -> at most roi per axis, centred."""
-    slices = []
-    for n, r in zip(array.shape, roi, strict=True):
-        start = max(0, (n - int(r)) // 2)
-        slices.append(slice(start, start + min(n, int(r))))
-    return array[tuple(slices)]
-
-
-def load_analysis_cases(
-    data_dir: str | os.PathLike,
-    preprocessor: Any,
-    cases: int = 3,
-    split: str | None = None,
-    roi_size: Sequence[int] | None = None,
-) -> list[AnalysisCase]:
-    """The first `cases` paired cases of `split` (default: held-out cases first, i.e. test, then
-    validation, then training), preprocessed by `preprocessor` (a `data.preprocess.Preprocessor`)
-    and centre-cropped to `roi_size`."""
-    if cases < 1:
-        raise CrossModalNetError(f"--cases must be >= 1, got {cases}")
-    dataset = load_dataset(data_dir)
-    order = [split] if split is not None else ["test", "validation", "training"]
-    paired = []
-    for name in order:
-        if name not in SPLITS:
-            raise CrossModalNetError(f"unknown split {name!r}; choose from {list(SPLITS)}")
-        paired += [c for c in dataset[name] if c.ct is not None and c.mr is not None]
-    if not paired:
-        raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: no paired CT + MR cases in {order}")
-    out = []
-    for case in paired[:cases]:
-        data = load_case(case, with_label=case.label is not None)
-        prep = preprocessor.prepare(data["ct"], data["mr"], data["geometry"], data["label"], case.id)
-        roi = roi_size or prep.ct.shape
-        ct, mr = (_centre_crop(x, roi) for x in (prep.ct, prep.mr))
-        label = None if prep.label is None else _centre_crop(prep.label, roi)
-        out.append(AnalysisCase(case.id, torch.from_numpy(np.ascontiguousarray(ct))[None, None],
-                                torch.from_numpy(np.ascontiguousarray(mr))[None, None], label))
-    return out
-
-
 def _kind(name: str) -> str:
     return name.rstrip("0123456789")
 
 
 @torch.no_grad()
 def layer_features(
-    model: nn.Module, ct: torch.Tensor, mr: torch.Tensor
+    model: nn.Module, image: torch.Tensor, pair: Sequence[int] = (0, 1)
 ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """[(name, F_ct (P, C), F_mr (P, C)), ...] at every depth, float32 on the CPU.
+    """[(name, F_a (P, C), F_b (P, C)), ...] at every depth for channels (a, b) = `pair`, float32 on the CPU.
 
-    ct, mr: (1, 1, D, H, W) normalised. Names: input, stem, stage1, cross1, stage2, ... (no cross*
-    without Cross Transformer blocks). Padding to `model.divisor` is added here and its positions
-    removed from every map.
+    image: (1, M, D, H, W) normalised, every channel present. Names: input, stem, stage1, cross1,
+    stage2, ... (no cross* without Cross Transformer blocks). Padding to `model.divisor` is added
+    here and its positions removed from every map.
     """
-    if ct.shape != mr.shape or ct.ndim != 5 or ct.shape[:2] != (1, 1):
-        raise ValueError(f"ct and mr must both be (1, 1, D, H, W), got {tuple(ct.shape)} and {tuple(mr.shape)}")
+    a, b = check_pair(model, pair)
+    if image.ndim != 5 or image.shape[0] != 1 or image.shape[1] != model.modalities:
+        raise ValueError(f"image must be (1, {model.modalities}, D, H, W), got {tuple(image.shape)}")
     model.eval()
     device = next(model.parameters()).device
-    size = ct.shape[2:]
+    size = image.shape[2:]
     pad = [(-s) % model.divisor for s in size]
-    spec = (0, pad[2], 0, pad[1], 0, pad[0])
-    x_ct, x_mr = (F.pad(x, spec).to(device) for x in (ct, mr))
+    x = F.pad(image, (0, pad[2], 0, pad[1], 0, pad[0])).to(device)
 
     def valid(f: torch.Tensor) -> torch.Tensor:
         """(1, d, h, w, C) channels-last on the padded grid -> (P, C) of the real positions."""
-        stride = (x_ct.shape[2] // f.shape[1])
+        stride = (x.shape[2] // f.shape[1])
         d, h, w = (math.ceil(s / stride) for s in size)
         return f[0, :d, :h, :w].reshape(-1, f.shape[-1]).float().cpu()
 
-    layers = [("input", ct[0].permute(1, 2, 3, 0).reshape(-1, 1).float(),
-               mr[0].permute(1, 2, 3, 0).reshape(-1, 1).float())]
-    stem_ct, stem_mr = model.ct.stem(x_ct)[-1], model.mr.stem(x_mr)[-1]
-    layers.append(("stem", valid(stem_ct.permute(0, 2, 3, 4, 1)), valid(stem_mr.permute(0, 2, 3, 4, 1))))
-    _, _, _, deep = model.encode(x_ct, x_mr, keep_layers=True)
-    layers += [(name, valid(fa), valid(fb)) for name, fa, fb in deep]
+    def voxels(i: int) -> torch.Tensor:
+        return image[0, i].reshape(-1, 1).float()
+
+    layers = [("input", voxels(a), voxels(b))]
+    stems = [model.streams[i].stem(x[:, i: i + 1])[-1].permute(0, 2, 3, 4, 1) for i in (a, b)]
+    layers.append(("stem", valid(stems[0]), valid(stems[1])))
+    _, _, _, deep = model.encode(x, keep_layers=True)
+    layers += [(name, valid(feats[a]), valid(feats[b])) for name, feats in deep]
     return layers
 
 
@@ -181,15 +139,17 @@ def information_flow(
     pca_dim: int = 4,
     max_samples: int = 4096,
     seed: int = 0,
+    pair: Sequence[int] = (0, 1),
 ) -> list[dict[str, Any]]:
-    """Per-layer MI of one model over cases: [{"name", "kind", "positions", "channels",
-    "mi": {estimator: [nats per case]}}, ...] in depth order (see `layer_features`)."""
+    """Per-layer MI between channels `pair` of one model over cases: [{"name", "kind", "positions",
+    "channels", "mi": {estimator: [nats per case]}}, ...] in depth order (see `layer_features`)."""
     for est in estimators:
         if est not in MI_ESTIMATORS:
             raise CrossModalNetError(f"unknown estimator {est!r}; choose from {list(MI_ESTIMATORS)}")
+    check_pair(model, pair)
     layers: list[dict[str, Any]] = []
     for case in cases:
-        feats = layer_features(model, case.ct, case.mr)
+        feats = layer_features(model, case.image, pair)
         if not layers:
             layers = [{"name": n, "kind": _kind(n), "positions": int(fa.shape[0]), "channels": int(fa.shape[1]),
                        "dim": layer_dim(pca_dim, int(fa.shape[1]), int(fa.shape[0])),
@@ -252,17 +212,27 @@ def measure_cmif(
     split: str | None = None,
     device: str | torch.device | None = "cpu",
     seed: int = 0,
+    pair: Sequence[int] = (0, 1),
 ) -> dict[str, Any]:
-    """Information flow of the trained run, an untrained twin and the no-cross-block ablation.
+    """Information flow between channels `pair` (see the module docstring) of the trained run, an
+    untrained twin and the no-cross-block ablation.
 
-    Returns a JSON-ready dict: settings, the case ids and, per model, its summarised layers
-    (`summarize_flow`) and a description of what the model is.
+    Returns a JSON-ready dict: settings, the case ids, the pair (indices and channel names) and, per
+    model, its summarised layers (`summarize_flow`) and a description of what the model is.
     """
     check_settings(pca_dim, max_samples)
     start = time.monotonic()
     run = load_run(run_dir, device)
     if run.config.model.name != "crossmodalnet":
         raise CrossModalNetError(f"{run_dir}: cmif needs a crossmodalnet run, this one is {run.config.model.name!r}")
+    try:
+        a, b = check_pair(run.model, pair)
+    except CrossModalNetError as exc:
+        raise CrossModalNetError(f"{run_dir}: {exc}") from None
+    spec = read_spec(data_dir)
+    if spec.num_channels != run.model.modalities:
+        raise CrossModalNetError(f"{data_dir}: {spec.num_channels} channel(s) ({', '.join(spec.channels)}), the run's "
+                                 f"model takes {run.model.modalities}")
     loaded = load_analysis_cases(data_dir, run.preprocessor, cases, split, run.config.patch_size)
     models: dict[str, tuple[nn.Module, str]] = {
         "trained": (run.model, f"trained run {run_dir}"),
@@ -273,17 +243,21 @@ def measure_cmif(
         ablation = load_run(ablation_run, device)
         if ablation.config.model.cross_blocks:
             raise CrossModalNetError(f"{ablation_run}: --ablation-run must be trained with cross_blocks: false")
+        if ablation.config.model.modalities != run.config.model.modalities:
+            raise CrossModalNetError(f"{ablation_run}: --ablation-run takes {ablation.config.model.modalities} "
+                                     f"channel(s), the run {run.config.model.modalities}")
         models["no_cross_blocks"] = (ablation.model, f"trained ablation run {ablation_run} (cross_blocks=False)")
     elif run.config.model.cross_blocks:
         models["no_cross_blocks"] = (untrained_model(run.config.model, seed, cross_blocks=False).to(run.device),
                                      f"ablation cross_blocks=False, untrained (initialised with seed {seed})")
     results: dict[str, Any] = {
         "run": str(run_dir), "data": str(data_dir), "cases": [c.id for c in loaded],
-        "case_shape": list(loaded[0].ct.shape[2:]), "estimators": list(estimators), "pca_dim": pca_dim,
+        "pair": [a, b], "pair_channels": [spec.channels[a], spec.channels[b]],
+        "case_shape": list(loaded[0].image.shape[2:]), "estimators": list(estimators), "pca_dim": pca_dim,
         "max_samples_ksg": max_samples, "layer0": LAYER0, "caveat": _CAVEAT, "models": {},
     }
     for key, (model, description) in models.items():
-        flow = information_flow(model, loaded, estimators, pca_dim, max_samples, seed)
+        flow = information_flow(model, loaded, estimators, pca_dim, max_samples, seed, (a, b))
         results["models"][key] = {"description": description, "layers": summarize_flow(flow)}
     results["seconds"] = time.monotonic() - start
     return results
@@ -337,8 +311,9 @@ def plot_cmif(results: dict[str, Any], path: str | os.PathLike) -> Path:
     # One legend below both panels: inside, it hides curves.
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(results["estimators"]) * 3, fontsize=8)
-    fig.suptitle(f"cross-modal information flow, {len(results['cases'])} case(s), PCA dim {results['pca_dim']}",
-                 fontsize=10)
+    between = " between " + " and ".join(results["pair_channels"]) if results.get("pair_channels") else ""
+    fig.suptitle(f"cross-modal information flow{between}, {len(results['cases'])} case(s), PCA dim "
+                 f"{results['pca_dim']}", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
@@ -373,7 +348,7 @@ def cmif_from_cli(args: argparse.Namespace) -> None:
     estimators = list(MI_ESTIMATORS) if args.estimator == "both" else [args.estimator]
     results = measure_cmif(args.run, args.data, cases=args.cases, estimators=estimators, pca_dim=args.pca_dim,
                            max_samples=args.max_samples, ablation_run=args.ablation_run, split=args.split,
-                           device=args.device, seed=args.seed)
+                           device=args.device, seed=args.seed, pair=tuple(getattr(args, "pair", None) or (0, 1)))
     paths = write_cmif(results, args.out)
     est = estimators[0]
     for key, model in results["models"].items():

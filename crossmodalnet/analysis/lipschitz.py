@@ -1,9 +1,9 @@
 """Empirical local Lipschitz constants of a segmentation network, and per-layer product bounds.
 
-    emp = local_lipschitz(model, ct, mr)        # {"random": ..., "gradient": ..., "output_norm": ...}
+    emp = local_lipschitz(model, image)         # {"random": ..., "gradient": ..., "output_norm": ...}
     bounds = product_bounds(model)               # {"log10_paths": ..., "log10_paper": ..., ...}
 
-Input space: the pair (ct, mr), each (1, 1, D, H, W), with the Euclidean norm over both volumes;
+Input space: the image (1, M, D, H, W), every channel present, with the Euclidean norm over all channels;
 output space: the logits (1, C, D, H, W), Euclidean norm. All ratios are ‖F(x + δ) − F(x)‖ / ‖δ‖.
 
 - random directions: δ Gaussian, scaled to ‖δ‖ = ε; the largest ratio over the draws.
@@ -35,21 +35,20 @@ from torch import nn
 __all__ = ["local_lipschitz", "spectral_norm", "product_bounds"]
 
 
-def _logits(model: nn.Module, ct: torch.Tensor, mr: torch.Tensor) -> torch.Tensor:
-    out = model(ct, mr)
+def _logits(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    out = model(image)
     return (out[0] if isinstance(out, list | tuple) else out).float()
 
 
 def local_lipschitz(
     model: nn.Module,
-    ct: torch.Tensor,
-    mr: torch.Tensor,
+    image: torch.Tensor,
     eps: float = 1e-3,
     random_draws: int = 4,
     power_iterations: int = 6,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Local Lipschitz estimates of `model` at (ct, mr), each (1, 1, D, H, W), D, H, W multiples of the divisor.
+    """Local Lipschitz estimates of `model` at `image` (1, M, D, H, W), D, H, W multiples of the divisor.
 
     eps: perturbation size relative to ‖x‖. Returns ratios for random and gradient (power
     iteration) directions, plus ‖x‖, ‖F(x)‖ and ε, so that Cor. 2's bound L ε can be compared
@@ -57,13 +56,13 @@ def local_lipschitz(
     """
     model.eval()
     device = next(model.parameters()).device
-    x = torch.cat([ct, mr], dim=1).to(device).float()
+    x = image.to(device).float()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x_norm = float(x.norm())
     step = eps * x_norm
 
     def forward(z: torch.Tensor) -> torch.Tensor:
-        return _logits(model, z[:, :1], z[:, 1:])
+        return _logits(model, z)
 
     with torch.no_grad():
         base = forward(x)
@@ -127,12 +126,13 @@ def product_bounds(model: nn.Module) -> dict[str, float]:
         elif isinstance(module, nn.Conv3d):
             norms.append(spectral_norm(module.weight, module.stride))
     out = {"layers": len(norms), "log10_paths": sum(math.log10(1 + s) for s in norms)}
-    stages = getattr(getattr(model, "ct", None), "stages", None)
-    if stages is not None:
-        swin = [b for stream in (model.ct, model.mr) for stage in stream.stages for b in stage]
+    streams = getattr(model, "streams", None)
+    if streams is not None:  # CrossModalNet: the paper's per-block bounds over every stream
+        stages = streams[0].stages
+        swin = [b for stream in streams for stage in stream.stages for b in stage]
         l_s = max(_block_bound(b.attn.qkv.weight[2 * b.attn.qkv.out_features // 3:], b.attn.proj, b.mlp.fc1,
                                b.mlp.fc2) for b in swin)
-        cross = [] if model.cross is None else [d for blk in model.cross for d in (blk.a_from_b, blk.b_from_a)]
+        cross = [] if model.cross is None else [d for blk in model.cross for d in blk.refine]
         l_c = max((_block_bound(d.attn.v.weight, d.attn.proj, d.mlp.fc1, d.mlp.fc2) for d in cross), default=1.0)
         depth = len(stages)
         out.update({"L_S": l_s, "L_C": l_c, "L_D": 1.0, "d": depth,

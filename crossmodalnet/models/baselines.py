@@ -1,13 +1,15 @@
-"""The baselines under the common two-modality call, by early fusion.
+"""The baselines under the common call `model(image, present)`, by early fusion.
 
 From MONAI: Swin-UNETR, MedNeXt, UNETR, UNet. Implemented here from their papers (no maintained
 package): nnFormer (`nnformer.py`), VT-UNet (`vtunet.py`), 3D Swin-Unet (`swinunet.py`).
 
-Every model here is called `model(ct, mr)` with `(B, 1, D, H, W)` tensors (either may be None,
-replaced by zeros) and returns logits `(B, out_channels, D, H, W)` at the input size. CT and MR
-are concatenated on the channel axis (early fusion), the way these networks are used on
-multimodal data. Inputs are padded to the multiple each network needs and cropped back, so any
-input size works (SwinUNETR, nnFormer, VT-UNet and Swin-Unet need multiples of 32, MedNeXt of 16).
+Every model here is called `model(image, present=None)` with `image` (B, M, D, H, W), M =
+`config.modalities` channels in the dataset's order, and `present` (B, M) bool or None (all
+present); it returns logits `(B, out_channels, D, H, W)` at the input size. The channels enter the
+network stacked (early fusion, `in_channels = modalities x in_channels`), the way these networks
+are used on multimodal data; a missing channel is zeros. Inputs are padded to the multiple each
+network needs and cropped back, so any input size works (SwinUNETR, nnFormer, VT-UNet and
+Swin-Unet need multiples of 32, MedNeXt of 16).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ _MULTIPLE = {"swinunetr": 32, "mednext": 16, "unetr": 16, "unet": 16, "nnformer"
 
 
 class EarlyFusion(nn.Module):
-    """Wrap a single-input network: concatenate CT and MR as channels, pad, run, crop back."""
+    """Wrap a single-input network: the channels stacked (missing ones zeroed), pad, run, crop back."""
 
     def __init__(self, net: nn.Module, multiple: int, config: ModelConfig, fixed_size: int | None = None):
         super().__init__()
@@ -41,13 +43,21 @@ class EarlyFusion(nn.Module):
         self.fixed_size = fixed_size  # UNETR: absolute position embedding for one input size
         self.config = config
 
-    def forward(self, ct: torch.Tensor | None, mr: torch.Tensor | None) -> torch.Tensor:
-        """ct, mr: (B, C, D, H, W) or None -> logits (B, out_channels, D, H, W)."""
-        if ct is None and mr is None:
-            raise ValueError("at least one of ct and mr is needed")
-        ref = ct if ct is not None else mr
-        x = torch.cat([ct if ct is not None else torch.zeros_like(ref),
-                       mr if mr is not None else torch.zeros_like(ref)], dim=1)
+    def forward(self, image: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """image (B, M * in_channels, D, H, W), present (B, M) bool or None -> logits (B, out_channels, D, H, W)."""
+        m, c_in = self.config.modalities, self.config.in_channels
+        if image.ndim != 5 or image.shape[1] != m * c_in:
+            raise ValueError(f"image must be (B, {m * c_in}, D, H, W) ({m} channel(s) of {c_in}), "
+                             f"got {tuple(image.shape)}")
+        x = image
+        if present is not None:
+            if tuple(present.shape) != (image.shape[0], m):
+                raise ValueError(f"present must be (B, M) = ({image.shape[0]}, {m}), got {tuple(present.shape)}")
+            present = present.to(device=image.device, dtype=torch.bool)
+            if not present.any(dim=1).all():
+                raise ValueError("every sample needs at least one present channel")
+            # A missing channel is zeros whatever the caller left there: what the network was trained on.
+            x = torch.where(present.repeat_interleave(c_in, dim=1)[..., None, None, None], image, 0.0)
         size = x.shape[2:]
         if self.fixed_size is not None:
             if any(s > self.fixed_size for s in size):
@@ -65,7 +75,7 @@ class EarlyFusion(nn.Module):
 
 
 def build_baseline(config: ModelConfig) -> nn.Module:
-    """Build the baseline `config.name` at `config.size` with 2 input channels (CT, MR)."""
+    """Build the baseline `config.name` at `config.size` with `modalities x in_channels` input channels."""
     from monai.networks import nets
 
     name, size = config.name, config.size
@@ -74,7 +84,7 @@ def build_baseline(config: ModelConfig) -> nn.Module:
     if size not in BASELINE_SIZES[name]:
         raise CrossModalNetError(f"unknown size {size!r} for {name}; choose from {sorted(BASELINE_SIZES[name])}")
     kw = dict(BASELINE_SIZES[name][size])
-    c_in, c_out = 2 * config.in_channels, config.out_channels
+    c_in, c_out = config.modalities * config.in_channels, config.out_channels
     fixed = None
     if name == "swinunetr":
         net = nets.SwinUNETR(in_channels=c_in, out_channels=c_out, spatial_dims=3, use_v2=True, **kw)

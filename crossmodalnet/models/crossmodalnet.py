@@ -1,19 +1,22 @@
-"""CrossModalNet: a dual-stream 3D Swin encoder with Cross Transformer blocks and a U-shaped decoder.
+"""CrossModalNet: a 3D Swin encoder with one stream per input channel, Cross Transformer blocks
+between the streams, and a U-shaped decoder.
 
 Paper: "CrossModalNet: Multimodal Medical Segmentation with Guaranteed Cross-Modal Flow and
-Domain Adaptability" (section 2.1, Eq. 1-3, Def. 1-3), built as docs/design.md section 2 fixes it:
+Domain Adaptability" (section 2.1, Eq. 1-3, Def. 1-3), built as docs/design.md section 2 fixes it,
+for M = `config.modalities` input channels (the paper's CT and MR are M = 2):
 
-    for each modality m in (CT, MR):  conv stem -> tokens at stride `patch_size`
-    for each stage s:   F_m = SwinStage_s^m(F_m)                    (Def. 1, separate weights)
-                        F_ct, F_mr = CrossTransformerBlock_s(F_ct, F_mr)   (Eq. 3, Def. 2, Def. 3)
-                        skip_s = concat(F_ct, F_mr); F_m = PatchMerging(F_m) unless last
+    for each channel m:  conv stem -> tokens at stride `patch_size`
+    for each stage s:   F_m = SwinStage_s^m(F_m)                            (Def. 1, separate weights)
+                        F_0..F_{M-1} = CrossTransformerBlock_s(F_0..F_{M-1})  (Eq. 3, Def. 2, Def. 3)
+                        skip_s = concat(F_0, ..., F_{M-1}); F_m = PatchMerging(F_m) unless last
     decoder: from the deepest fused map, upsample (transposed conv) + concat skip + residual conv
              block at every scale down to the input resolution; a 1x1 head gives the logits.
 
-Any input size: the volume is zero-padded to a multiple of the coarsest stride, then cropped
-back. A missing modality (`ct=None` or `mr=None`) is replaced by learned placeholder features;
-with `modality_dropout > 0`, training drops one modality per sample so that the placeholders
-are learned and single-modality inference works.
+With M = 1 it is a single-stream Swin U-Net (no cross blocks). Any input size: the volume is
+zero-padded to a multiple of the coarsest stride, then cropped back. A missing channel
+(`present[b, m]` False) is replaced by that stream's learned placeholder features, per sample;
+with `modality_dropout > 0`, training drops one present channel per sample (never the last one)
+so that the placeholders are learned and inference with missing channels works.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ _ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
 
 
 class _Stream(nn.Module):
-    """One modality's encoder: conv stem, then Swin stages with patch merging between them."""
+    """One channel's encoder: conv stem, then Swin stages with patch merging between them."""
 
-    def __init__(self, cfg: ModelConfig, dims: list[int], drop_path: list[list[float]]):
+    def __init__(self, cfg: ModelConfig, dims: list[int], drop_path: list[list[float]], placeholders: bool = True):
         super().__init__()
         self.stem = ConvStem(cfg.in_channels, dims[0], cfg.patch_size)
         self.stages = nn.ModuleList(
@@ -45,8 +48,10 @@ class _Stream(nn.Module):
             for i in range(len(dims))
         )
         self.merges = nn.ModuleList(PatchMerging(dims[i]) for i in range(len(dims) - 1))
-        # Learned stand-ins for the stem's outputs when this modality is missing (one vector per level).
-        self.placeholders = nn.ParameterList(nn.Parameter(torch.zeros(c)) for c in self.stem.channels)
+        # Learned stand-ins for the stem's outputs when this channel is missing (one vector per level);
+        # none for a single-channel model, whose one channel is never missing.
+        self.placeholders = nn.ParameterList(
+            nn.Parameter(torch.zeros(c)) for c in (self.stem.channels if placeholders else ()))
 
 
 class _UpBlock(nn.Module):
@@ -76,13 +81,15 @@ class _UpBlock(nn.Module):
 
 
 class CrossModalNet(nn.Module):
-    """forward(ct, mr): (B, in_channels, D, H, W) each (either may be None) -> logits (B, out_channels, D, H, W).
+    """forward(image (B, M * in_channels, D, H, W), present (B, M) bool or None) -> logits (B, out_channels, D, H, W).
 
+    M = `config.modalities`, channels in the dataset's order; `present[b, m]` False marks channel m
+    of sample b as missing (its values are ignored; learned placeholders stand in). None: all present.
     In training with `deep_supervision`, returns a list [full-res logits, stride-2 logits,
     stride-4 logits] (coarser ones at their own resolution, for MONAI's DeepSupervisionLoss).
     """
 
-    # The missing-modality placeholders get no gradient in a step where no modality is missing
+    # The missing-channel placeholders get no gradient in a step where no channel is missing
     # (every step without modality dropout; the finer ones never under fine_skips "reference"), and
     # dropout leaves a stream's parameters out of some steps: DDP must look for unused parameters.
     may_leave_parameters_unused = True
@@ -91,32 +98,34 @@ class CrossModalNet(nn.Module):
         super().__init__()
         cfg = config
         n = len(cfg.depths)
+        m = cfg.modalities
         # The configuration was validated by its schema (`crossmodalnet.config.ModelConfig`).
         self.config = cfg
+        self.modalities = m
         dims = [cfg.feature_size * 2**i for i in range(n)]
         drop_path = drop_path_schedule(cfg.depths, cfg.drop_path_rate)
-        self.ct = _Stream(cfg, dims, drop_path)
-        self.mr = _Stream(cfg, dims, drop_path)
+        # Built in channel order: with the same seed, M = 2 draws the same weights as the CT/MR model did.
+        self.streams = nn.ModuleList(_Stream(cfg, dims, drop_path, placeholders=m > 1) for _ in range(m))
         # self.cross[j] follows stage cross_first_stage + j (the finest stages are the dearest to cross).
         self.cross = nn.ModuleList(
             CrossTransformerBlock(
                 dims[i], cfg.num_heads[i], cfg.window_size, shift=i % 2 == 1, variant=cfg.cross_attention,
                 deformable=cfg.deformable, num_points=cfg.deformable_points, max_offset=cfg.max_offset,
-                mlp_ratio=cfg.mlp_ratio,
+                mlp_ratio=cfg.mlp_ratio, streams=m,
             )
             for i in range(cfg.cross_first_stage, n)
-        ) if cfg.cross_blocks else None
+        ) if cfg.cross_blocks and m > 1 else None
         # Decoder, coarse to fine. Skips from a Cross Transformer block (and all of them without
-        # cross blocks) are both streams' (hence 2x); the finer ones, without a cross block behind
-        # them, one stream's or both (`fine_skips`).
-        stem_ch = self.ct.stem.channels[:-1]  # stride 2 .. patch_size/2 maps
-        k = 1 if cfg.fine_skips == "reference" else 2
-        self.reference_stages = cfg.cross_first_stage if cfg.cross_blocks and k == 1 else 0
+        # cross blocks) are all streams' (hence M x); the finer ones, without a cross block behind
+        # them, one stream's or all (`fine_skips`).
+        stem_ch = self.streams[0].stem.channels[:-1]  # stride 2 .. patch_size/2 maps
+        k = 1 if cfg.fine_skips == "reference" else m
+        self.reference_stages = cfg.cross_first_stage if self.cross is not None and k == 1 else 0
         # The fused map of each encoder stage passes through a named identity, so that a feature tap
         # (JADA's discriminators, `crossmodalnet.train.adapt`) reads it by name: `fused_skips[stage]`.
         self.fused_skips = nn.ModuleList(nn.Identity() for _ in range(n))
-        self.bottleneck = UnetResBlock(3, 2 * dims[-1], dims[-1], kernel_size=3, stride=1, norm_name=_NORM)
-        ups: list[_UpBlock] = [_UpBlock(dims[i + 1], (1 if i < self.reference_stages else 2) * dims[i], dims[i])
+        self.bottleneck = UnetResBlock(3, m * dims[-1], dims[-1], kernel_size=3, stride=1, norm_name=_NORM)
+        ups: list[_UpBlock] = [_UpBlock(dims[i + 1], (1 if i < self.reference_stages else m) * dims[i], dims[i])
                                for i in reversed(range(n - 1))]
         chans = [dims[0], *reversed(stem_ch)]
         # The finest `light_decoder_levels` blocks (full resolution first) use one convolution
@@ -144,95 +153,130 @@ class CrossModalNet(nn.Module):
         """True when trained with modality dropout, so that the placeholders mean something."""
         return self.config.modality_dropout > 0
 
-    def _drop_masks(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-sample booleans (B,) for dropping CT / MR in training; never both."""
+    def check_inputs(self, image: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+        """Validate (image, present); returns present as a (B, M) bool tensor on the image's device."""
+        c = self.modalities * self.config.in_channels
+        if image.ndim != 5 or image.shape[1] != c:
+            raise ValueError(f"image must be (B, {c}, D, H, W) ({self.modalities} channel(s) of "
+                             f"{self.config.in_channels}), got {tuple(image.shape)}")
+        b = image.shape[0]
+        if present is None:
+            return torch.ones(b, self.modalities, dtype=torch.bool, device=image.device)
+        if tuple(present.shape) != (b, self.modalities):
+            raise ValueError(f"present must be (B, M) = ({b}, {self.modalities}), got {tuple(present.shape)}")
+        present = present.to(device=image.device, dtype=torch.bool)
+        if not present.any(dim=1).all():
+            raise ValueError("every sample needs at least one present channel")
+        return present
+
+    def drop_masks(self, present: torch.Tensor) -> torch.Tensor | None:
+        """Channels (B, M) bool to drop in training: per sample, with probability p, one channel chosen
+        uniformly among the present ones, and only where more than one is present. None when not training.
+
+        One uniform r per sample (`torch.rand(B)`): r < p drops, and the k-th present channel is chosen
+        when p k / n <= r < p (k + 1) / n (n present channels); with two channels that is today's
+        r < p/2 -> channel 0, p/2 <= r < p -> channel 1.
+        """
         p = self.config.modality_dropout
         if not self.training or p <= 0:
             return None
-        r = torch.rand(b, device=device)
-        return r < p / 2, (r >= p / 2) & (r < p)
+        b = present.shape[0]
+        r = torch.rand(b, device=present.device)
+        count = present.sum(dim=1)
+        choice = torch.zeros(b, dtype=torch.long, device=present.device)
+        for n in range(2, self.modalities + 1):
+            # Thresholds as Python floats, one comparison each: for n = 2 exactly `r >= p / 2`.
+            k = sum((r >= p * j / n).long() for j in range(1, n))
+            choice = torch.where(count == n, k, choice)
+        rank = present.long().cumsum(dim=1) - 1  # rank of each present channel among the present ones
+        hit = present & (rank == choice.unsqueeze(1))
+        return hit & ((r < p) & (count > 1)).unsqueeze(1)
 
-    def _stem(self, stream: _Stream, x: torch.Tensor | None, drop: torch.Tensor | None, like: torch.Tensor):
-        """Stem maps (channels-first) of one modality, with placeholders where it is missing/dropped."""
-        if x is None:
-            b, _, d, h, w = like.shape
+    def _stem(self, stream: _Stream, x: torch.Tensor, missing: torch.Tensor) -> list[torch.Tensor]:
+        """Stem maps (channels-first) of one channel x (B, in_channels, D, H, W), with the placeholders
+        for the samples where `missing` (B,) is True."""
+        if bool(missing.all()):  # nothing to compute: every sample takes the placeholders
+            b, _, d, h, w = x.shape
             return [
                 ph.view(1, -1, 1, 1, 1).expand(b, -1, d // 2 ** (i + 1), h // 2 ** (i + 1), w // 2 ** (i + 1))
                 for i, ph in enumerate(stream.placeholders)
             ]
         feats = stream.stem(x)
-        if drop is not None:
-            m = drop.view(-1, 1, 1, 1, 1)
-            feats = [torch.where(m, ph.view(1, -1, 1, 1, 1).to(f.dtype), f) for f, ph in zip(feats, stream.placeholders,
-                                                                                               strict=True)]
+        if bool(missing.any()):
+            m = missing.view(-1, 1, 1, 1, 1)
+            feats = [torch.where(m, ph.view(1, -1, 1, 1, 1).to(f.dtype), f)
+                     for f, ph in zip(feats, stream.placeholders, strict=True)]
         return feats
 
-    def encode(self, ct: torch.Tensor | None, mr: torch.Tensor | None, keep_layers: bool = False):
-        """Run both streams. Inputs must already be padded to a multiple of `self.divisor`.
+    def encode(self, image: torch.Tensor, present: torch.Tensor | None = None, keep_layers: bool = False):
+        """Run every stream. `image` (B, M * in_channels, D, H, W) must already be padded to a multiple
+        of `self.divisor`; `present` (B, M) bool or None (all present).
 
-        Returns (fine skips: stem maps (B, k C_s, ...) at strides 2 .. patch_size / 2, skips per
-        stage (B, 2C, d, h, w) (CT ‖ MR; (B, C, ...) the reference's for a stage before the first Cross
-        Transformer block when k = 1), inputs skip (B, k C_in, D, H, W), layers), k = 2 for `fine_skips`
-        "both" (CT ‖ MR), 1 for "reference" (CT's, the MR's for a sample whose CT is missing), where
-        `layers` (if keep_layers) lists (name, F_ct, F_mr) tokens after every stage and cross block,
-        for the information-flow analysis.
+        Returns (stems, skips, inputs, layers) with k = M for `fine_skips` "both" (all channels side
+        by side), 1 for "reference" (per sample the first present channel's):
+        stems: stem maps (B, k C_s, ...) at strides 2 .. patch_size / 2; skips: per stage (B, M C, d, h, w)
+        (all streams; (B, C, ...) the reference's for a stage before the first Cross Transformer
+        block when k = 1); inputs: (B, k in_channels, D, H, W), the image with missing channels zeroed;
+        layers (if keep_layers): [(name, [tokens (B, d, h, w, C) of each stream]), ...] after every
+        stage and cross block, for the information-flow analysis.
         """
-        ref = ct if ct is not None else mr
-        masks = self._drop_masks(ref.shape[0], ref.device)
-        drop_ct, drop_mr = masks if masks is not None else (None, None)
+        all_given = present is None
+        present = self.check_inputs(image, present)
+        drop = self.drop_masks(present)
+        alive = present if drop is None else present & ~drop  # (B, M): channels the network sees
+        # Without missing or dropped channels, no per-sample selection (and no device sync) is needed.
+        everything = all_given and drop is None or bool(alive.all())
+        m, c_in = self.modalities, self.config.in_channels
+        first = alive.long().argmax(dim=1)  # first channel present: the reference of `fine_skips`
 
-        def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            """The CT's map `a`, or the MR's `b` where the CT is missing or dropped (batch on dim 0)."""
-            if ct is None:
-                return b
-            if drop_ct is None:
-                return a
-            shape = [1] * a.dim()
-            shape[0] = -1
-            return torch.where(drop_ct.view(shape), b, a)
+        def reference(maps: list[torch.Tensor]) -> torch.Tensor:
+            """Per sample the reference channel's map (batch on dim 0)."""
+            if everything:
+                return maps[0]
+            if bool((first == first[0]).all()):
+                return maps[int(first[0])]
+            out = maps[-1]
+            for i in reversed(range(m - 1)):
+                out = torch.where((first == i).view(-1, *[1] * (out.dim() - 1)), maps[i], out)
+            return out
 
-        zeros = torch.zeros_like(ref)
-        x_ct = zeros if ct is None else (ct if drop_ct is None else ct * (~drop_ct).view(-1, 1, 1, 1, 1))
-        x_mr = zeros if mr is None else (mr if drop_mr is None else mr * (~drop_mr).view(-1, 1, 1, 1, 1))
-        s_ct = self._stem(self.ct, ct, drop_ct, ref)
-        s_mr = self._stem(self.mr, mr, drop_mr, ref)
-        fa, fb = s_ct[-1].permute(0, 2, 3, 4, 1), s_mr[-1].permute(0, 2, 3, 4, 1)  # B, D, H, W, C
+        xs = list(image.split(c_in, dim=1))
+        if not everything:  # missing and dropped channels are zeros, whatever the caller put there
+            xs = [torch.where(alive[:, i].view(-1, 1, 1, 1, 1), x, 0.0) for i, x in enumerate(xs)]
+        stems = [s.stem(x) if everything else self._stem(s, x, ~alive[:, i])
+                 for i, (s, x) in enumerate(zip(self.streams, xs, strict=True))]
+        feats = [s[-1].permute(0, 2, 3, 4, 1) for s in stems]  # B, D, H, W, C
         layers, skips = [], []
-        for i in range(len(self.ct.stages)):
-            fa, fb = self.ct.stages[i](fa), self.mr.stages[i](fb)
+        for i in range(len(self.streams[0].stages)):
+            feats = [s.stages[i](f) for s, f in zip(self.streams, feats, strict=True)]
             if keep_layers:
-                layers.append((f"stage{i + 1}", fa, fb))
+                layers.append((f"stage{i + 1}", feats))
             if self.cross is not None and i >= self.config.cross_first_stage:
-                fa, fb = self.cross[i - self.config.cross_first_stage](fa, fb)
+                feats = list(self.cross[i - self.config.cross_first_stage](*feats))
                 if keep_layers:
-                    layers.append((f"cross{i + 1}", fa, fb))
-            if i < self.reference_stages:  # no cross block yet: the MR would enter unaligned
-                skips.append(self.fused_skips[i](reference(fa, fb).permute(0, 4, 1, 2, 3)))
+                    layers.append((f"cross{i + 1}", feats))
+            if i < self.reference_stages:  # no cross block yet: the other channels would enter unaligned
+                skips.append(self.fused_skips[i](reference(feats).permute(0, 4, 1, 2, 3)))
             else:
-                skips.append(self.fused_skips[i](torch.cat([fa, fb], dim=-1).permute(0, 4, 1, 2, 3)))
-            if i < len(self.ct.merges):
-                fa, fb = self.ct.merges[i](fa), self.mr.merges[i](fb)
+                skips.append(self.fused_skips[i](torch.cat(feats, dim=-1).permute(0, 4, 1, 2, 3)))
+            if i < len(self.streams[0].merges):
+                feats = [s.merges[i](f) for s, f in zip(self.streams, feats, strict=True)]
+        fine = list(zip(*[s[:-1] for s in stems], strict=True))  # per level, the M streams' maps
         if self.config.fine_skips == "reference":
-            # Detail finer than the tokens comes from the image on the labels' grid; the other modality
-            # reaches the decoder through the (deformable) cross-attended token streams, where a few
-            # voxels of misregistration are within a window. A sample without CT falls back to the MR.
-            stems = [reference(a, b) for a, b in zip(s_ct[:-1], s_mr[:-1], strict=True)]
-            return stems, skips, reference(x_ct, x_mr), layers
-        stems = [torch.cat([a, b], dim=1) for a, b in zip(s_ct[:-1], s_mr[:-1], strict=True)]
-        return stems, skips, torch.cat([x_ct, x_mr], dim=1), layers
+            # Detail finer than the tokens comes from one image on the labels' grid; the other channels
+            # reach the decoder through the (deformable) cross-attended token streams, where a few
+            # voxels of misregistration are within a window. A sample without channel 0 falls back to
+            # its first present channel.
+            return [reference(list(level)) for level in fine], skips, reference(xs), layers
+        return [torch.cat(level, dim=1) for level in fine], skips, torch.cat(xs, dim=1), layers
 
-    def forward(self, ct: torch.Tensor | None, mr: torch.Tensor | None):
-        if ct is None and mr is None:
-            raise ValueError("CrossModalNet needs at least one of ct and mr")
-        if ct is not None and mr is not None and ct.shape != mr.shape:
-            raise ValueError(f"ct {tuple(ct.shape)} and mr {tuple(mr.shape)} must have the same shape")
-        size = (ct if ct is not None else mr).shape[2:]
+    def forward(self, image: torch.Tensor, present: torch.Tensor | None = None):
+        self.check_inputs(image, present)  # before padding, so that errors name the caller's shapes
+        size = image.shape[2:]
         pad = [(-s) % self.divisor for s in size]
         if any(pad):
-            spec = (0, pad[2], 0, pad[1], 0, pad[0])
-            ct = F.pad(ct, spec) if ct is not None else None
-            mr = F.pad(mr, spec) if mr is not None else None
-        stems, skips, inputs, _ = self.encode(ct, mr)
+            image = F.pad(image, (0, pad[2], 0, pad[1], 0, pad[0]))
+        stems, skips, inputs, _ = self.encode(image, present)
         x = self.bottleneck(skips[-1])
         fine = [*reversed(skips[:-1]), *reversed(stems), inputs]
         outs = []

@@ -1,9 +1,10 @@
 """A model applied to a whole volume: MONAI's sliding window with Gaussian blending, in a chosen precision.
 
-    probs = sliding_window_probabilities(model, ct, mr, roi_size=(64, 64, 64))   # (B, C, D, H, W)
+    probs = sliding_window_probabilities(model, image, present, roi_size=(64, 64, 64))   # (B, C, D, H, W)
 
 Here, below both training (validation) and prediction, so that both import it without a cycle.
-Shapes: ct, mr (B, 1, D, H, W) or None (not both); probabilities (B, C, D, H, W) float32 on the CPU.
+Shapes: image (B, M, D, H, W) (M channels in the dataset's order, zeros where missing), present
+(B, M) bool or None (all present); probabilities (B, C, D, H, W) float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def sliding_window_probabilities(
     model: nn.Module,
-    ct: torch.Tensor | None,
-    mr: torch.Tensor | None,
+    image: torch.Tensor,
+    present: torch.Tensor | None,
     roi_size: Sequence[int],
     overlap: float = 0.25,
     sw_batch_size: int = 2,
@@ -50,24 +51,39 @@ def sliding_window_probabilities(
 ) -> torch.Tensor:
     """Softmax probabilities (B, C, D, H, W) on the CPU of a whole volume, by sliding window.
 
-    ct, mr: (B, 1, D, H, W) or None (not both). Windows of `roi_size` are blended with Gaussian
-    weights (centre of a window counts more than its border). The model's mode is left as is;
-    call `model.eval()` first. precision: see `autocast_dtype`; blending and softmax stay fp32.
+    image: (B, M, D, H, W); present: (B, M) bool or None (all present), passed to the model with
+    every window (`model(window, present)`). Windows of `roi_size` are blended with Gaussian weights
+    (centre of a window counts more than its border). The model's mode is left as is; call
+    `model.eval()` first. precision: see `autocast_dtype`; blending and softmax stay fp32.
     """
-    if ct is None and mr is None:
-        raise ValueError("at least one of ct and mr is needed")
+    if image.ndim != 5:
+        raise ValueError(f"image must be (B, M, D, H, W), got {tuple(image.shape)}")
+    if present is not None:
+        if present.ndim != 2 or present.shape[0] != image.shape[0]:
+            raise ValueError(f"present must be (B, M) with B = {image.shape[0]}, got {tuple(present.shape)}")
+        if not present.bool().any(dim=1).all():
+            raise ValueError("every sample needs at least one present channel")
     if device is None:  # where the model's weights are (CPU for a parameter-free model)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    image = torch.cat([x for x in (ct, mr) if x is not None], dim=1).to(device)
-    has_ct, has_mr = ct is not None, mr is not None
-
-    def predictor(x: torch.Tensor) -> torch.Tensor:
-        out = model(x[:, :1] if has_ct else None, x[:, -1:] if has_mr else None)
-        return (out[0] if isinstance(out, list | tuple) else out).float()
-
     dtype = autocast_dtype(precision, device)
+    roi = tuple(int(r) for r in roi_size)
+
+    def run(volume: torch.Tensor, row: torch.Tensor | None) -> torch.Tensor:
+        """Logits of volume (b, M, D, H, W) whose samples share one presence row (1, M) (or None)."""
+        def predictor(x: torch.Tensor) -> torch.Tensor:
+            out = model(x, None if row is None else row.expand(x.shape[0], -1))
+            return (out[0] if isinstance(out, list | tuple) else out).float()
+
+        return sliding_window_inference(volume.to(device), roi, sw_batch_size, predictor, overlap=overlap,
+                                        mode="gaussian")
+
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = sliding_window_inference(
-            image, tuple(int(r) for r in roi_size), sw_batch_size, predictor, overlap=overlap, mode="gaussian"
-        )
+        if present is None:
+            logits = run(image, None)
+        else:
+            rows = present.bool().to(device)
+            if bool((rows == rows[:1]).all()):  # one presence pattern: the windows of all samples batch together
+                logits = run(image, rows[:1])
+            else:  # MONAI mixes samples' windows in one batch: one call per sample keeps each with its row
+                logits = torch.cat([run(image[i: i + 1], rows[i: i + 1]) for i in range(image.shape[0])])
     return torch.softmax(logits.float(), dim=1).cpu()

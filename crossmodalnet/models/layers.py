@@ -118,8 +118,10 @@ def window_attention(
 ) -> torch.Tensor:
     """Softmax(q kᵀ/√d + bias + mask) v for all windows at once.
 
-    q, k, v: (B * nW, heads, N, d), windows batch-major as `window_partition` orders them;
-    bias: (heads, N, N); mask: (nW, N, N) or None. Returns (B * nW, heads, N, d).
+    q: (B * nW, heads, N, d), k, v: (B * nW, heads, Nk, d), windows batch-major as `window_partition`
+    orders them (Nk = N for self attention; a multiple of N when the keys are several streams'
+    windows side by side, `cross_attention`); bias: (heads, N, Nk); mask: (nW, N, Nk) or None.
+    Returns (B * nW, heads, N, d).
 
     The bias + mask, (nW, heads, N, N), is the same for every sample, so it is broadcast over
     the batch rather than repeated B times (timm's Swin adds `mask.unsqueeze(1).unsqueeze(0)` to
@@ -131,10 +133,10 @@ def window_attention(
     bias = bias.to(q.dtype)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))  # 1, heads, N, N
-    n_w, (bn, heads, n, _) = mask.shape[0], q.shape
+    n_w, (bn, heads, n, _), n_k = mask.shape[0], q.shape, k.shape[2]
     if bn != batch * n_w:
         raise ValueError(f"q has {bn} windows, expected batch {batch} x {n_w} windows of the mask")
-    attn_mask = (bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)).reshape(1, n_w * heads, n, n)
+    attn_mask = (bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)).reshape(1, n_w * heads, n, n_k)
 
     # q, k, v are permuted views of the projections, so this copies them: B·nW·heads·N·d values each,
     # N/d times fewer than the B·nW·heads·N·N of a repeated mask.

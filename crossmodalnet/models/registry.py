@@ -1,14 +1,16 @@
-"""The model registry: every model by name, built from a `ModelConfig`, called `model(ct, mr)`.
+"""The model registry: every model by name, built from a `ModelConfig`, called `model(image, present)`.
 
-    model = build_model("crossmodalnet", ModelConfig.from_size("crossmodalnet", "small"))
-    logits = model(ct, mr)  # (B, 1, D, H, W) each -> (B, 8, D, H, W)
+    model = build_model("crossmodalnet", ModelConfig.from_size("crossmodalnet", "small", modalities=2))
+    logits = model(image, present)  # (B, M, D, H, W), (B, M) bool or None -> (B, 8, D, H, W)
+    model.load_state_dict(upgrade_state_dict("crossmodalnet", old_state))  # weights of an older layout
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +22,7 @@ from crossmodalnet.models.baselines import _MULTIPLE, BASELINE_SIZES, build_base
 from crossmodalnet.models.crossmodalnet import CrossModalNet
 
 __all__ = ["MODEL_NAMES", "InputSizeRule", "build_model", "check_input_size", "count_parameters", "forward_flops",
-           "input_size_rule", "min_input_edge", "print_models_table"]
+           "input_size_rule", "min_input_edge", "print_models_table", "upgrade_state_dict"]
 
 MODEL_NAMES: tuple[str, ...] = ("crossmodalnet", *BASELINE_SIZES)
 
@@ -36,6 +38,38 @@ def build_model(name: str, config: ModelConfig | None = None, size: str = "small
     if name == "crossmodalnet":
         return CrossModalNet(config)
     return build_baseline(config)
+
+
+# Renames from the two-stream CrossModalNet (streams `ct`/`mr`, cross directions `a_from_b`/`b_from_a`)
+# to one stream per channel: same modules, same order, so an old run's weights load unchanged.
+_LEGACY_KEYS: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(r"^ct\."), "streams.0."),
+    (re.compile(r"^mr\."), "streams.1."),
+    (re.compile(r"^(cross\.\d+)\.a_from_b\."), r"\1.refine.0."),
+    (re.compile(r"^(cross\.\d+)\.b_from_a\."), r"\1.refine.1."),
+)
+
+
+def upgrade_state_dict(name: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of model `name` saved by an earlier layout, in today's key names (values untouched).
+
+    CrossModalNet before one stream per channel: `ct.*` -> `streams.0.*`, `mr.*` -> `streams.1.*`,
+    `cross.<j>.a_from_b.*` -> `cross.<j>.refine.0.*`, `cross.<j>.b_from_a.*` -> `cross.<j>.refine.1.*`
+    (a model of `modalities: 2`). Keys already in today's layout, and every baseline's (nothing of
+    theirs moved), pass through, so it is safe to call on any state dict. Key order is kept.
+    """
+    if name not in MODEL_NAMES:
+        raise CrossModalNetError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")
+    if name != "crossmodalnet":
+        return dict(state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for pattern, repl in _LEGACY_KEYS:
+            key = pattern.sub(repl, key)
+        if key in out:
+            raise CrossModalNetError(f"state dict holds {key!r} in both the old and the new layout")
+        out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -152,20 +186,28 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return 2 * b * h * q_len * key_shape[-2] * (e + value_shape[-1])
 
 
-def forward_flops(model: nn.Module, edge: int, batch: int = 1) -> int:
-    """FLOPs of one forward pass on a (batch, 1, edge, edge, edge) CT + MR pair (FlopCounterMode)."""
+def _input_channels(model: nn.Module) -> int:
+    """Channels of a model's image: config.modalities x config.in_channels, 1 for a model without a config."""
+    cfg = getattr(model, "config", None)
+    return cfg.modalities * cfg.in_channels if isinstance(cfg, ModelConfig) else 1
+
+
+def forward_flops(model: nn.Module, edge: int, batch: int = 1, channels: int | None = None) -> int:
+    """FLOPs of one forward pass on a (batch, channels, edge, edge, edge) image, all channels present
+    (FlopCounterMode). channels: None takes the model's (`config.modalities x config.in_channels`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(batch, 1, edge, edge, edge)
+    x = torch.zeros(batch, channels or _input_channels(model), edge, edge, edge)
     model.eval()
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model(x, x)
+        model(x)
     return int(counter.get_total_flops())
 
 
-def print_models_table(model_size: str = "small", edge: int = 96) -> list[dict]:
-    """Print (markdown) every registered model at `model_size`: parameters (M) and GFLOPs at edge³.
+def print_models_table(model_size: str = "small", edge: int = 96, modalities: int = 2) -> list[dict]:
+    """Print (markdown) every registered model at `model_size` for `modalities` input channels:
+    parameters (M) and GFLOPs at edge³.
 
     A model that cannot run at edge³ (`check_input_size`) keeps its row, with the size it needs in
     place of the GFLOPs (`gflops` None, `note` the reason). UNETR is built for the smallest img_size
@@ -174,7 +216,7 @@ def print_models_table(model_size: str = "small", edge: int = 96) -> list[dict]:
     rows = []
     for name in MODEL_NAMES:
         img_size = max(_UNETR_PATCH, -(-edge // _UNETR_PATCH) * _UNETR_PATCH)
-        cfg = ModelConfig.from_size(name, model_size, img_size=img_size)
+        cfg = ModelConfig.from_size(name, model_size, img_size=img_size, modalities=modalities)
         model = build_model(name, cfg)
         row = {"model": name, "size": model_size, "params_m": count_parameters(model) / 1e6, "gflops": None,
                "note": None}
@@ -187,7 +229,7 @@ def print_models_table(model_size: str = "small", edge: int = 96) -> list[dict]:
             if name == "unetr" and img_size != edge:
                 row["note"] = f"padded to its img_size {img_size}³"
         rows.append(row)
-    print(f"| model | size | parameters (M) | forward GFLOPs at {edge}³ (CT+MR, batch 1) |")
+    print(f"| model | size | parameters (M) | forward GFLOPs at {edge}³ ({modalities} channels, batch 1) |")
     print("|---|---|---:|---:|")
     for r in rows:
         cell = r["note"] if r["gflops"] is None else f"{r['gflops']:.1f}" + (f" ({r['note']})" if r["note"] else "")

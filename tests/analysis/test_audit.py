@@ -31,6 +31,7 @@ from crossmodalnet.cli import main
 from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
 from crossmodalnet.data.dataset import load_case, load_dataset
 from crossmodalnet.data.preprocess import fit_preprocessor
+from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.runs import RunFolder, save_weights
 
 BEST, CONFIG, PREPROCESS = RunFolder.WEIGHTS, RunFolder.CONFIG, RunFolder.PREPROCESS
@@ -54,7 +55,8 @@ def _tiny(seed: int = 0, **overrides) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def cases(tiny_dataset) -> list[AnalysisCase]:
-    prep = fit_preprocessor([load_case(c) for c in load_dataset(tiny_dataset)["training"]])
+    dataset = load_dataset(tiny_dataset)
+    prep = fit_preprocessor([load_case(c, dataset.spec) for c in dataset["training"]], dataset.spec.channels)
     return load_analysis_cases(tiny_dataset, prep, cases=2, split="training")
 
 
@@ -82,7 +84,7 @@ def test_scale_verdict_flips_when_the_logits_are_constant(cases):
     # exactly homogeneous; the audit must say so from the numbers.
     model = _tiny(0)
     for block in model.cross:
-        for direction in (block.a_from_b, block.b_from_a):
+        for direction in block.refine:
             torch.nn.init.zeros_(direction.attn.q.weight)
     scale = _claim(check_cross_attention(model, cases), "Theorem 2.1 (scale invariance)")
     assert scale.verdict == HOLDS
@@ -95,7 +97,7 @@ def test_permutation_verdict_follows_the_position_bias(cases, table_std, verdict
     model = _tiny(0)
     gen = torch.Generator().manual_seed(0)
     for block in model.cross:
-        for direction in (block.a_from_b, block.b_from_a):
+        for direction in block.refine:
             table = direction.attn.bias.table
             table.data = table_std * torch.randn(table.shape, generator=gen)
     perm = _claim(check_cross_attention(model, cases), "Theorem 2.1 (permutation equivariance)")
@@ -128,7 +130,7 @@ def test_numbers_differ_between_two_tiny_models(cases):
 def test_structural_verdicts_follow_the_configuration(cases):
     deform = check_deformable_capacity(_tiny(0), cases[0])
     assert deform.verdict == FAILS
-    op = deform.numbers["operators"]["cross1.a_from_b"]
+    op = deform.numbers["operators"]["cross1.refine.0"]
     assert op["map_DHW"] == [8, 8, 8] and op["paper_3KDHW"] == 3 * 4 * 512 and op["parameters"] == 2 * 12 + 16 * 12 + 16
     assert check_deformable_capacity(_tiny(0, deformable=False), cases[0]).verdict == NOT_TESTABLE
     assert {c.verdict for c in check_cross_attention(_tiny(0, cross_blocks=False), cases)} == {NOT_TESTABLE}
@@ -165,7 +167,8 @@ def test_information_flow_verdicts_follow_the_numbers():
 def test_base_case_fails_on_registered_images_and_holds_on_independent_ones(cases):
     assert check_base_case(cases, ["gaussian"]).verdict == FAILS
     gen = torch.Generator().manual_seed(0)
-    noise = [AnalysisCase(c.id, c.ct, torch.randn(c.mr.shape, generator=gen), None) for c in cases]
+    noise = [AnalysisCase(c.id, torch.cat([c.channel(0), torch.randn(c.channel(1).shape, generator=gen)], 1), None)
+             for c in cases]
     independent = check_base_case(noise, ["gaussian"])
     assert independent.verdict == HOLDS
     assert max(independent.numbers["gaussian"]["mi_per_case"]) < 0.01
@@ -195,7 +198,9 @@ def test_cli_end_to_end(tiny_dataset, tmp_path, capsys):
     run.mkdir()
     dump_yaml(cfg, run / CONFIG)
     save_weights(_tiny(0), run / BEST, cfg.model)
-    fit_preprocessor([load_case(c) for c in load_dataset(tiny_dataset)["training"]]).save(run / PREPROCESS)
+    dataset = load_dataset(tiny_dataset)
+    fit_preprocessor([load_case(c, dataset.spec) for c in dataset["training"]], dataset.spec.channels).save(
+        run / PREPROCESS)
     out = tmp_path / "audit"
     assert main(["audit", str(run), str(tiny_dataset), "--out", str(out), "--cases", "1",
                  "--balancing-steps", "2", "--power-iterations", "1"]) == 0
@@ -208,3 +213,20 @@ def test_cli_end_to_end(tiny_dataset, tmp_path, capsys):
     assert md.count("\n| ") == len(data["claims"]) + 1  # header + one row per claim
     assert "side experiment" in md  # this run did not balance its losses
     assert "Theorem 2.2" in capsys.readouterr().out
+
+
+def test_three_channels_every_refinement_against_every_other_stream(cases):
+    # A third channel (the first one again, shifted): the attention claims cover every stream pair.
+    three = [AnalysisCase(c.id, torch.cat([c.image, c.channel(0).roll(3, dims=2)], 1), c.label) for c in cases]
+    model = _tiny(0, modalities=3)
+    asym = _claim(check_cross_attention(model, three), "Theorem 2.1 (asymmetry)")
+    assert sorted(asym.numbers["per_block"])[:6] == [f"cross1.refine.{r}.from{j}" for r in range(3)
+                                                      for j in range(3) if j != r]
+    deform = check_deformable_capacity(model, three[0])
+    assert sorted(deform.numbers["operators"])[:3] == ["cross1.refine.0", "cross1.refine.1", "cross1.refine.2"]
+    result = audit_model(model, three[:1], lipschitz_edge=32, timing=SMALL_TIMING, lipschitz=QUICK_LIPSCHITZ,
+                         pair=(0, 2))
+    base = _claim(result["claims"], "Theorems 2.4/2.7, base case")
+    assert "channels [0, 2]" in base.test
+    with pytest.raises(CrossModalNetError, match="single channel"):
+        audit_model(_tiny(0, modalities=1), [AnalysisCase("c", cases[0].channel(0), None)])

@@ -1,4 +1,5 @@
-"""CMIF on a tiny model: the layer sequence, the output files and their shapes, CMIF = ΔI, the CLI."""
+"""CMIF on a tiny model: the layer sequence, the output files and their shapes, CMIF = ΔI, the pair of
+channels it is measured between, the CLI."""
 
 import csv
 import json
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from crossmodalnet.analysis.cmif import (
+    AnalysisCase,
+    check_pair,
     information_flow,
     layer_dim,
     layer_features,
@@ -23,6 +26,7 @@ from crossmodalnet.cli import main
 from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
 from crossmodalnet.data.dataset import load_case, load_dataset
 from crossmodalnet.data.preprocess import fit_preprocessor
+from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.runs import RunFolder, save_weights
 
 BEST, CONFIG, PREPROCESS = RunFolder.WEIGHTS, RunFolder.CONFIG, RunFolder.PREPROCESS
@@ -46,7 +50,9 @@ def make_run(root: Path, data: Path, seed: int = 0, **model: object) -> Path:
     root.mkdir(parents=True)
     dump_yaml(cfg, root / CONFIG)
     save_weights(untrained_model(cfg.model, seed), root / BEST, cfg.model)
-    fit_preprocessor([load_case(c) for c in load_dataset(data)["training"]]).save(root / PREPROCESS)
+    dataset = load_dataset(data)
+    fit_preprocessor([load_case(c, dataset.spec) for c in dataset["training"]], dataset.spec.channels).save(
+        root / PREPROCESS)
     return root
 
 
@@ -57,9 +63,8 @@ def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
 
 def test_layer_features_names_shapes_and_padding():
     model = untrained_model(ModelConfig.from_size("crossmodalnet", "tiny"), seed=0)
-    gen = torch.Generator().manual_seed(0)
-    ct, mr = torch.randn(1, 1, 20, 24, 36, generator=gen), torch.randn(1, 1, 20, 24, 36, generator=gen)
-    feats = layer_features(model, ct, mr)  # padded to 32 x 32 x 48 inside, cropped back per layer
+    image = torch.randn(1, 2, 20, 24, 36, generator=torch.Generator().manual_seed(0))
+    feats = layer_features(model, image)  # padded to 32 x 32 x 48 inside, cropped back per layer
     assert [n for n, _, _ in feats] == NAMES
     positions = {n: fa.shape[0] for n, fa, _ in feats}
     assert positions["input"] == 20 * 24 * 36
@@ -68,7 +73,36 @@ def test_layer_features_names_shapes_and_padding():
     assert [fa.shape[1] for _, fa, _ in feats] == [1, 12, 12, 12, 24, 24, 48, 48]
     assert all(fa.shape == fb.shape for _, fa, fb in feats)
     ablation = untrained_model(ModelConfig.from_size("crossmodalnet", "tiny"), seed=0, cross_blocks=False)
-    assert [n for n, _, _ in layer_features(ablation, ct, mr)] == ["input", "stem", "stage1", "stage2", "stage3"]
+    assert [n for n, _, _ in layer_features(ablation, image)] == ["input", "stem", "stage1", "stage2", "stage3"]
+    # The input layer is the two channels' voxels.
+    assert torch.equal(feats[0][1][:, 0], image[0, 0].reshape(-1)) and torch.equal(feats[0][2][:, 0],
+                                                                                      image[0, 1].reshape(-1))
+
+
+def test_cmif_with_three_channels_is_measured_between_the_chosen_pair():
+    model = untrained_model(ModelConfig.from_size("crossmodalnet", "tiny", modalities=3), seed=0)
+    image = torch.randn(1, 3, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    first, last = layer_features(model, image), layer_features(model, image, pair=(2, 0))
+    assert [n for n, _, _ in first] == NAMES
+    assert torch.equal(first[0][1], last[0][2]) and torch.equal(last[0][1][:, 0], image[0, 2].reshape(-1))
+    with torch.no_grad():
+        *_, layers = model.encode(image, keep_layers=True)
+    torch.testing.assert_close(last[3][1], layers[1][1][2].reshape(-1, 12))  # cross1 tokens of channel 2
+    case = AnalysisCase("c", image, None)
+    flow = information_flow(model, [case], pair=(1, 2))
+    assert [row["name"] for row in flow] == NAMES
+    with pytest.raises(CrossModalNetError, match="two different channels of 0..2"):
+        check_pair(model, (1, 1))
+    with pytest.raises(CrossModalNetError, match="two different channels of 0..2"):
+        check_pair(model, (0, 3))
+
+
+def test_cmif_does_not_apply_to_a_single_channel():
+    model = untrained_model(ModelConfig.from_size("crossmodalnet", "tiny", modalities=1), seed=0)
+    with pytest.raises(CrossModalNetError, match="single channel, so it does not apply"):
+        layer_features(model, torch.randn(1, 1, 16, 16, 16))
+    with pytest.raises(CrossModalNetError, match="needs a CrossModalNet"):
+        check_pair(torch.nn.Linear(2, 2), (0, 1))
 
 
 def test_layer_dim_shrinks_with_few_positions():
@@ -82,7 +116,7 @@ def test_flow_and_cmif_on_phantoms(tiny_dataset, tiny_run):
     from crossmodalnet.data.preprocess import Preprocessor
 
     cases = load_analysis_cases(tiny_dataset, Preprocessor.load(tiny_run / PREPROCESS), cases=2, split="training")
-    assert [c.ct.shape for c in cases] == [(1, 1, 32, 32, 32)] * 2
+    assert [c.image.shape for c in cases] == [(1, 2, 32, 32, 32)] * 2
     model = untrained_model(ModelConfig.from_size("crossmodalnet", "tiny"), seed=0)
     layers = summarize_flow(information_flow(model, cases, ("gaussian",), pca_dim=4))
     assert [layer["name"] for layer in layers] == NAMES
@@ -100,6 +134,7 @@ def test_measure_and_write(tiny_dataset, tiny_run, tmp_path):
     results = measure_cmif(tiny_run, tiny_dataset, cases=2, estimators=("gaussian", "ksg"), max_samples=400,
                            split="training")
     assert set(results["models"]) == {"trained", "untrained", "no_cross_blocks"}
+    assert results["pair"] == [0, 1] and results["pair_channels"] == ["CT", "MR"]
     assert "untrained" in results["models"]["no_cross_blocks"]["description"]
     trained, untrained, ablation = (results["models"][k]["layers"] for k in ("trained", "untrained", "no_cross_blocks"))
     assert [layer["name"] for layer in ablation] == ["input", "stem", "stage1", "stage2", "stage3"]

@@ -41,12 +41,12 @@ def _changed(fn, x: torch.Tensor, poke: tuple[int, int, int], where: tuple[int, 
 
 
 @pytest.mark.parametrize("name", PAPER_BASELINES)
-def test_any_input_size_and_one_modality(name):
+def test_any_input_size_and_one_channel_missing(name):
     torch.manual_seed(0)
     model = build_model(name, size="tiny").eval()
     with torch.no_grad():
-        out = model(torch.randn(2, 1, 21, 18, 35), torch.randn(2, 1, 21, 18, 35))
-        only_mr = model(None, torch.randn(1, 1, 33, 40, 17))
+        out = model(torch.randn(2, 2, 21, 18, 35))
+        only_mr = model(torch.randn(1, 2, 33, 40, 17), torch.tensor([[False, True]]))
     assert out.shape == (2, 8, 21, 18, 35) and torch.isfinite(out).all()
     assert only_mr.shape == (1, 8, 33, 40, 17) and torch.isfinite(only_mr).all()
 
@@ -56,7 +56,7 @@ def test_every_parameter_receives_a_gradient(name):
     torch.manual_seed(0)
     model = build_model(name, size="tiny").train()
     # Pads to 64³: the bottleneck grid is 2³, so even its attention has more than one key.
-    out = model(torch.randn(1, 1, 50, 40, 64), torch.randn(1, 1, 50, 40, 64))
+    out = model(torch.randn(1, 2, 50, 40, 64))
     assert torch.isfinite(out).all()
     out.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]

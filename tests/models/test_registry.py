@@ -1,4 +1,4 @@
-"""The registry: every model built by name, called model(ct, mr), and one training step each."""
+"""The registry: every model built by name, called model(image, present), and one training step each."""
 
 import pytest
 import torch
@@ -23,10 +23,10 @@ def test_one_training_step_every_model(name):
     cfg = ModelConfig.from_size(name, "tiny", img_size=32)
     model = build_model(name, cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ct, mr = torch.randn(2, 1, *shape), torch.randn(2, 1, *shape)
+    image = torch.randn(2, 2, *shape)
     target = torch.randint(0, 8, (2, 1, *shape))
     before = [p.detach().clone() for p in model.parameters()]
-    out = model(ct, mr)
+    out = model(image)
     # Models with deep supervision (CrossModalNet's default) return [full, stride 2, stride 4] in training.
     levels = out if isinstance(out, list) else [out]
     assert [tuple(o.shape) for o in levels] == [(2, 8, *(e // f for e in shape)) for f in (1, 2, 4)][: len(levels)]
@@ -44,8 +44,28 @@ def test_one_training_step_every_model(name):
 def test_baselines_accept_any_size(name):
     model = build_model(name, size="tiny").eval()
     with torch.no_grad():
-        out = model(torch.randn(1, 1, 21, 18, 35), None)
+        out = model(torch.randn(1, 2, 21, 18, 35), torch.tensor([[True, False]]))
     assert out.shape == (1, 8, 21, 18, 35)
+
+
+@pytest.mark.parametrize("modalities", [1, 3, 4])
+def test_baselines_stack_every_channel_and_zero_the_missing_ones(modalities):
+    torch.manual_seed(0)
+    model = build_model("unet", ModelConfig.from_size("unet", "tiny", modalities=modalities)).eval()
+    assert model.net.model[0].conv.unit0.conv.in_channels == modalities  # early fusion: one input per channel
+    image = torch.randn(2, modalities, 16, 16, 16)
+    present = torch.ones(2, modalities, dtype=torch.bool)
+    present[1, -1] = modalities == 1  # sample 1 lacks its last channel (a single channel is never missing)
+    zeroed = image.clone()
+    zeroed[1, -1] = 0 if modalities > 1 else zeroed[1, -1]
+    with torch.no_grad():
+        out = model(image, present)
+        assert torch.equal(out, model(zeroed))  # what the caller left in a missing channel does not matter
+    assert out.shape == (2, 8, 16, 16, 16)
+    with pytest.raises(ValueError, match=f"image must be \\(B, {modalities}, D, H, W\\)"):
+        model(torch.randn(1, modalities + 1, 16, 16, 16))
+    with pytest.raises(ValueError, match="at least one present channel"):
+        model(image, torch.zeros(2, modalities, dtype=torch.bool))
 
 
 def test_unknown_names_and_mismatched_config_are_refused():
@@ -61,8 +81,8 @@ def test_forward_flops_counts_fused_cpu_attention_and_convolutions():
     from crossmodalnet.models.registry import forward_flops
 
     class Attn(torch.nn.Module):
-        def forward(self, ct, mr):  # (1, 1, 8, 8, 8) -> tokens (1, 1, 64, 8); mask forces the fused CPU kernel
-            q = ct.reshape(1, 1, 64, 8)
+        def forward(self, image, present=None):  # (1, 1, 8, 8, 8) -> tokens (1, 1, 64, 8); mask forces the fused kernel
+            q = image.reshape(1, 1, 64, 8)
             return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(1, 1, 64, 64))
 
     assert forward_flops(Attn(), edge=8) == 2 * 64 * 64 * (8 + 8)
@@ -72,10 +92,13 @@ def test_forward_flops_counts_fused_cpu_attention_and_convolutions():
             super().__init__()
             self.conv = torch.nn.Conv3d(2, 4, 3, padding=1, bias=False)
 
-        def forward(self, ct, mr):
-            return self.conv(torch.cat([ct, mr], 1))
+        def forward(self, image, present=None):
+            return self.conv(image)
 
-    assert forward_flops(Conv(), edge=8) == 2 * 8**3 * 27 * 2 * 4
+    assert forward_flops(Conv(), edge=8, channels=2) == 2 * 8**3 * 27 * 2 * 4
+    # Without `channels`, the model's own: modalities x in_channels of its config.
+    cmn = build_model("crossmodalnet", ModelConfig.from_size("crossmodalnet", "tiny", modalities=3))
+    assert forward_flops(cmn, edge=32) > forward_flops(build_model("crossmodalnet", size="tiny"), edge=32)
 
 
 def _forward(name: str, cfg: ModelConfig, edge: int) -> None:
@@ -83,7 +106,7 @@ def _forward(name: str, cfg: ModelConfig, edge: int) -> None:
     model = build_model(name, cfg).train()  # training mode: the per-sample norms refuse one voxel there too
     x = torch.randn(1, 1, edge, edge, edge)
     with torch.no_grad():
-        out = model(x, x)
+        out = model(x.repeat(1, 2, 1, 1, 1))
     first = out[0] if isinstance(out, list) else out
     assert first.shape == (1, 8, edge, edge, edge)
 

@@ -21,8 +21,11 @@ Modules: `claims` (rows, verdicts, thresholds), `attention` (Theorem 2.1), `capa
 `report` (audit.md, audit.json) and `cli` (the `audit` command). See docs/paper-audit.md and
 docs/design.md, "Analysis: CMIF and the audit".
 
-Shapes: cases are `cmif.AnalysisCase` ((1, 1, D, H, W) CT and MR, normalised); cross attention
-is tested on windows (n, ws³, C) taken from the features entering each Cross Transformer block.
+Shapes: cases are `cmif.AnalysisCase` ((1, M, D, H, W), every channel present, normalised); cross
+attention is tested on windows (n, ws³, C) taken from the features entering each Cross Transformer
+block, for every refined stream and every other stream. The claims are about the flow between two
+streams: the information checks use one pair of channels (`pair`, default (0, 1)), and a
+single-channel model is refused.
 """
 
 from crossmodalnet.analysis.audit.attention import check_cross_attention

@@ -1,8 +1,9 @@
 """Theorem 2.1: asymmetry, scale invariance and permutation equivariance of cross attention (Def. 2),
 tested with every trained block's own Q/K/V weights on the features entering it.
 
-Cases are `cmif.AnalysisCase` ((1, 1, D, H, W) CT and MR, normalised); stage features are
-(1, d, h, w, C) per stream; cross attention is tested on token windows (n, ws³, C).
+Cases are `cmif.AnalysisCase` ((1, M, D, H, W), normalised); stage features are (1, d, h, w, C)
+per stream; cross attention is tested on token windows (n, ws³, C), for each refinement `refine[i]` of a
+block against each other stream j (with two streams: refine.0 = F_a from F_b, refine.1 = F_b from F_a).
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def stage_features(model: nn.Module, case: AnalysisCase) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(F_ct, F_mr) entering each Cross Transformer block: the stage outputs, (1, d, h, w, C) each."""
+def stage_features(model: nn.Module, case: AnalysisCase) -> list[list[torch.Tensor]]:
+    """Per stage, the streams' tokens entering its Cross Transformer block: [F_0, ..., F_{M-1}], each
+    (1, d, h, w, C)."""
     device = next(model.parameters()).device
-    pad = [(-s) % model.divisor for s in case.ct.shape[2:]]
-    spec = (0, pad[2], 0, pad[1], 0, pad[0])
-    _, _, _, layers = model.encode(F.pad(case.ct, spec).to(device), F.pad(case.mr, spec).to(device), keep_layers=True)
-    return [(fa, fb) for name, fa, fb in layers if name.startswith("stage")]
+    pad = [(-s) % model.divisor for s in case.image.shape[2:]]
+    _, _, _, layers = model.encode(F.pad(case.image, (0, pad[2], 0, pad[1], 0, pad[0])).to(device), keep_layers=True)
+    return [feats for name, feats in layers if name.startswith("stage")]
 
 
 @torch.no_grad()
@@ -87,11 +88,15 @@ def check_cross_attention(
     example: dict[str, Any] = {}
     example_scale = next((c for c in scales if c > 1), next(c for c in scales if c != 1))
     first = model.config.cross_first_stage
-    for i, (fa, fb) in enumerate(stage_features(model, cases[0])):
+    for i, feats in enumerate(stage_features(model, cases[0])):
         if i < first:  # no Cross Transformer block after this stage
             continue
         block = model.cross[i - first]
-        for dname, direction, x, y in (("a_from_b", block.a_from_b, fa, fb), ("b_from_a", block.b_from_a, fb, fa)):
+        m = len(feats)
+        # Def. 2 is between two token sets: each refinement against each other stream on its own.
+        pairs = [(f"refine.{r}" + (f".from{j}" if m > 2 else ""), block.refine[r], feats[r], feats[j])
+                 for r in range(m) for j in range(m) if j != r]
+        for dname, direction, x, y in pairs:
             attn = direction.attn
             xa, xb = _windows(direction, x, y, max_windows)
             h, variant = attn.num_heads, attn.variant

@@ -1,8 +1,9 @@
 """Theorem 2.5 (adaptive loss balancing, Def. 4): do the balancing weights settle?
 
 From a run's own per-step log (`check_balancing_log`) or, when it has none, from a short side
-experiment (`balancing_experiment`: a few Adam steps of a tiny CrossModalNet, run by the package's
-one training engine, on random crops of labelled `cmif.AnalysisCase`s, (1, 1, D, H, W) CT and MR, (D, H, W) labels).
+experiment (`balancing_experiment`: a few Adam steps of a tiny CrossModalNet with the cases' channels,
+run by the package's one training engine, on random crops of labelled `cmif.AnalysisCase`s,
+(1, M, D, H, W) images, (D, H, W) labels).
 """
 
 from __future__ import annotations
@@ -76,11 +77,11 @@ class _RandomCrops:
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, step]))
         case = self.cases[int(rng.integers(len(self.cases)))]
-        size = case.ct.shape[2:]
+        size = case.image.shape[2:]
         p = [min(self.patch, s) for s in size]  # the model pads to its divisor itself
         o = [int(rng.integers(0, s - q + 1)) for s, q in zip(size, p, strict=True)]
         sl = tuple(slice(a, a + q) for a, q in zip(o, p, strict=True))
-        return {"ct": case.ct[(..., *sl)], "mr": case.mr[(..., *sl)],
+        return {"image": case.image[(..., *sl)],
                 "label": torch.from_numpy(case.label[sl].astype(np.int64))[None, None]}
 
 
@@ -95,7 +96,7 @@ class _BalancingTask(Task):
         self.loss_fn, self.balancer = DiceCETerms(), AdaptiveLossBalancing(DiceCETerms.names, alpha)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        terms = self.loss_fn(model(batch["ct"], batch["mr"]), batch["label"])
+        terms = self.loss_fn(model(batch["image"]), batch["label"])
         total, w = self.balancer(terms, update=False)
         return total, {"loss": total.detach(), "loss_dice": terms["dice"].detach(), "loss_ce": terms["ce"].detach(),
                        "weight_dice": w["dice"]}
@@ -114,7 +115,8 @@ def balancing_experiment(cases: Sequence[AnalysisCase], alpha: float = 1.0, step
     labelled = [c for c in cases if c.label is not None]
     if not labelled:
         raise CrossModalNetError("the balancing experiment needs labelled cases")
-    model = untrained_model(ModelConfig.from_size("crossmodalnet", "tiny"), seed).train()
+    cfg = ModelConfig.from_size("crossmodalnet", "tiny", modalities=labelled[0].channels)
+    model = untrained_model(cfg, seed).train()
     patch = max(patch, 2 * model.divisor)  # the bottleneck's instance norms need more than one voxel
     task = _BalancingTask(model, _RandomCrops(labelled, patch, seed), alpha)
     device = next(model.parameters()).device

@@ -1,8 +1,8 @@
 """Capacity claims: Theorem 2.2 (parameters of the deformable operator vs 3KHW) and Theorem 2.3
 (universal approximation, not testable).
 
-The deformable operators are counted on the model; the feature-map sizes (d, h, w) they see come
-from one case ((1, 1, D, H, W) CT and MR).
+The deformable operators are counted on the model (one per refinement `refine[i]` of each Cross
+Transformer block); the feature-map sizes (d, h, w) they see come from one case ((1, M, D, H, W)).
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ def check_deformable_capacity(model: nn.Module, case: AnalysisCase) -> ClaimResu
     """Parameters of every DeformableOp vs the paper's 3KHW (and 3KDHW in 3D) at the map sizes it sees."""
     statement = "the deformable operator adds O(3KHW) parameters per layer (|Θ_D| = 3KHW)"
     blocks = [] if getattr(model, "cross", None) is None else list(model.cross)
-    ops = [(f"cross{i + 1}.{d}", getattr(blk, d).deform)
-           for i, blk in enumerate(blocks) for d in ("a_from_b", "b_from_a")]
+    first = model.config.cross_first_stage if blocks else 0
+    ops = [(f"cross{first + i + 1}.refine.{r}", refine.deform)
+           for i, blk in enumerate(blocks) for r, refine in enumerate(blk.refine)]
     ops = [(n, op) for n, op in ops if op is not None]
     if not ops:
         return ClaimResult("Theorem 2.2", statement, "", {}, "", NOT_TESTABLE,
                            "the model has no deformable operator (deformable=False or no cross blocks)")
-    sizes = [tuple(fa.shape[1:4]) for fa, _ in stage_features(model, case)]
+    sizes = [tuple(feats[0].shape[1:4]) for feats in stage_features(model, case)]
     per = {}
     for name, op in ops:
         d, h, w = sizes[int(name.split(".")[0].removeprefix("cross")) - 1]

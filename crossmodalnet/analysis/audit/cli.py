@@ -16,7 +16,8 @@ def audit_from_cli(args: argparse.Namespace) -> None:
     estimators = list(MI_ESTIMATORS) if args.estimator == "both" else [args.estimator]
     results = run_audit(args.run, args.data, cases=args.cases, estimators=estimators, pca_dim=args.pca_dim,
                         split=args.split, device=args.device, balancing_steps=args.balancing_steps,
-                        lipschitz_edge=args.lipschitz_edge, power_iterations=args.power_iterations, seed=args.seed)
+                        lipschitz_edge=args.lipschitz_edge, power_iterations=args.power_iterations, seed=args.seed,
+                        pair=tuple(getattr(args, "pair", None) or (0, 1)))
     paths = write_audit(results, args.out)
     for c in results["claims"]:
         print(f"{c.verdict:28s} {c.claim}")

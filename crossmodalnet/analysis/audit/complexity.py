@@ -49,7 +49,7 @@ def check_attention_complexity(
     if getattr(model, "cross", None) is None:
         return ClaimResult("Lemma 1", statement, "", {}, "", NOT_TESTABLE,
                            "not testable on this model: it has no cross attention (cross_blocks=False)")
-    attn = model.cross[0].a_from_b.attn
+    attn = model.cross[0].refine[0].attn
     device = attn.q.weight.device
     dim, ws = attn.q.in_features, model.config.window_size
     gen = torch.Generator().manual_seed(0)

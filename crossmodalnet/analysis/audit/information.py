@@ -2,7 +2,8 @@
 their base case (independent inputs) and Corollary 1 (I ≤ min(H_a, H_b)).
 
 Layers are the per-layer summaries of `cmif.summarize_flow`; the base case and Corollary 1 use the
-input volumes of `cmif.AnalysisCase` ((1, 1, D, H, W)) with voxels as samples.
+input volumes of two channels, `pair` (default (0, 1)), of `cmif.AnalysisCase` ((1, M, D, H, W)) with
+voxels as samples.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from crossmodalnet.analysis.audit.claims import CONDITIONAL, FAILS, HOLDS, MI_TOL, ClaimResult
 from crossmodalnet.analysis.cmif import AnalysisCase
 from crossmodalnet.analysis.mi import estimate_mi
+from crossmodalnet.errors import CrossModalNetError
 
 __all__ = ["check_information_flow", "check_base_case", "check_entropy_bound"]
 
@@ -91,36 +93,47 @@ def _null_mi(fa: torch.Tensor, fb: torch.Tensor, est: str, shuffles: int, seed: 
             for s in range(shuffles)]
 
 
+def _pair_voxels(case: AnalysisCase, pair: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voxels (N, 1) of the two channels of `pair`."""
+    if case.channels < 2:
+        raise CrossModalNetError(f"case {case.id}: the claims about two input modalities need two channels, "
+                                 f"got {case.channels}")
+    a, b = pair
+    return case.channel(a).reshape(-1, 1), case.channel(b).reshape(-1, 1)
+
+
 def check_base_case(cases: Sequence[AnalysisCase], estimators: Sequence[str], shuffles: int = 3,
-                    seed: int = 0) -> ClaimResult:
-    """I(F_a^0; F_b^0) = I(x_ct; x_mr) on the registered input volumes vs the shuffled (independent) null."""
+                    seed: int = 0, pair: Sequence[int] = (0, 1)) -> ClaimResult:
+    """I(F_a^0; F_b^0) = I(x_a; x_b) of channels `pair` of the registered input volumes vs the shuffled
+    (independent) null."""
     per: dict[str, Any] = {}
     for est in estimators:
         vals, nulls = [], []
         for case in cases:
-            fa, fb = case.ct.reshape(-1, 1).float(), case.mr.reshape(-1, 1).float()
+            fa, fb = (v.float() for v in _pair_voxels(case, pair))
             vals.append(estimate_mi(fa, fb, est, pca_dim=1, seed=seed))
             nulls += _null_mi(fa, fb, est, shuffles, seed)
         per[est] = {"mi_per_case": vals, "null_mean": float(np.mean(nulls)), "null_std": float(np.std(nulls))}
     above = {e: min(p["mi_per_case"]) > p["null_mean"] + 3 * p["null_std"] + MI_TOL for e, p in per.items()}
     return ClaimResult(
         "Theorems 2.4/2.7, base case", "I(F_a^0; F_b^0) = 0: the two input modalities are independent",
-        f"MI of the normalised CT and MR intensities, voxels as samples, {len(cases)} case(s); null: the same "
-        f"after shuffling the MR voxels ({shuffles} shuffles per case)",
+        f"MI of the normalised intensities of channels {list(pair)}, voxels as samples, {len(cases)} case(s); "
+        f"null: the same after shuffling the second channel's voxels ({shuffles} shuffles per case)",
         per, f"fails if every case's MI > null mean + 3 null std + {MI_TOL} nats, for every estimator",
         FAILS if all(above.values()) else (HOLDS if not any(above.values()) else CONDITIONAL),
         "registered images of the same anatomy share their structure; independence would make fusion pointless",
     )
 
 
-def check_entropy_bound(cases: Sequence[AnalysisCase], scale: float = 1e-3) -> ClaimResult:
+def check_entropy_bound(cases: Sequence[AnalysisCase], scale: float = 1e-3,
+                        pair: Sequence[int] = (0, 1)) -> ClaimResult:
     """Corollary 1 for continuous features: I ≤ min(H_a, H_b) with differential entropies.
 
     MI does not change under F_a → c·F_a, the differential entropy drops by log c per dimension;
     H_gauss (the Gaussian entropy of the same variance) is an upper bound on the true H.
     """
     case = cases[0]
-    fa, fb = case.ct.reshape(-1, 1).double(), case.mr.reshape(-1, 1).double()
+    fa, fb = (v.double() for v in _pair_voxels(case, pair))
     mi = estimate_mi(fa, fb, "gaussian", pca_dim=1)
 
     def h_gauss(x: torch.Tensor) -> float:

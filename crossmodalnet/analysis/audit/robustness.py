@@ -1,5 +1,5 @@
 """Robustness claims: Theorem 2.6 (F is Lipschitz with L ≤ (L_S L_C L_D)^d) and Corollary 2, measured
-locally on one case (a centred crop, (1, 1, e, e, e) CT and MR) against the per-layer product bounds
+locally on one case (a centred crop, (1, M, e, e, e)) against the per-layer product bounds
 of `analysis.lipschitz`.
 """
 
@@ -18,23 +18,23 @@ from crossmodalnet.analysis.lipschitz import local_lipschitz, product_bounds
 __all__ = ["check_lipschitz"]
 
 
-def _crop_to(case: AnalysisCase, edge: int, divisor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centred crop to `edge` (rounded down to a multiple of the divisor, at least two multiples: the
-    instance norms of the bottleneck need more than one voxel), zero-padded where the case is smaller."""
-    size = case.ct.shape[2:]
+def _crop_to(case: AnalysisCase, edge: int, divisor: int) -> torch.Tensor:
+    """(1, M, e, e, e): centred crop to `edge` (rounded down to a multiple of the divisor, at least two
+    multiples: the instance norms of the bottleneck need more than one voxel), zero-padded where the
+    case is smaller."""
+    size = case.image.shape[2:]
     e = [max(2 * divisor, min(edge, s) - min(edge, s) % divisor) for s in size]
     sl = tuple(slice(max(0, (s - q) // 2), max(0, (s - q) // 2) + q) for s, q in zip(size, e, strict=True))
-    ct, mr = case.ct[(..., *sl)], case.mr[(..., *sl)]
-    pad = [q - c for q, c in zip(e, ct.shape[2:], strict=True)]
-    spec = (0, pad[2], 0, pad[1], 0, pad[0])
-    return F.pad(ct, spec), F.pad(mr, spec)
+    image = case.image[(..., *sl)]
+    pad = [q - c for q, c in zip(e, image.shape[2:], strict=True)]
+    return F.pad(image, (0, pad[2], 0, pad[1], 0, pad[0]))
 
 
 def check_lipschitz(model: nn.Module, case: AnalysisCase, edge: int = 32, eps: float = 1e-3, random_draws: int = 4,
                     power_iterations: int = 5, seed: int = 0) -> list[ClaimResult]:
     """Theorem 2.6 and Corollary 2: measured local constants vs the per-layer product bounds."""
-    ct, mr = _crop_to(case, edge, model.divisor)
-    emp = local_lipschitz(model, ct, mr, eps, random_draws, power_iterations, seed)
+    image = _crop_to(case, edge, model.divisor)
+    emp = local_lipschitz(model, image, eps, random_draws, power_iterations, seed)
     bounds = product_bounds(model)
     log_emp = math.log10(max(emp["gradient"], emp["random"]))
     log_paths, log_paper = bounds["log10_paths"], bounds.get("log10_paper", math.nan)
@@ -42,14 +42,15 @@ def check_lipschitz(model: nn.Module, case: AnalysisCase, edge: int = 32, eps: f
     allowed = log_paths + math.log10(0.01 * emp["input_norm"])
     vacuous = allowed >= math.log10(emp["output_norm"])
     vacuous_paper = log_paper + math.log10(0.01 * emp["input_norm"]) >= math.log10(emp["output_norm"])
-    numbers = {"crop": list(ct.shape[2:]), "empirical_random": emp["random"], "empirical_random_median":
+    numbers = {"crop": list(image.shape[2:]), "empirical_random": emp["random"], "empirical_random_median":
                emp["random_median"], "empirical_gradient_direction": emp["gradient"],
                "power_iteration_trace": emp["gradient_trace"], "perturbation_norm": emp["eps"],
                "input_norm": emp["input_norm"], "output_norm": emp["output_norm"],
                "log10_bound_paths": log_paths, "log10_bound_paper_eq30": log_paper, "layers": bounds["layers"],
                "L_S": bounds.get("L_S"), "L_C": bounds.get("L_C"), "L_D": bounds.get("L_D"), "d": bounds.get("d"),
                "log10_bound_over_measured": log_paths - log_emp, "vacuous": vacuous, "vacuous_paper": vacuous_paper}
-    test = (f"‖F(x+δ) − F(x)‖/‖δ‖ on the logits, x = case {case.id} (CT+MR, {list(ct.shape[2:])} crop), ‖δ‖ = "
+    test = (f"‖F(x+δ) − F(x)‖/‖δ‖ on the logits, x = case {case.id} ({image.shape[1]} channels, "
+            f"{list(image.shape[2:])} crop), ‖δ‖ = "
             f"{eps:g}‖x‖: {random_draws} random directions and {power_iterations} power iterations on JᵀJ (gradient "
             "direction); bounds: Π(1 + s_ℓ) over the spectral norms s_ℓ of all Linear/Conv layers ('paths') and "
             "Eq. 30 (L_S L_C L_D)^d ('paper'), see analysis/lipschitz.py")

@@ -21,6 +21,7 @@ from crossmodalnet.analysis.audit.information import check_base_case, check_entr
 from crossmodalnet.analysis.audit.robustness import check_lipschitz
 from crossmodalnet.analysis.cmif import (
     AnalysisCase,
+    check_pair,
     check_settings,
     information_flow,
     load_analysis_cases,
@@ -35,20 +36,24 @@ __all__ = ["audit_model", "run_audit"]
 def audit_model(
     model: nn.Module, cases: Sequence[AnalysisCase], estimators: Sequence[str] = ("gaussian",), pca_dim: int = 4,
     max_samples: int = 4096, lipschitz_edge: int = 32, timing: dict[str, Any] | None = None,
-    lipschitz: dict[str, Any] | None = None, seed: int = 0,
+    lipschitz: dict[str, Any] | None = None, seed: int = 0, pair: Sequence[int] = (0, 1),
 ) -> dict[str, Any]:
     """Every model-dependent check on `model` (eval mode) and `cases`. Returns {"claims": [...], "cmif": layers}.
 
-    timing, lipschitz: keyword arguments for `check_attention_complexity` and `check_lipschitz`
-    (e.g. smaller sizes and fewer iterations in tests).
+    pair: the two channels whose information flow is audited (Theorems 2.4, 2.7, base case,
+    Corollary 1); the attention and capacity claims cover every stream. timing, lipschitz: keyword
+    arguments for `check_attention_complexity` and `check_lipschitz` (e.g. smaller sizes and fewer
+    iterations in tests). CrossModalNetError for a single-channel model: the claims are about two streams.
     """
+    pair = check_pair(model, pair)
     model.eval()
-    flow = summarize_flow(information_flow(model, cases, estimators, pca_dim, max_samples, seed))
+    flow = summarize_flow(information_flow(model, cases, estimators, pca_dim, max_samples, seed, pair))
     th24, th27, *step = check_information_flow(flow, estimators, len(cases))
     # In the paper's order (Theorem 2.5 goes before 2.6 when `run_audit` adds it).
     claims = [*check_cross_attention(model, cases, seed=seed), check_deformable_capacity(model, cases[0]),
               theorem_2_3(), check_attention_complexity(model, **(timing or {})),
-              check_base_case(cases, estimators, seed=seed), th24, *step, check_entropy_bound(cases),
+              check_base_case(cases, estimators, seed=seed, pair=pair), th24, *step,
+              check_entropy_bound(cases, pair=pair),
               *check_lipschitz(model, cases[0], lipschitz_edge, seed=seed, **(lipschitz or {})), th27]
     return {"claims": claims, "cmif": flow}
 
@@ -57,17 +62,23 @@ def run_audit(
     run_dir: str | os.PathLike, data_dir: str | os.PathLike, cases: int = 2, estimators: Sequence[str] = ("gaussian",),
     pca_dim: int = 4, split: str | None = None, device: str | torch.device | None = "cpu",
     balancing_steps: int = 40, lipschitz_edge: int = 32, power_iterations: int = 5, seed: int = 0,
+    pair: Sequence[int] = (0, 1),
 ) -> dict[str, Any]:
-    """The audit of a trained run: `audit_model` on its model and data, plus Theorem 2.5 from its log
-    (or, when the run did not balance its losses, from a short experiment on a tiny model)."""
+    """The audit of a trained run: `audit_model` on its model and data (channels `pair` for the
+    information claims), plus Theorem 2.5 from its log (or, when the run did not balance its losses,
+    from a short experiment on a tiny model)."""
     check_settings(pca_dim, 4096)
     start = time.monotonic()
     run = load_run(run_dir, device)
     if run.config.model.name != "crossmodalnet":
         raise CrossModalNetError(f"{run_dir}: the audit needs a crossmodalnet run, not {run.config.model.name!r}")
+    try:
+        pair = check_pair(run.model, pair)
+    except CrossModalNetError as exc:
+        raise CrossModalNetError(f"{run_dir}: {exc}") from None
     loaded = load_analysis_cases(data_dir, run.preprocessor, cases, split, run.config.patch_size)
     result = audit_model(run.model, loaded, estimators, pca_dim, lipschitz_edge=lipschitz_edge,
-                         lipschitz={"power_iterations": power_iterations}, seed=seed)
+                         lipschitz={"power_iterations": power_iterations}, seed=seed, pair=pair)
     alpha = run.config.balancing_alpha
     rows = check_balancing_log(run_dir, alpha) if run.config.loss_balancing else None
     if rows is None:
@@ -85,7 +96,8 @@ def run_audit(
     at = next(i for i, c in enumerate(claims) if c.claim == "Theorem 2.6")
     claims[at:at] = rows  # Def. 4 / Theorem 2.5 come before section 2.5 (robustness) in the paper
     return {"run": str(run_dir), "data": str(data_dir), "cases": [c.id for c in loaded],
-            "case_shape": list(loaded[0].ct.shape[2:]), "model": {"size": run.config.model.size,
+            "pair": list(pair), "case_shape": list(loaded[0].image.shape[2:]),
+            "model": {"size": run.config.model.size, "modalities": run.config.model.modalities,
             "cross_attention": run.config.model.cross_attention, "parameters": sum(p.numel() for p in
                                                                               run.model.parameters())},
             "estimators": list(estimators), "pca_dim": pca_dim, "claims": claims, "cmif": result["cmif"],
