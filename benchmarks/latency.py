@@ -48,14 +48,14 @@ def measure_one(name: str, size: str, edge: int, runs: int) -> dict:
     torch.manual_seed(0)
     model = build_model(name, ModelConfig.from_size(name, size, img_size=edge)).eval()
     flops = forward_flops(model, edge)
-    x = torch.randn(1, 1, edge, edge, edge)
+    x = torch.randn(1, 2, edge, edge, edge)  # a CT + MR pair
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.no_grad():
-        model(x, x)  # warm-up (allocator, oneDNN primitive cache)
+        model(x)  # warm-up (allocator, oneDNN primitive cache)
         times = []
         for _ in range(runs):
             t = time.perf_counter()
-            model(x, x)
+            model(x)
             times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     med = statistics.median(times)

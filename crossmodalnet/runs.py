@@ -55,7 +55,8 @@ from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.data.spec import MMWHS, DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path, check_output_folder, write_csv
-from crossmodalnet.models.registry import build_model
+from crossmodalnet.models.crossmodalnet import CrossModalNet
+from crossmodalnet.models.registry import build_model, upgrade_state_dict
 
 __all__ = ["RunFolder", "MIN_FREE_BYTES", "save_weights", "load_weights", "read_model_config"]
 
@@ -331,6 +332,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         state = safetensors.torch.load_file(str(path), device="cpu")
     except Exception as exc:
         raise CrossModalNetError(f"{path}: cannot read safetensors ({type(exc).__name__}: {exc})") from None
+    if isinstance(model, CrossModalNet):  # weights saved before one stream per channel load too
+        state = upgrade_state_dict("crossmodalnet", state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

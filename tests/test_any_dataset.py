@@ -84,7 +84,7 @@ def _dataset(root: Path, n: int = 5, channels=CHANNELS, train_regions: bool = Fa
 
 def _config(**overrides) -> TrainConfig:
     base = dict(model=ModelConfig.from_size("crossmodalnet", "tiny"), epochs=1, iterations_per_epoch=2,
-                batch_size=2, patch_size=(16, 16, 6), lr=1e-3, warmup_epochs=0, val_every=1, sw_batch_size=4,
+                batch_size=2, patch_size=(24, 24, 6), lr=1e-3, warmup_epochs=0, val_every=1, sw_batch_size=4,
                 device="cpu", num_workers=0)
     base.update(overrides)
     return TrainConfig(**base)
@@ -99,9 +99,10 @@ def test_three_channels_with_nested_regions_train_predict_and_evaluate(tmp_path,
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"val_dice_scar", "val_region_edema+scar", "val_region_mean"} <= set(header)
     written = predict(run, tmp_path / "pred", data_dir=data, split="test")
-    values = set(np.unique(read_label_values(written[0])).tolist())
+    values = set(np.unique(read_label_values(written[0])[0]).tolist())
     assert values <= {0, *VALUES.values()}  # the dataset's label values, not class indices
-    assert main(["evaluate", str(tmp_path / "pred"), str(data / "labels"), "--out", str(tmp_path / "eval")]) == 0
+    assert main(["evaluate", str(written[0]), str(data / "labels" / "case4.nii.gz"), "--out", str(tmp_path / "eval"),
+                 "--dataset", str(data)]) == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert list(summary["per_structure"]) == list(VALUES) and list(summary["per_region"]) == list(REGIONS)
     assert summary["num_cases"] == 1 and summary["region_mean_dice"] is not None
@@ -133,7 +134,7 @@ def test_region_training_predicts_one_sigmoid_per_region_and_paints_values(tmp_p
     assert loaded.spec.train_regions and loaded.spec.activation == "sigmoid"
     assert loaded.config.model.out_channels == len(REGIONS)
     written = predict(run, tmp_path / "pred", data_dir=data, split="test", probabilities=True)
-    assert set(np.unique(read_label_values(written[0])).tolist()) <= {0, *VALUES.values()}
+    assert set(np.unique(read_label_values(written[0])[0]).tolist()) <= {0, *VALUES.values()}
     assert nib.load(str(tmp_path / "pred" / "case4_probabilities.nii.gz")).shape == (*SHAPE, len(REGIONS))
 
 

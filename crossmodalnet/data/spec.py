@@ -22,6 +22,9 @@ predicts one sigmoid per region, as nnU-Net does, and a label map is painted bac
 
 `encloses` is the topology prior of JADA and the audit (a class whose tunnels and cavities are
 another's: the LV myocardium wraps the LV blood pool); empty where the dataset says nothing.
+
+One idea in one file, though a long one: the description of a dataset, with every spelling of it
+that is read and every check of it, so that there is one place that knows what a label is.
 """
 
 from __future__ import annotations

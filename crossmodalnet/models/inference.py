@@ -48,14 +48,18 @@ def sliding_window_probabilities(
     sw_batch_size: int = 2,
     device: torch.device | None = None,
     precision: str = "auto",
+    activation: str = "softmax",
 ) -> torch.Tensor:
-    """Softmax probabilities (B, C, D, H, W) on the CPU of a whole volume, by sliding window.
+    """Probabilities (B, C, D, H, W) on the CPU of a whole volume, by sliding window: softmax over
+    the classes, or with `activation="sigmoid"` one per region (a model trained on regions).
 
     image: (B, M, D, H, W); present: (B, M) bool or None (all present), passed to the model with
     every window (`model(window, present)`). Windows of `roi_size` are blended with Gaussian weights
     (centre of a window counts more than its border). The model's mode is left as is; call
-    `model.eval()` first. precision: see `autocast_dtype`; blending and softmax stay fp32.
+    `model.eval()` first. precision: see `autocast_dtype`; blending and the activation stay fp32.
     """
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
     if image.ndim != 5:
         raise ValueError(f"image must be (B, M, D, H, W), got {tuple(image.shape)}")
     if present is not None:
@@ -86,4 +90,6 @@ def sliding_window_probabilities(
                 logits = run(image, rows[:1])
             else:  # MONAI mixes samples' windows in one batch: one call per sample keeps each with its row
                 logits = torch.cat([run(image[i: i + 1], rows[i: i + 1]) for i in range(image.shape[0])])
+    if activation == "sigmoid":
+        return torch.sigmoid(logits.float()).cpu()
     return torch.softmax(logits.float(), dim=1).cpu()
