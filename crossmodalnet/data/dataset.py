@@ -297,7 +297,9 @@ def load_dataset(root: str | os.PathLike, check_files: bool = True) -> Dataset:
         raise CrossModalNetError(f"{json_path}: 'name' must be a string, got {type(name).__name__}")
     spec = DataSpec.from_dict(meta, str(json_path))
     trusted = _trusted(meta, json_path)
-    listed = any(isinstance(meta.get(split), list) and meta.get(split) for split in SPLITS)
+    # A split given as anything but a list is a broken listing, not an nnU-Net v2 folder (whose
+    # dataset.json lists nothing): say so rather than look for imagesTr/.
+    listed = any(meta.get(split) not in (None, []) for split in SPLITS)
     raw: dict[str, list[Case]] = {}
     if listed:
         layout = "listed"
