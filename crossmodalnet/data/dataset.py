@@ -206,11 +206,12 @@ def _listed_case(entry: object, where: str, spec: DataSpec, root: Path, json_pat
         volumes = [None] if n == 1 else list(range(n))
     else:
         for key, value in entry.items():
-            if key in ("id", "label"):
+            # "record": the per-case record `prepare-mmwhs` lists beside the files (not an image).
+            if key in ("id", "label", "record"):
                 continue
             if key.casefold() not in by_name:
                 raise CrossModalNetError(f"{json_path}: {where} key {key!r} is not a channel of the dataset "
-                                         f"{list(spec.channels)} (nor 'id', 'label', 'images', 'image')")
+                                         f"{list(spec.channels)} (nor 'id', 'label', 'record', 'images', 'image')")
             rels[by_name[key.casefold()]] = value if value not in (None, "") else None
     if all(r is None for r in rels):
         raise CrossModalNetError(f"{json_path}: {where} gives none of the channels {list(spec.channels)}")
