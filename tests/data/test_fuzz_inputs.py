@@ -27,7 +27,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crossmodalnet.data.dataset import CASE_ID_PATTERN, load_dataset, write_dataset_json
-from crossmodalnet.data.io import MAX_IMAGE_BYTES_ENV, Geometry, read_geometry, read_image, read_label, write_label
+from crossmodalnet.data.io import (
+    MAX_IMAGE_BYTES_ENV,
+    Geometry,
+    read_geometry,
+    read_image,
+    read_label,
+    read_label_values,
+    write_label,
+)
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 
 EXAMPLES = int(os.environ.get("CROSSMODALNET_FUZZ_EXAMPLES", "300"))
@@ -111,6 +120,10 @@ def spy(monkeypatch) -> list[int]:
     return seen
 
 
+def _read_mmwhs_label(path: Path):
+    return read_label(path, MMWHS)
+
+
 def _assert_clean(exc: CrossModalNetError, path: Path) -> None:
     msg = str(exc)
     assert str(path) in msg and "\n" not in msg, msg
@@ -124,7 +137,7 @@ def test_nifti_reader_fails_only_cleanly_and_within_budget(tmp_path_factory, spy
     folder.mkdir(exist_ok=True)
     path = folder / ("case.nii.gz" if compressed else "case.nii")
     path.write_bytes(gzip.compress(raw, compresslevel=1) if compressed else raw)
-    for reader in (read_geometry, read_image, read_label):
+    for reader in (read_geometry, read_image, read_label_values, _read_mmwhs_label):
         spy.clear()
         try:
             result = reader(path)
@@ -141,12 +154,12 @@ def test_the_fuzzer_reaches_the_budget_and_the_body(tmp_path, spy):
     before its body, a truncated one after the header (a fuzz test that cannot fail is a defect)."""
     path = tmp_path / "ok.nii"
     path.write_bytes(VALID["int16"])
-    assert read_label(path)[0].shape == SHAPE and spy == [np.prod(SHAPE) * 2]
+    assert read_label(path, MMWHS)[0].shape == SHAPE and spy == [np.prod(SHAPE) * 2]
     big = bytearray(VALID["int16"])
     struct.pack_into("<8h", big, 40, 3, 400, 400, 400, 1, 1, 1, 1)
     path.write_bytes(big)
     with pytest.raises(CrossModalNetError, match="over the budget"):
-        read_label(path)
+        read_label(path, MMWHS)
     gz = tmp_path / "cut.nii.gz"
     gz.write_bytes(gzip.compress(VALID["int16"][:-20]))
     with pytest.raises(CrossModalNetError, match="truncated or corrupt"):
@@ -179,12 +192,23 @@ def dataset_json(draw) -> bytes:
     for split in ("training", "validation", "test"):
         entries = []
         for _ in range(draw(st.integers(0, 3))):
-            entry = {"id": draw(NAMES), "ct": draw(PATHS), "mr": draw(PATHS), "label": draw(PATHS)}
-            for key in draw(st.lists(st.sampled_from(["id", "ct", "mr", "label"]), max_size=2)):
+            # The channels as keys named by them, as an `images` list (null: a missing channel), or as
+            # one 4D `image` (MSD); any of the keys may be dropped.
+            form = draw(st.sampled_from(["keys", "keys", "images", "image"]))
+            entry = {"id": draw(NAMES), "label": draw(PATHS)}
+            if form == "keys":
+                entry.update(ct=draw(PATHS), mr=draw(PATHS))
+            elif form == "images":
+                entry["images"] = draw(st.lists(st.one_of(PATHS, st.none()), min_size=0, max_size=3))
+            else:
+                entry["image"] = draw(PATHS)
+            for key in draw(st.lists(st.sampled_from(["id", "ct", "mr", "label", "images", "image"]), max_size=2)):
                 entry.pop(key, None)
             entries.append(entry if draw(st.integers(0, 9)) else draw(JSON_ANY))
         meta[split] = entries
-    for key in draw(st.lists(st.sampled_from(["name", "modality", "labels", "training", "test"]), max_size=2)):
+    keys = ["name", "modality", "labels", "training", "test", "channel_names", "regions", "label_codes", "encloses",
+            "linked_from", "file_ending"]
+    for key in draw(st.lists(st.sampled_from(keys), max_size=2)):
         meta[key] = draw(JSON_ANY)
     return json.dumps(meta).encode()
 
@@ -197,7 +221,8 @@ def json_root(tmp_path_factory) -> Path:
         write_label(root / rel, labels, GEOM)
     write_label(root.parent / "outside.nii.gz", labels, GEOM)
     (root / "images" / "link_out.nii.gz").symlink_to(root.parent / "outside.nii.gz")
-    write_dataset_json(root, {"training": [{"ct": "images/a_ct.nii.gz", "mr": "images/a_mr.nii.gz"}]}, name="x")
+    write_dataset_json(root, {"training": [{"ct": "images/a_ct.nii.gz", "mr": "images/a_mr.nii.gz"}]}, name="x",
+                       spec=MMWHS)
     return root
 
 
@@ -222,5 +247,6 @@ def test_dataset_json_reader_fails_only_cleanly(json_root, text):
     for cases in ds.splits.values():
         for case in cases:
             assert CASE_ID_PATTERN.fullmatch(case.id)
-            for p in (case.ct, case.mr, case.label):
-                assert p is None or (inside in p.parents and p.is_file())
+            assert len(case.images) == ds.spec.num_channels and any(case.present)
+            for p in case.files:
+                assert inside in p.parents and p.is_file()
