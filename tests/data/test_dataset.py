@@ -110,7 +110,9 @@ def test_paths_may_not_leave_the_folder(folder, bad):
     assert str(folder / "dataset.json") in str(exc.value)
 
 
-_SPEC = json.dumps(MMWHS.to_dict())[1:-1]  # '"channel_names": {...}, "labels": {...}, ...' to prefix a test's keys
+def _mmwhs_json(**fields) -> str:
+    """dataset.json text: the MM-WHS channels and labels, and `fields`."""
+    return json.dumps({**MMWHS.to_dict(), **fields})
 
 
 @pytest.mark.parametrize(
@@ -120,14 +122,16 @@ _SPEC = json.dumps(MMWHS.to_dict())[1:-1]  # '"channel_names": {...}, "labels": 
         ("[1, 2]", "JSON object"),
         ('{"training": []}', "names no channels"),
         ('{"modality": {"0": "MR", "1": "CT"}, "training": []}', "'labels' must be a non-empty mapping"),
-        ("{%s, \"training\": {}}" % _SPEC, "'training' must be a list"),
-        ("{%s, \"training\": [{\"label\": \"x.nii.gz\"}]}" % _SPEC, r"training\[0\] gives none of the channels"),
-        ("{%s, \"training\": [{\"pet\": \"x.nii.gz\"}]}" % _SPEC, r"training\[0\] key 'pet' is not a channel"),
-        ("{%s, \"training\": []}" % _SPEC, "lists no cases"),
+        (_mmwhs_json(training={}), "'training' must be a list"),
+        (_mmwhs_json(test="imagesTs/a.nii.gz"), "'test' must be a list"),
+        (_mmwhs_json(training=[{"label": "x.nii.gz"}]), r"training\[0\] gives none of the channels"),
+        (_mmwhs_json(training=[{"pet": "x.nii.gz"}]), r"training\[0\] key 'pet' is not a channel"),
+        (_mmwhs_json(training=[]), "lists no cases"),
         ('{"modality": {"0": "MR", "1": "mr"}, "labels": {"0": "background", "1": "LV"}}', "channel names must differ"),
         ('{"modality": {"0": "A", "1": "B", "2": "C", "3": "D", "4": "E"}, "labels": {"1": "x"}}',
          "5 channels; crossmodalnet takes 1 to 4"),
-        ('{"modality": {"0": "CT"}, "labels": {"0": "background"}, "training": []}', "needs at least one foreground label"),
+        ('{"modality": {"0": "CT"}, "labels": {"0": "background"}, "training": []}',
+         "needs at least one foreground label"),
     ],
 )
 def test_invalid_dataset_json(tmp_path, text, match):
@@ -226,7 +230,8 @@ def test_ids_taken_from_file_names_are_checked(folder):
     (folder / "imagesTr" / "case_0_ct.nii.gz").rename(folder / "imagesTr" / ".case_0_ct.nii.gz")
     meta["training"][0]["ct"] = "imagesTr/.case_0_ct.nii.gz"
     (folder / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(CrossModalNetError, match=r"training\[0\] id \(taken from the file name\) '\.case_0_ct' must be"):
+    # The id is the file name less .nii.gz: a hidden name is refused, as a given id would be.
+    with pytest.raises(CrossModalNetError, match=r"training\[0\] id \(taken from the file name\) '\.case_0_ct' must"):
         load_dataset(folder)
 
 

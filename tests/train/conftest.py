@@ -15,6 +15,7 @@ import pytest
 from crossmodalnet.config import ModelConfig, TrainConfig
 from crossmodalnet.data.dataset import write_dataset_json
 from crossmodalnet.data.io import Geometry, write_image, write_label
+from crossmodalnet.data.spec import MMWHS
 
 # Centre (fraction of the edge) and radius (fraction) of structures 1..7.
 _LAYOUT = [((0.5, 0.5, 0.5), 0.22), ((0.3, 0.3, 0.7), 0.12), ((0.5, 0.5, 0.5), 0.12), ((0.7, 0.3, 0.7), 0.12),
@@ -55,7 +56,7 @@ def make_dataset(root: Path, n_train: int = 3, n_val: int = 1, n_test: int = 1, 
     entries = [write_case(root, f"case_{i:03d}", shape=shape, seed=i) for i in range(n_train + n_val + n_test)]
     splits = {"training": entries[:n_train], "validation": entries[n_train:n_train + n_val],
               "test": entries[n_train + n_val:]}
-    write_dataset_json(root, splits, name="ellipsoids")
+    write_dataset_json(root, splits, name="ellipsoids", spec=MMWHS)
     return root
 
 
