@@ -180,6 +180,11 @@ PATHS = st.sampled_from(["images/a_ct.nii.gz", "images/a_mr.nii.gz", "images/b_c
                          "images/missing.nii.gz", "images", "", 7, None, "images/" + "y" * 300, "a\x00b"])
 
 
+# Paths a dataset.json may hold: half the structured examples draw only these (and unique ids), so that some are
+# accepted and the checks after loading are reached (test_the_dataset_json_fuzzer_reaches_acceptance).
+GOOD_PATHS = st.sampled_from(["images/a_ct.nii.gz", "images/a_mr.nii.gz", "images/b_ct.nii.gz", "labels/a.nii.gz"])
+
+
 @st.composite
 def dataset_json(draw) -> bytes:
     """dataset.json bytes: a valid file with fields replaced, random JSON, or random bytes."""
@@ -189,26 +194,30 @@ def dataset_json(draw) -> bytes:
     if kind == "any_json":
         return json.dumps(draw(JSON_ANY)).encode()
     meta: dict = {"name": "fuzz", "modality": {"0": "CT", "1": "MR"}, "labels": {str(i): str(i) for i in range(8)}}
+    good = draw(st.booleans())
+    paths = GOOD_PATHS if good else PATHS
     for split in ("training", "validation", "test"):
         entries = []
         for _ in range(draw(st.integers(0, 3))):
             # The channels as keys named by them, as an `images` list (null: a missing channel), or as
             # one 4D `image` (MSD); any of the keys may be dropped.
             form = draw(st.sampled_from(["keys", "keys", "images", "image"]))
-            entry = {"id": draw(NAMES), "label": draw(PATHS)}
+            # Good ids are unique (or dropped below, then taken from the file name, and may clash).
+            entry = {"id": f"{split}_{len(entries)}" if good else draw(NAMES), "label": draw(paths)}
             if form == "keys":
-                entry.update(ct=draw(PATHS), mr=draw(PATHS))
+                entry.update(ct=draw(paths), mr=draw(paths))
             elif form == "images":
-                entry["images"] = draw(st.lists(st.one_of(PATHS, st.none()), min_size=0, max_size=3))
+                entry["images"] = draw(st.lists(st.one_of(paths, st.none()), min_size=0 if not good else 2,
+                                                max_size=3 if not good else 2))
             else:
-                entry["image"] = draw(PATHS)
+                entry["image"] = draw(paths)
             for key in draw(st.lists(st.sampled_from(["id", "ct", "mr", "label", "images", "image"]), max_size=2)):
                 entry.pop(key, None)
-            entries.append(entry if draw(st.integers(0, 9)) else draw(JSON_ANY))
+            entries.append(entry if good or draw(st.integers(0, 9)) else draw(JSON_ANY))
         meta[split] = entries
     keys = ["name", "modality", "labels", "training", "test", "channel_names", "regions", "label_codes", "encloses",
             "linked_from", "file_ending"]
-    for key in draw(st.lists(st.sampled_from(keys), max_size=2)):
+    for key in draw(st.lists(st.sampled_from(keys), max_size=0 if good else 2)):
         meta[key] = draw(JSON_ANY)
     return json.dumps(meta).encode()
 
@@ -250,3 +259,24 @@ def test_dataset_json_reader_fails_only_cleanly(json_root, text):
             assert len(case.images) == ds.spec.num_channels and any(case.present)
             for p in case.files:
                 assert inside in p.parents and p.is_file()
+
+
+def test_the_dataset_json_fuzzer_reaches_acceptance(json_root):
+    """Some structured examples are accepted, so the checks after loading run (a fuzz test whose every
+    example is refused at the door could not fail)."""
+    outcomes = {"accepted": 0, "refused": 0}
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(text=dataset_json())
+    def probe(text):
+        (json_root / "dataset.json").write_bytes(text)
+        try:
+            load_dataset(json_root)
+        except CrossModalNetError:
+            outcomes["refused"] += 1
+        else:
+            outcomes["accepted"] += 1
+
+    probe()
+    assert outcomes["accepted"] >= 5 and outcomes["refused"] >= 5, outcomes
