@@ -2,9 +2,8 @@
 
 `tiny_dataset`: a dataset-layout folder (dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/)
 of 6 phantom cases of 32^3 voxels (4.5 mm), seed 0, source domain: 4 training, 1 validation,
-1 test case. `tiny_case`: the first training case read back, as {"id": str, "images": [CT, MR],
-"ct": (32, 32, 32) float32 HU, "mr": float32 (the same arrays by name), "label": uint8 0-7,
-"geometry": Geometry}.
+1 test case. `tiny_case`: the first training case read back, as
+{"id": str, "images": [CT (32, 32, 32) float32 HU, MR float32], "label": uint8 0-7, "geometry": Geometry}.
 Read-only: tests that modify files copy them first.
 """
 
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from crossmodalnet.data.dataset import load_case, load_dataset
+from crossmodalnet.data.dataset import load_case, load_dataset, read_spec
 from crossmodalnet.data.phantom import synthesize
 
 TINY_CASES = 6
@@ -31,6 +30,5 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_case(tiny_dataset: Path) -> dict:
     """The first training case of `tiny_dataset` as arrays plus its geometry."""
-    dataset = load_dataset(tiny_dataset)
-    data = load_case(dataset["training"][0], dataset.spec)
-    return {"id": dataset["training"][0].id, **data, "ct": data["images"][0], "mr": data["images"][1]}
+    case = load_dataset(tiny_dataset)["training"][0]
+    return {"id": case.id, **load_case(case, read_spec(tiny_dataset))}

@@ -30,7 +30,8 @@ from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
 from crossmodalnet.data.dataset import write_dataset_json
 from crossmodalnet.data.io import Geometry, write_image, write_label
 from crossmodalnet.data.labels import to_codes
-from crossmodalnet.data.preprocess import Preprocessor
+from crossmodalnet.data.preprocess import ChannelNorm, Preprocessor
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.models.registry import build_model
 from crossmodalnet.runs import save_weights
 
@@ -134,14 +135,15 @@ def _run(root: Path) -> Path:
     dump_yaml(cfg, root / "config.yaml")
     torch.manual_seed(0)
     save_weights(build_model(cfg.model.name, cfg.model), root / "model.safetensors", cfg.model)
-    Preprocessor((-1000.0, 1000.0), 0.0, 100.0, (2.0, 2.0, 2.0)).save(root / "preprocess.json")
+    Preprocessor((ChannelNorm("CT", "ct", (-1000.0, 1000.0), 0.0, 100.0), ChannelNorm("MR", "zscore")),
+                 (2.0, 2.0, 2.0)).save(root / "preprocess.json")
     return root
 
 
 def _predict(tmp_path: Path, test: list[dict], **meta) -> list[str]:
     """predict RUN DATA --out OUT over a dataset.json with `test` entries (and `meta` fields)."""
     data = tmp_path / "data"
-    write_dataset_json(data, {"test": test}, name="attack", **meta)
+    write_dataset_json(data, {"test": test}, name="attack", spec=MMWHS, **meta)
     return ["predict", str(_run(tmp_path / "run")), str(data), "--out", str(tmp_path / "out" / "pred")]
 
 
@@ -170,7 +172,7 @@ def _duplicate(first: str, second: str, split: str = "test") -> Builder:
         data = tmp_path / "data"
         a, b = {**_case(data, "a"), "id": first}, {**_case(data, "b"), "id": second}
         write_dataset_json(data, {"training": [a], "test": [b]} if split == "training" else {"test": [a, b]},
-                           name="attack")
+                           name="attack", spec=MMWHS)
         argv = ["predict", str(_run(tmp_path / "run")), str(data), "--out", str(tmp_path / "out" / "pred")]
         where = "test[0]" if split == "training" else "test[1]"
         return argv, ["dataset.json", where, repr(second), "also the id of"]
@@ -201,6 +203,11 @@ def test_case_ids_never_become_unsafe_or_clashing_paths(tmp_path, capsys, alloca
 _ENTRY = {"id": "a", "ct": "imagesTs/a_ct.nii.gz", "mr": "imagesTs/a_mr.nii.gz"}
 
 
+def _meta(**fields) -> str:
+    """dataset.json text: the MM-WHS channels and labels (a dataset names its own), then `fields`."""
+    return json.dumps({**MMWHS.to_dict(), **fields})
+
+
 def _json(text: str | bytes, *words: str) -> Builder:
     def build(tmp_path: Path):
         return _write_json(tmp_path, text), ["dataset.json", *words]
@@ -208,31 +215,32 @@ def _json(text: str | bytes, *words: str) -> Builder:
 
 
 def _entry(*words: str, **fields) -> Builder:
-    return _json(json.dumps({"test": [{**_ENTRY, **fields}]}), *words)
+    return _json(_meta(test=[{**_ENTRY, **fields}]), *words)
 
 
 def _symlink_outside(tmp_path: Path):
     outside = tmp_path / "outside"
     _case(outside, "a")
-    argv = _write_json(tmp_path, json.dumps({"test": [{**_ENTRY, "ct": "imagesTs/link_ct.nii.gz"}]}))
+    argv = _write_json(tmp_path, _meta(test=[{**_ENTRY, "ct": "imagesTs/link_ct.nii.gz"}]))
     (tmp_path / "data" / "imagesTs" / "link_ct.nii.gz").symlink_to(outside / "imagesTs" / "a_ct.nii.gz")
     return argv, ["dataset.json", "link_ct.nii.gz", "symlink", "outside the dataset folder"]
 
 
 @pytest.mark.parametrize("build", [
-    _json(json.dumps({"modality": "CT", "test": [_ENTRY]}), "'modality' must be a mapping"),
-    _json(json.dumps({"labels": 8, "test": [_ENTRY]}), "'labels' must be a mapping"),
+    _json(json.dumps({"modality": "CT", "labels": MMWHS.to_dict()["labels"], "test": [_ENTRY]}),
+          "'modality' must be a non-empty mapping"),
+    _json(_meta(labels=8, test=[_ENTRY]), "'labels' must be a non-empty mapping"),
     _json(b'{"name": "\xff\xfe", "test": []}', "not UTF-8"),
     _json("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    _json(json.dumps({"test": "imagesTs/a_ct.nii.gz"}), "'test' must be a list"),
-    _json(json.dumps({"test": ["imagesTs/a_ct.nii.gz"]}), "test[0] must be a mapping"),
-    _json(json.dumps({"name": ["x"], "test": [_ENTRY]}), "'name' must be a string"),
+    _json(_meta(test="imagesTs/a_ct.nii.gz"), "'test' must be a list"),
+    _json(_meta(test=[5]), "test[0] must be a mapping"),
+    _json(_meta(name=["x"], test=[_ENTRY]), "'name' must be a string"),
     _entry("test[0] id 5 must be a string", id=5),
-    _entry("test[0].ct must be a non-empty relative path", ct=5),
+    _entry("test[0].CT must be a non-empty relative path", ct=5),
     _entry("NUL character", ct="imagesTs/a\x00_ct.nii.gz"),
     _entry("absolute path", "leaves the dataset folder", ct="/etc/hostname"),
     _entry("leaves the dataset folder", ct="../data/../../outside.nii.gz"),
-    _json(json.dumps({"test": [{**_ENTRY, "ct": "imagesTs/" + "x" * 300}]}), "cannot be resolved"),
+    _json(_meta(test=[{**_ENTRY, "ct": "imagesTs/" + "x" * 300}]), "cannot be resolved"),
     _symlink_outside,
 ], ids=["modality_string", "labels_int", "not_utf8", "deep_nesting", "split_not_list", "entry_not_mapping",
         "name_not_string", "id_not_string", "path_not_string", "nul_in_path", "absolute_path", "leaving_path",
@@ -249,7 +257,9 @@ def _evaluate_folders(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     for cid, seed in (("a", 1), ("b", 2)):
         write_label(ref / f"{cid}.nii.gz", to_codes(_labels(seed)), GEOM)
         write_label(pred / f"{cid}.nii.gz", _labels(seed + 10), GEOM)
-    return pred, ref, ["evaluate", str(pred), str(ref), "--out", str(tmp_path / "out" / "eval")]
+    data = tmp_path / "data"  # the dataset that names the labels: MM-WHS
+    write_dataset_json(data, {}, name="labels", spec=MMWHS)
+    return pred, ref, ["evaluate", str(pred), str(ref), "--dataset", str(data), "--out", str(tmp_path / "out" / "eval")]
 
 
 def _header(dims: tuple[int, ...], dtype=np.uint8) -> nib.Nifti1Header:
@@ -387,7 +397,7 @@ def _mixed_encoding(tmp_path: Path):
     values = _labels(3)
     values[values == 1] = 205  # codes and indices (2, 3) in one file: each value is valid somewhere
     write_label(pred / "b.nii.gz", values, GEOM)
-    return argv, [str(pred / "b.nii.gz"), "mixes class indices [2, 3] with MM-WHS codes [205]"]
+    return argv, [str(pred / "b.nii.gz"), "mixes class indices [2, 3] with label values [205]"]
 
 
 @pytest.mark.parametrize("build", [

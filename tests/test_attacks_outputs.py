@@ -38,7 +38,8 @@ from crossmodalnet.data.dataset import load_dataset, write_dataset_json
 from crossmodalnet.data.io import read_image, read_label, write_image, write_label
 from crossmodalnet.data.labels import to_codes
 from crossmodalnet.data.phantom import synthesize
-from crossmodalnet.data.preprocess import Preprocessor
+from crossmodalnet.data.preprocess import ChannelNorm, Preprocessor
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.registry import build_model
 from crossmodalnet.runs import RunFolder
@@ -57,14 +58,23 @@ def data(tmp_path_factory) -> Path:
     return _relist(root, root)
 
 
+def _ct(case) -> Path:
+    return case.images[0].path
+
+
+def _mr(case) -> Path:
+    return case.images[1].path
+
+
 def _relist(source: Path, root: Path, ids: list[str] | None = None) -> Path:
     """Write root/dataset.json over `source`'s cases: 2 training, 1 validation, all 3 as test."""
-    listed = {c.ct: c for s in ("training", "validation", "test") for c in load_dataset(source)[s]}
-    cases = sorted(listed.values(), key=lambda c: c.ct.name)
-    entries = [{"id": (ids or [c.id for c in cases])[i], "ct": os.path.relpath(c.ct, root),
-                "mr": os.path.relpath(c.mr, root), "label": os.path.relpath(c.label, root)}
+    listed = {_ct(c): c for s in ("training", "validation", "test") for c in load_dataset(source)[s]}
+    cases = sorted(listed.values(), key=lambda c: _ct(c).name)
+    entries = [{"id": (ids or [c.id for c in cases])[i], "ct": os.path.relpath(_ct(c), root),
+                "mr": os.path.relpath(_mr(c), root), "label": os.path.relpath(c.label, root)}
                for i, c in enumerate(cases)]
-    write_dataset_json(root, {"training": entries[:2], "validation": entries[2:], "test": entries}, name="attack")
+    write_dataset_json(root, {"training": entries[:2], "validation": entries[2:], "test": entries}, name="attack",
+                       spec=MMWHS)
     return root
 
 
@@ -76,7 +86,8 @@ def run(tmp_path_factory) -> Path:
     folder.write_config(TrainConfig(model=MODEL, patch_size=(16, 16, 16), sw_batch_size=4, device="cpu"))
     torch.manual_seed(0)
     folder.save_weights(build_model("unet", MODEL), MODEL)
-    folder.write_preprocess(Preprocessor((-1000.0, 1000.0), 0.0, 100.0, None))
+    folder.write_preprocess(Preprocessor((ChannelNorm("CT", "ct", (-1000.0, 1000.0), 0.0, 100.0),
+                                          ChannelNorm("MR", "zscore")), None))
     return folder.path
 
 
@@ -143,7 +154,7 @@ def _truncate(path: Path) -> None:
 
 
 def _bad_label(path: Path, code: int = 421) -> None:
-    labels, geometry, _ = read_label(path)
+    labels, geometry, _ = read_label(path, MMWHS)
     codes = to_codes(labels)
     codes[0, 0, 0] = code
     write_label(path, codes, geometry)
@@ -278,14 +289,14 @@ def test_2_predict_checks_everything_before_the_first_inference(attack, data, ru
         _attack(capsys, argv, tmp_path, "twin")
     elif attack == "file_name_without_a_case_id":  # "..nii.gz" would name the output ".nii.gz", hidden
         [case] = [c for c in load_dataset(folder)["test"] if c.id == "case_000"]
-        odd = case.ct.with_name("..nii.gz")
-        odd.write_bytes(case.ct.read_bytes())
-        _attack(capsys, ["predict", str(run), "--ct", str(odd), "--mr", str(case.mr), "--out", str(out)], tmp_path,
+        odd = _ct(case).with_name("..nii.gz")
+        odd.write_bytes(_ct(case).read_bytes())
+        _attack(capsys, ["predict", str(run), "--ct", str(odd), "--mr", str(_mr(case)), "--out", str(out)], tmp_path,
                 "..nii.gz", "case id")
     else:  # --ct DIR/case_000_ct.nii.gz --out DIR would write DIR/case_000_ct.nii.gz over the CT
         [case] = [c for c in load_dataset(folder)["test"] if c.id == "case_000"]
-        _attack(capsys, ["predict", str(run), "--ct", str(case.ct), "--mr", str(case.mr), "--out",
-                         str(case.ct.parent)], folder, str(case.ct))
+        _attack(capsys, ["predict", str(run), "--ct", str(_ct(case)), "--mr", str(_mr(case)), "--out",
+                         str(_ct(case).parent)], folder, str(_ct(case)))
     assert calls == []  # refused before the first inference
 
 
@@ -345,13 +356,13 @@ def test_5_bad_numbers_stop_before_anything_is_written(attack, data, run, train_
     if attack == "nan_in_validation_ct":
         folder = _copy_data(data, tmp_path / "data")
         [val] = load_dataset(folder)["validation"]
-        _nan_image(val.ct)
-        _attack(capsys, ["train", str(folder), "--out", str(out), "--config", str(train_config)], out, val.ct.name,
+        _nan_image(_ct(val))
+        _attack(capsys, ["train", str(folder), "--out", str(out), "--config", str(train_config)], out, _ct(val).name,
                 "NaN")
         return
     bad = _copy_data(run, tmp_path / "run")
     stats = json.loads((bad / "preprocess.json").read_text())
-    ct = stats["channels"]["CT"]
+    [ct] = [c for c in stats["channels"] if c["name"] == "CT"]  # format 2: a list of channels
     if attack == "std_missing":
         del ct["std"]
     elif attack == "spacing_zero":
@@ -371,11 +382,11 @@ def test_5_under_ddp_every_validation_case_is_read_before_the_run_folder(data, t
     # made; the preflight (main process, before it) must read them all. Without DDP the trainer does.
     folder = _copy_data(data, tmp_path / "data")
     [val] = load_dataset(folder)["validation"]
-    _nan_image(val.ct)
+    _nan_image(_ct(val))
     config = load_config_file(train_config)
     preflight.dataset_splits(folder, config)  # one process: headers only here
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    with pytest.raises(CrossModalNetError, match=f"{val.ct.name}: .*NaN"):
+    with pytest.raises(CrossModalNetError, match=f"{_ct(val).name}: .*NaN"):
         preflight.dataset_splits(folder, config)
 
 

@@ -206,11 +206,12 @@ def _listed_case(entry: object, where: str, spec: DataSpec, root: Path, json_pat
         volumes = [None] if n == 1 else list(range(n))
     else:
         for key, value in entry.items():
-            if key in ("id", "label"):
+            # "record": the per-case record `prepare-mmwhs` lists beside the files (not an image).
+            if key in ("id", "label", "record"):
                 continue
             if key.casefold() not in by_name:
                 raise CrossModalNetError(f"{json_path}: {where} key {key!r} is not a channel of the dataset "
-                                         f"{list(spec.channels)} (nor 'id', 'label', 'images', 'image')")
+                                         f"{list(spec.channels)} (nor 'id', 'label', 'record', 'images', 'image')")
             rels[by_name[key.casefold()]] = value if value not in (None, "") else None
     if all(r is None for r in rels):
         raise CrossModalNetError(f"{json_path}: {where} gives none of the channels {list(spec.channels)}")
@@ -297,7 +298,9 @@ def load_dataset(root: str | os.PathLike, check_files: bool = True) -> Dataset:
         raise CrossModalNetError(f"{json_path}: 'name' must be a string, got {type(name).__name__}")
     spec = DataSpec.from_dict(meta, str(json_path))
     trusted = _trusted(meta, json_path)
-    listed = any(isinstance(meta.get(split), list) and meta.get(split) for split in SPLITS)
+    # A split given as anything but a list is a broken listing, not an nnU-Net v2 folder (whose
+    # dataset.json lists nothing): say so rather than look for imagesTr/.
+    listed = any(meta.get(split) not in (None, []) for split in SPLITS)
     raw: dict[str, list[Case]] = {}
     if listed:
         layout = "listed"

@@ -109,7 +109,8 @@ class PatchSampler:
                 if aug.random() < cfg.intensity_prob:
                     scale = 1.0 + aug.uniform(-cfg.intensity_scale, cfg.intensity_scale)
                     shift = aug.uniform(-cfg.intensity_shift, cfg.intensity_shift)
-                    image[c] = image[c] * float(scale) + float(shift)
+                    if case.present[c]:  # a missing channel stays zeros (drawn all the same: same streams)
+                        image[c] = image[c] * float(scale) + float(shift)
             for axis in cfg.flip_axes:
                 if aug.random() < 0.5:
                     image, label = image.flip(1 + axis), label.flip(axis)

@@ -27,7 +27,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crossmodalnet.data.dataset import CASE_ID_PATTERN, load_dataset, write_dataset_json
-from crossmodalnet.data.io import MAX_IMAGE_BYTES_ENV, Geometry, read_geometry, read_image, read_label, write_label
+from crossmodalnet.data.io import (
+    MAX_IMAGE_BYTES_ENV,
+    Geometry,
+    read_geometry,
+    read_image,
+    read_label,
+    read_label_values,
+    write_label,
+)
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 
 EXAMPLES = int(os.environ.get("CROSSMODALNET_FUZZ_EXAMPLES", "300"))
@@ -111,6 +120,10 @@ def spy(monkeypatch) -> list[int]:
     return seen
 
 
+def _read_mmwhs_label(path: Path):
+    return read_label(path, MMWHS)
+
+
 def _assert_clean(exc: CrossModalNetError, path: Path) -> None:
     msg = str(exc)
     assert str(path) in msg and "\n" not in msg, msg
@@ -124,7 +137,7 @@ def test_nifti_reader_fails_only_cleanly_and_within_budget(tmp_path_factory, spy
     folder.mkdir(exist_ok=True)
     path = folder / ("case.nii.gz" if compressed else "case.nii")
     path.write_bytes(gzip.compress(raw, compresslevel=1) if compressed else raw)
-    for reader in (read_geometry, read_image, read_label):
+    for reader in (read_geometry, read_image, read_label_values, _read_mmwhs_label):
         spy.clear()
         try:
             result = reader(path)
@@ -141,12 +154,12 @@ def test_the_fuzzer_reaches_the_budget_and_the_body(tmp_path, spy):
     before its body, a truncated one after the header (a fuzz test that cannot fail is a defect)."""
     path = tmp_path / "ok.nii"
     path.write_bytes(VALID["int16"])
-    assert read_label(path)[0].shape == SHAPE and spy == [np.prod(SHAPE) * 2]
+    assert read_label(path, MMWHS)[0].shape == SHAPE and spy == [np.prod(SHAPE) * 2]
     big = bytearray(VALID["int16"])
     struct.pack_into("<8h", big, 40, 3, 400, 400, 400, 1, 1, 1, 1)
     path.write_bytes(big)
     with pytest.raises(CrossModalNetError, match="over the budget"):
-        read_label(path)
+        read_label(path, MMWHS)
     gz = tmp_path / "cut.nii.gz"
     gz.write_bytes(gzip.compress(VALID["int16"][:-20]))
     with pytest.raises(CrossModalNetError, match="truncated or corrupt"):
@@ -167,6 +180,11 @@ PATHS = st.sampled_from(["images/a_ct.nii.gz", "images/a_mr.nii.gz", "images/b_c
                          "images/missing.nii.gz", "images", "", 7, None, "images/" + "y" * 300, "a\x00b"])
 
 
+# Paths a dataset.json may hold: half the structured examples draw only these (and unique ids), so that some are
+# accepted and the checks after loading are reached (test_the_dataset_json_fuzzer_reaches_acceptance).
+GOOD_PATHS = st.sampled_from(["images/a_ct.nii.gz", "images/a_mr.nii.gz", "images/b_ct.nii.gz", "labels/a.nii.gz"])
+
+
 @st.composite
 def dataset_json(draw) -> bytes:
     """dataset.json bytes: a valid file with fields replaced, random JSON, or random bytes."""
@@ -176,15 +194,30 @@ def dataset_json(draw) -> bytes:
     if kind == "any_json":
         return json.dumps(draw(JSON_ANY)).encode()
     meta: dict = {"name": "fuzz", "modality": {"0": "CT", "1": "MR"}, "labels": {str(i): str(i) for i in range(8)}}
+    good = draw(st.booleans())
+    paths = GOOD_PATHS if good else PATHS
     for split in ("training", "validation", "test"):
         entries = []
         for _ in range(draw(st.integers(0, 3))):
-            entry = {"id": draw(NAMES), "ct": draw(PATHS), "mr": draw(PATHS), "label": draw(PATHS)}
-            for key in draw(st.lists(st.sampled_from(["id", "ct", "mr", "label"]), max_size=2)):
+            # The channels as keys named by them, as an `images` list (null: a missing channel), or as
+            # one 4D `image` (MSD); any of the keys may be dropped.
+            form = draw(st.sampled_from(["keys", "keys", "images", "image"]))
+            # Good ids are unique (or dropped below, then taken from the file name, and may clash).
+            entry = {"id": f"{split}_{len(entries)}" if good else draw(NAMES), "label": draw(paths)}
+            if form == "keys":
+                entry.update(ct=draw(paths), mr=draw(paths))
+            elif form == "images":
+                entry["images"] = draw(st.lists(st.one_of(paths, st.none()), min_size=0 if not good else 2,
+                                                max_size=3 if not good else 2))
+            else:
+                entry["image"] = draw(paths)
+            for key in draw(st.lists(st.sampled_from(["id", "ct", "mr", "label", "images", "image"]), max_size=2)):
                 entry.pop(key, None)
-            entries.append(entry if draw(st.integers(0, 9)) else draw(JSON_ANY))
+            entries.append(entry if good or draw(st.integers(0, 9)) else draw(JSON_ANY))
         meta[split] = entries
-    for key in draw(st.lists(st.sampled_from(["name", "modality", "labels", "training", "test"]), max_size=2)):
+    keys = ["name", "modality", "labels", "training", "test", "channel_names", "regions", "label_codes", "encloses",
+            "linked_from", "file_ending"]
+    for key in draw(st.lists(st.sampled_from(keys), max_size=0 if good else 2)):
         meta[key] = draw(JSON_ANY)
     return json.dumps(meta).encode()
 
@@ -197,7 +230,8 @@ def json_root(tmp_path_factory) -> Path:
         write_label(root / rel, labels, GEOM)
     write_label(root.parent / "outside.nii.gz", labels, GEOM)
     (root / "images" / "link_out.nii.gz").symlink_to(root.parent / "outside.nii.gz")
-    write_dataset_json(root, {"training": [{"ct": "images/a_ct.nii.gz", "mr": "images/a_mr.nii.gz"}]}, name="x")
+    write_dataset_json(root, {"training": [{"ct": "images/a_ct.nii.gz", "mr": "images/a_mr.nii.gz"}]}, name="x",
+                       spec=MMWHS)
     return root
 
 
@@ -222,5 +256,27 @@ def test_dataset_json_reader_fails_only_cleanly(json_root, text):
     for cases in ds.splits.values():
         for case in cases:
             assert CASE_ID_PATTERN.fullmatch(case.id)
-            for p in (case.ct, case.mr, case.label):
-                assert p is None or (inside in p.parents and p.is_file())
+            assert len(case.images) == ds.spec.num_channels and any(case.present)
+            for p in case.files:
+                assert inside in p.parents and p.is_file()
+
+
+def test_the_dataset_json_fuzzer_reaches_acceptance(json_root):
+    """Some structured examples are accepted, so the checks after loading run (a fuzz test whose every
+    example is refused at the door could not fail)."""
+    outcomes = {"accepted": 0, "refused": 0}
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(text=dataset_json())
+    def probe(text):
+        (json_root / "dataset.json").write_bytes(text)
+        try:
+            load_dataset(json_root)
+        except CrossModalNetError:
+            outcomes["refused"] += 1
+        else:
+            outcomes["accepted"] += 1
+
+    probe()
+    assert outcomes["accepted"] >= 5 and outcomes["refused"] >= 5, outcomes

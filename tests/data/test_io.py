@@ -18,10 +18,12 @@ from crossmodalnet.data.io import (
     read_geometry,
     read_image,
     read_label,
+    read_label_values,
     write_image,
     write_label,
 )
 from crossmodalnet.data.labels import to_codes
+from crossmodalnet.data.spec import MMWHS, DataSpec, LabelClass
 from crossmodalnet.errors import CrossModalNetError
 
 SPACING = (0.7, 1.3, 2.5)
@@ -46,6 +48,10 @@ def _labels(shape=(7, 9, 11), seed=0) -> np.ndarray:
 def _save_raw(path, data, affine=None) -> None:
     """Write with nibabel directly, to make files our writer refuses to make."""
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+
+
+def _read_mmwhs_label(path):
+    return read_label(path, MMWHS)
 
 
 def _assert_one_line_naming(exc: pytest.ExceptionInfo, path) -> None:
@@ -80,12 +86,71 @@ def test_label_round_trip_with_codes_on_oblique_grid(tmp_path):
     geom = Geometry(_oblique_affine(), indices.shape)
     write_label(tmp_path / "codes.nii.gz", to_codes(indices), geom)
     write_label(tmp_path / "indices.nii", indices, geom)
-    for name, encoding in (("codes.nii.gz", "codes"), ("indices.nii", "indices")):
-        back, g, enc = read_label(tmp_path / name)
+    for name, encoding in (("codes.nii.gz", "values"), ("indices.nii", "indices")):
+        back, g, enc = read_label(tmp_path / name, MMWHS)
         assert enc == encoding
         np.testing.assert_array_equal(back, indices)
         assert back.dtype == np.uint8
         assert g.same_grid(geom)
+
+
+MYOPS = DataSpec(channels=("C0", "LGE", "T2"),
+                 classes=(LabelClass("MYO", 200), LabelClass("LV", 500), LabelClass("RV", 600),
+                          LabelClass("edema", 1220), LabelClass("scar", 2221)))
+
+
+@pytest.mark.parametrize(
+    "top, dtype",
+    [(7, np.uint8), (255, np.uint8), (850, np.int16), (2221, np.int16), (2**15 - 1, np.int16), (2**15, np.int32),
+     (70000, np.int32)],
+)
+def test_write_label_takes_the_smallest_integer_type_that_holds_the_values(tmp_path, top, dtype):
+    labels = np.zeros((4, 4, 4), dtype=np.int64)
+    labels[0, 0, 0], labels[1, 1, 1] = top, 1
+    path = write_label(tmp_path / "lab.nii.gz", labels, Geometry.from_spacing(labels.shape, (1, 1, 1)))
+    assert nib.load(str(path)).get_data_dtype() == dtype
+    back, _ = read_label_values(path)
+    np.testing.assert_array_equal(back, labels)
+
+
+def test_write_label_negative_values_are_not_written_unsigned(tmp_path):
+    labels = np.array([-1, 0, 3], dtype=np.int64).reshape(3, 1, 1)
+    path = write_label(tmp_path / "neg.nii.gz", labels, Geometry.from_spacing(labels.shape, (1, 1, 1)))
+    assert nib.load(str(path)).get_data_dtype() == np.int16
+    np.testing.assert_array_equal(read_label_values(path)[0], labels)
+
+
+def test_read_label_maps_the_datasets_own_values_to_indices(tmp_path):
+    values = np.array([0, 200, 500, 600, 1220, 2221] * 2, dtype=np.int16).reshape(3, 2, 2)
+    geom = Geometry.from_spacing(values.shape, (1, 1, 1))
+    write_label(tmp_path / "myops.nii.gz", values, geom)
+    indices, g, enc = read_label(tmp_path / "myops.nii.gz", MYOPS)
+    assert enc == "values" and indices.dtype == np.uint8 and g.same_grid(geom)
+    np.testing.assert_array_equal(indices, MYOPS.to_indices(values))
+    assert sorted(np.unique(indices)) == [0, 1, 2, 3, 4, 5]
+    # The same file is not an MM-WHS label map, and the message names the values that are not labels.
+    with pytest.raises(CrossModalNetError, match=r"label values \[200, 1220, 2221\] are not labels") as exc:
+        read_label(tmp_path / "myops.nii.gz", MMWHS)
+    _assert_one_line_naming(exc, tmp_path / "myops.nii.gz")
+
+
+def test_read_image_takes_one_volume_of_a_4d_file(tmp_path):
+    data = np.random.default_rng(0).normal(size=(4, 5, 6, 3)).astype(np.float32)
+    path = tmp_path / "msd.nii.gz"
+    _save_raw(path, data, np.diag([1.5, 1.5, 3.0, 1.0]))
+    for volume in range(3):
+        back, geom = read_image(path, volume)
+        np.testing.assert_array_equal(back, data[..., volume])
+        assert geom.shape == (4, 5, 6) and geom.spacing == (1.5, 1.5, 3.0)
+        assert read_geometry(path, volume).same_grid(geom)
+    with pytest.raises(CrossModalNetError, match="has 3 channels along its 4th axis, no channel 3") as exc:
+        read_image(path, 3)
+    _assert_one_line_naming(exc, path)
+    three_d = tmp_path / "three_d.nii.gz"
+    _save_raw(three_d, data[..., 0])
+    with pytest.raises(CrossModalNetError, match=r"expected a 4D image .* channel 1") as exc:
+        read_image(three_d, 1)
+    _assert_one_line_naming(exc, three_d)
 
 
 def test_geometry_from_spacing_and_same_grid():
@@ -162,7 +227,7 @@ def test_write_image_refuses_a_shape_that_does_not_match_the_geometry(tmp_path):
 
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.nii.gz"
-    for reader in (read_image, read_label):
+    for reader in (read_image, _read_mmwhs_label, read_label_values):
         with pytest.raises(CrossModalNetError, match="not found") as exc:
             reader(path)
         _assert_one_line_naming(exc, path)
@@ -177,7 +242,7 @@ def test_corrupt_files(tmp_path):
     truncated = tmp_path / "truncated.nii.gz"
     truncated.write_bytes(gzip.compress(good.read_bytes()[:2000]))
     for path in (noise, truncated):
-        for reader in (read_image, read_label):
+        for reader in (read_image, _read_mmwhs_label):
             with pytest.raises(CrossModalNetError, match="cannot read as NIfTI") as exc:
                 reader(path)
             _assert_one_line_naming(exc, path)
@@ -186,7 +251,7 @@ def test_corrupt_files(tmp_path):
 def test_not_3d(tmp_path):
     path = tmp_path / "four_d.nii.gz"
     _save_raw(path, np.zeros((4, 4, 4, 2), dtype=np.float32))
-    for reader in (read_image, read_label):
+    for reader in (read_image, _read_mmwhs_label):
         with pytest.raises(CrossModalNetError, match=r"3D volume.*\(4, 4, 4, 2\)") as exc:
             reader(path)
         _assert_one_line_naming(exc, path)
@@ -205,7 +270,7 @@ def test_nan_and_inf_voxels(tmp_path):
         read_image(path)
     _assert_one_line_naming(exc, path)
     with pytest.raises(CrossModalNetError, match="NaN or Inf") as exc:
-        read_label(path)
+        read_label(path, MMWHS)
     _assert_one_line_naming(exc, path)
 
 
@@ -226,7 +291,7 @@ def test_singular_affine(tmp_path):
         ([0, 1, 9], r"\[9\]"),  # an index past the table
         ([0, 205, 300], r"\[300\]"),  # a code not in the table
         ([0, 3, -1], r"\[-1\]"),
-        ([0, 1, 205], r"mixes class indices \[1\] with MM-WHS codes \[205\]"),  # indices and codes mixed
+        ([0, 1, 205], r"mixes class indices \[1\] with label values \[205\]"),  # indices and codes mixed
     ],
 )
 def test_label_values_outside_the_table(tmp_path, values, match):
@@ -235,18 +300,18 @@ def test_label_values_outside_the_table(tmp_path, values, match):
     path = tmp_path / "bad_label.nii.gz"
     _save_raw(path, data)
     with pytest.raises(CrossModalNetError, match=match) as exc:
-        read_label(path)
+        read_label(path, MMWHS)
     _assert_one_line_naming(exc, path)
 
 
 def test_float_labels(tmp_path):
     whole = tmp_path / "whole.nii.gz"
     _save_raw(whole, np.full((4, 4, 4), 3.0, dtype=np.float32))
-    assert read_label(whole)[0].max() == 3
+    assert read_label(whole, MMWHS)[0].max() == 3
     frac = tmp_path / "fractional.nii.gz"
     _save_raw(frac, np.full((4, 4, 4), 2.5, dtype=np.float32))
     with pytest.raises(CrossModalNetError, match="non-integer") as exc:
-        read_label(frac)
+        read_label(frac, MMWHS)
     _assert_one_line_naming(exc, frac)
 
 
@@ -271,7 +336,7 @@ def test_memory_budget_from_the_environment(tmp_path, monkeypatch):
     assert max_image_bytes() == DEFAULT_MAX_IMAGE_BYTES == 4 * 2**30
     assert read_image(path)[0].shape == (16, 16, 16)
     monkeypatch.setenv(MAX_IMAGE_BYTES_ENV, str(16 * 16 * 16 * 4 - 1))
-    for reader in (read_geometry, read_image, read_label):
+    for reader in (read_geometry, read_image, _read_mmwhs_label):
         with pytest.raises(CrossModalNetError, match=r"16x16x16 voxels of int16 .* over the budget") as exc:
             reader(path)
         _assert_one_line_naming(exc, path)

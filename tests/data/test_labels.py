@@ -1,4 +1,5 @@
-"""The label table: codes <-> indices, encoding detection, colours."""
+"""The MM-WHS preset as a table (`data.labels`, a view of `spec.MMWHS`): codes <-> indices, encoding detection,
+colours."""
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from crossmodalnet.data.labels import (
     to_codes,
     to_indices,
 )
+from crossmodalnet.data.spec import MMWHS
 
 
 def test_table_matches_the_design():
@@ -22,6 +24,10 @@ def test_table_matches_the_design():
     assert NAMES == ("MYO", "LA", "LV", "RA", "RV", "AO", "PA")
     assert [s.index for s in STRUCTURES] == list(range(1, 8))
     assert len({s.color for s in STRUCTURES}) == 7  # distinguishable in plots
+    # The table is a view of the preset: one source of the classes, values, colours and the prior.
+    assert NUM_CLASSES == MMWHS.num_classes and CODES == MMWHS.values and NAMES == MMWHS.names
+    assert [s.color for s in STRUCTURES] == MMWHS.colors()
+    assert {s.index: s.encloses for s in STRUCTURES if s.encloses} == {1: (3,)} == dict(MMWHS.enclosures)
 
 
 def test_round_trips():
@@ -50,9 +56,9 @@ def test_detect_encoding():
         detect_encoding(np.array([0, 205, 206]))
     # Mixed encodings: 3 and 500 are each valid, in different tables; the message names both sides
     # and does not call 500 invalid.
-    with pytest.raises(ValueError, match=r"mixes class indices \[3\] with MM-WHS codes \[500\]"):
+    with pytest.raises(ValueError, match=r"mixes class indices \[3\] with label values \[500\]"):
         detect_encoding(np.array([0, 3, 500]))
-    with pytest.raises(ValueError, match=r"label values \[9999\] are neither"):  # invalid in both beats mixed
+    with pytest.raises(ValueError, match=r"label values \[9999\] are not labels"):  # invalid in both beats mixed
         detect_encoding(np.array([0, 3, 500, 9999]))
 
 

@@ -32,6 +32,7 @@ from crossmodalnet.data.mmwhs import (
 )
 from crossmodalnet.data.mmwhs.grid import label_dice
 from crossmodalnet.data.mmwhs.register import RegistrationConfig
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 
 # (centre mm, radii mm) of structures 1..7, painted in order (the LV cavity inside the myocardium).
@@ -188,7 +189,7 @@ def test_training_image_without_label(tmp_path, capsys):
 def test_label_codes_outside_the_table(tmp_path, capsys):
     raw = _raw(tmp_path, train=(1001,))
     path = raw / "ct_train" / "ct_train_1001_label.nii.gz"
-    codes, geom, _ = read_label(path)
+    codes, geom, _ = read_label(path, MMWHS)
     bad = to_codes(codes)
     bad[0, 0, 0] = 300
     write_label(path, bad, geom)
@@ -220,8 +221,9 @@ def test_resumption_skips_done_cases_and_redoes_half_written_ones(tmp_path, monk
     raw, out = _raw(tmp_path, train=(1001, 1002, 1003)), tmp_path / "out"
     assert _cli(raw, out) == 0
     assert "wrote" in capsys.readouterr().out
-    data = load_dataset(out)  # every listed file exists
+    data = load_dataset(out)  # every listed file exists; the per-case "record" key is no channel
     assert sum(len(data[s]) for s in ("training", "validation", "test")) == 3
+    assert data.spec == MMWHS and all(c.present == (True, True) for s in data.splits.values() for c in s)
     calls = []
     real = mmwhs_pipeline.prepare_case
     monkeypatch.setattr(mmwhs_pipeline, "prepare_case", lambda pair, *a: calls.append(pair.id) or real(pair, *a))
@@ -244,7 +246,8 @@ def test_resumption_skips_done_cases_and_redoes_half_written_ones(tmp_path, monk
             break
     assert calls == []
     data = load_dataset(out)
-    assert all("imagesTs" in str(c.ct) for c in data["test"]) and all("imagesTr" in str(c.ct) for c in data["training"])
+    assert all("imagesTs" in str(c.images[0].path) for c in data["test"])
+    assert all("imagesTr" in str(c.images[0].path) for c in data["training"])
 
 
 def test_two_worker_processes(tmp_path):
@@ -265,9 +268,9 @@ def test_round_trip_to_the_original_grid(tmp_path, fixed):
     config = PrepareConfig(fixed=fixed, registration=RegistrationConfig("none"), spacing=(1.5,) * 3, size=(80,) * 3)
     prepare_mmwhs(raw, out, config, split="1/0", workers=1, progress=False)
     record = load_record(out, "train_1001")
-    prepared, grid, _ = read_label(out / record["files"]["label"])
+    prepared, grid, _ = read_label(out / record["files"]["label"], MMWHS)
     image, image_grid = read_image(out / record["files"][fixed])
-    original, original_grid, _ = read_label(raw / f"{fixed}_train" / f"{fixed}_train_1001_label.nii.gz")
+    original, original_grid, _ = read_label(raw / f"{fixed}_train" / f"{fixed}_train_1001_label.nii.gz", MMWHS)
     # The prepared files carry the crop's own affine: a voxel's world position is where it shows.
     assert grid.same_grid(image_grid) and grid.spacing == pytest.approx((1.5, 1.5, 1.5))
     assert not grid.same_grid(original_grid)
@@ -323,9 +326,9 @@ def test_registration_raises_label_dice(tmp_path, method, least):
     if least is not None:
         assert after >= least, (before, after)
     # The inverse carries the fixed label onto the moving (CT) grid, where it meets the CT's own label.
-    prepared, _, _ = read_label(out / record["files"]["label"])
+    prepared, _, _ = read_label(out / record["files"]["label"], MMWHS)
     on_ct, ct_grid = restore_to_moving(prepared, record, out)
-    ct_label, ct_geom, _ = read_label(raw / "ct_train" / "ct_train_1001_label.nii.gz")
+    ct_label, ct_geom, _ = read_label(raw / "ct_train" / "ct_train_1001_label.nii.gz", MMWHS)
     assert ct_grid.same_grid(ct_geom)
     assert np.nanmean(list(label_dice(on_ct, ct_label).values())) >= after - 0.1
     report = (out / "registration_report.csv").read_text().splitlines()
@@ -335,7 +338,7 @@ def test_registration_raises_label_dice(tmp_path, method, least):
 def test_bad_voxels_of_the_last_pair_stop_the_run_before_the_first_case(tmp_path, capsys):
     raw = _raw(tmp_path, train=(1001, 1002))
     path = raw / "mr_train" / "mr_train_1002_label.nii.gz"
-    codes, geom, _ = read_label(path)
+    codes, geom, _ = read_label(path, MMWHS)
     bad = to_codes(codes)
     bad[1, 1, 1] = 301
     write_label(path, bad, geom)

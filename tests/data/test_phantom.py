@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 
 from crossmodalnet.cli import main
-from crossmodalnet.data.dataset import check_case, load_case, load_dataset
+from crossmodalnet.data.dataset import check_case, load_case, load_dataset, read_spec
 from crossmodalnet.data.io import read_image, read_label
 from crossmodalnet.data.labels import CODES, NUM_CLASSES, to_codes
 from crossmodalnet.data.phantom import FOV_MM, generate_case, split_cases, synthesize
@@ -28,6 +28,7 @@ from crossmodalnet.data.phantom.render import (
     render_from_labels,
     tissue_from_labels,
 )
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 
 SIX = ndimage.generate_binary_structure(3, 1)
@@ -200,7 +201,7 @@ def test_render_from_labels_bad_arguments():
         args = {"labels": lab, "spacing": (1.0, 1.0, 1.0), "modality": "CT", **kwargs}
         with pytest.raises(CrossModalNetError):
             render_from_labels(**args)
-    with pytest.raises(CrossModalNetError, match="neither"):
+    with pytest.raises(CrossModalNetError, match=r"label values \[9\] are not labels"):
         render_from_labels(np.full((4, 4, 4), 9), (1, 1, 1), "CT")
     with pytest.raises(CrossModalNetError, match="3D"):
         render_from_labels(np.zeros((4, 4)), (1, 1, 1), "CT")
@@ -238,16 +239,21 @@ def test_dataset_layout(tiny_dataset, tiny_case):
     ds = load_dataset(tiny_dataset)
     assert [len(ds[s]) for s in ("training", "validation", "test")] == [4, 1, 1]
     meta = json.loads((tiny_dataset / "dataset.json").read_text())
-    assert meta["modality"] == {"0": "CT", "1": "MR"} and meta["labels"]["3"] == "LV"
+    assert meta["channel_names"] == {"0": "CT", "1": "MR"} and meta["labels"]["LV"] == 500
+    assert ds.spec == read_spec(tiny_dataset) == MMWHS and ds.spec.index("LV") == 3
     for case in ds["training"] + ds["validation"] + ds["test"]:
         geom = check_case(case)
         assert geom.shape == (32, 32, 32)
         np.testing.assert_allclose(geom.spacing, FOV_MM / 32)
         assert np.abs(geom.affine[:3, 3]).min() > 1.0  # a scanner-like origin, not 0
-        assert "imagesTs" in str(case.ct) if case in ds["test"] else "imagesTr" in str(case.ct)
-        label, _, encoding = read_label(case.label)
+        assert case.present == (True, True)
+        ct, mr = (ref.path for ref in case.images)
+        assert "imagesTs" in str(ct) if case in ds["test"] else "imagesTr" in str(ct)
+        assert ct.parent == mr.parent and ct != mr
+        label, _, encoding = read_label(case.label, MMWHS)
         assert encoding == "indices" and set(np.unique(label)) == set(range(NUM_CLASSES))
-    assert tiny_case["ct"].shape == tiny_case["mr"].shape == tiny_case["label"].shape == (32, 32, 32)
+    ct, mr = tiny_case["images"]
+    assert ct.shape == mr.shape == tiny_case["label"].shape == (32, 32, 32)
     # The residual MR misalignment is recorded per case (~1-2 mm, ~1-2 degrees, ~1 mm elastic).
     side = json.loads((tiny_dataset / "phantom.json").read_text())
     assert sorted(side["cases"]) == sorted(c.id for c in ds["training"] + ds["validation"] + ds["test"])
@@ -276,10 +282,10 @@ def test_mmwhs_layout(tmp_path):
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for cid, meta in truth["cases"].items():
         ct, ct_geom = read_image(out / "ct_train" / f"ct_train_{cid}_image.nii.gz")
-        ct_lab, ct_lgeom, ct_enc = read_label(out / "ct_train" / f"ct_train_{cid}_label.nii.gz")
+        ct_lab, ct_lgeom, ct_enc = read_label(out / "ct_train" / f"ct_train_{cid}_label.nii.gz", MMWHS)
         mr, mr_geom = read_image(out / "mr_train" / f"mr_train_{cid}_image.nii.gz")
-        mr_lab, mr_lgeom, mr_enc = read_label(out / "mr_train" / f"mr_train_{cid}_label.nii.gz")
-        assert ct_enc == mr_enc == "codes"  # 205..850 in the files
+        mr_lab, mr_lgeom, mr_enc = read_label(out / "mr_train" / f"mr_train_{cid}_label.nii.gz", MMWHS)
+        assert ct_enc == mr_enc == "values"  # the codes 205..850 in the files
         assert ct_lgeom.same_grid(ct_geom) and mr_lgeom.same_grid(mr_geom)
         for lab in (ct_lab, mr_lab):
             assert set(np.unique(to_codes(lab))) == {0, *CODES}
@@ -320,8 +326,9 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
     for name in ("dataset.json", "phantom.json"):
         assert (a / name).read_text() == (b / name).read_text()
     # The target domain draws other patients and renders them differently.
-    t = load_case(load_dataset(synthesize(tmp_path / "t", cases=2, size=24, seed=7, domain="target"))["training"][0])
-    s = load_case(load_dataset(a)["training"][0])
+    t = load_case(load_dataset(synthesize(tmp_path / "t", cases=2, size=24, seed=7, domain="target"))["training"][0],
+                  MMWHS)
+    s = load_case(load_dataset(a)["training"][0], MMWHS)
     assert not np.array_equal(s["label"], t["label"])
 
 

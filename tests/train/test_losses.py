@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 
+from crossmodalnet.data.spec import DataSpec, LabelClass, Region
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
 
 
@@ -46,6 +47,49 @@ def test_deep_supervision_levels_are_normalised_and_downsampled():
     ce_coarse = torch.nn.functional.cross_entropy(coarse.detach(), low[:, 0].long())
     ce_full = torch.nn.functional.cross_entropy(logits, target[:, 0])
     assert torch.allclose(terms["ce"], (ce_full + 0.5 * ce_coarse) / 1.5, atol=1e-5)
+
+
+def _region_target(seed=0, shape=(2, 6, 6, 6)):
+    """Region masks (B, R, *S) of nested MyoPS-like regions, from a map of class indices."""
+    spec = DataSpec(channels=("LGE",), classes=(LabelClass("MYO", 200), LabelClass("edema", 1220),
+                                                   LabelClass("scar", 2221)),
+                    regions=(Region("myocardium", (200, 1220, 2221)), Region("edema+scar", (1220, 2221)),
+                             Region("scar", (2221,))), train_regions=True, region_order=(200, 1220, 2221))
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, spec.num_classes, shape, generator=g)
+    masks = torch.stack([torch.from_numpy(spec.region_masks(i.numpy())) for i in indices]).float()
+    return spec, masks
+
+
+def test_region_terms_are_sigmoid_dice_and_binary_cross_entropy():
+    spec, masks = _region_target()
+    assert masks.shape == (2, 3, 6, 6, 6) and spec.num_outputs == 3
+    assert (masks[:, 2] <= masks[:, 1]).all() and (masks[:, 1] <= masks[:, 0]).all()  # nested: overlapping targets
+    logits = torch.randn(masks.shape, generator=torch.Generator().manual_seed(1))
+    terms = DiceCETerms(regions=True)(logits, masks)
+    assert set(terms) == {"dice", "ce"}
+    assert torch.allclose(terms["dice"], DiceLoss(sigmoid=True)(logits, masks), atol=1e-6)
+    assert torch.allclose(terms["ce"], torch.nn.functional.binary_cross_entropy_with_logits(logits, masks), atol=1e-6)
+    # Not the softmax terms: those would treat the three overlapping regions as exclusive classes.
+    assert not torch.allclose(terms["ce"], DiceCETerms()(logits, masks.argmax(1, keepdim=True))["ce"])
+    perfect = DiceCETerms(regions=True)(50.0 * (2 * masks - 1), masks)
+    assert perfect["dice"] < 1e-3 and perfect["ce"] < 1e-3
+
+
+def test_region_terms_with_deep_supervision():
+    _, masks = _region_target(shape=(1, 8, 8, 8))
+    logits = torch.randn(masks.shape, generator=torch.Generator().manual_seed(2))
+    single = DiceCETerms(regions=True)(logits, masks)
+    same = DiceCETerms(regions=True)([logits, logits], masks)
+    for key in single:
+        assert torch.allclose(single[key], same[key], atol=1e-6)
+    coarse = torch.randn(1, 3, 4, 4, 4, requires_grad=True)
+    terms = DiceCETerms(regions=True)([logits, coarse], masks)
+    (terms["dice"] + terms["ce"]).backward()
+    assert coarse.grad is not None and coarse.grad.abs().sum() > 0
+    low = torch.nn.functional.interpolate(masks, size=(4, 4, 4), mode="nearest-exact")
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    assert torch.allclose(terms["ce"], (bce(logits, masks) + 0.5 * bce(coarse.detach(), low)) / 1.5, atol=1e-5)
 
 
 def _values(*v):

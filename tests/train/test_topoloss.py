@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from crossmodalnet.data.spec import MMWHS, DataSpec, LabelClass
 from crossmodalnet.evaluate.topology import betti_numbers
 from crossmodalnet.train.topoloss import persistence_diagram, persistence_penalty, persistence_terms, topology_loss
 
@@ -246,30 +247,57 @@ def test_decision_descent_removes_the_fragment_without_new_tunnels_or_cavities()
     assert float(p.max()) == pytest.approx(1.0)  # the kept blob (the essential bar) is untouched
 
 
-def test_a_wrapping_structure_takes_its_holes_from_the_union_with_what_it_wraps():
-    """The myocardium cut by a patch is a ring around the LV: not a defect. Its own tunnel must
-    not be filled (that would paint MYO over the LV); the union MYO + LV is what must be solid."""
-    from crossmodalnet.data.labels import NAMES, NUM_CLASSES
-
-    myo, lv = NAMES.index("MYO") + 1, NAMES.index("LV") + 1
+def _ring(channels: int, wall: int, pool: int) -> torch.Tensor:
+    """(1, channels, N, N, N) probabilities: a pool (a tube crossing the patch) and its wall around it."""
     g = _grid() - 7.5
     r = np.sqrt(g[..., 1] ** 2 + g[..., 2] ** 2)
-    probs = torch.zeros(1, NUM_CLASSES, N, N, N, dtype=torch.float64)
-    probs[0, lv] = torch.from_numpy((r <= 3.0).astype(np.float64))  # a blood pool crossing the patch
-    probs[0, myo] = torch.from_numpy(((r > 3.0) & (r <= 5.5)).astype(np.float64))  # its wall
+    probs = torch.zeros(1, channels, N, N, N, dtype=torch.float64)
+    probs[0, pool] = torch.from_numpy((r <= 3.0).astype(np.float64))  # a blood pool crossing the patch
+    probs[0, wall] = torch.from_numpy(((r > 3.0) & (r <= 5.5)).astype(np.float64))  # its wall
     probs[0, 0] = 1.0 - probs[0, 1:].sum(0)
+    return probs
+
+
+def test_a_wrapping_structure_takes_its_holes_from_the_union_with_what_it_wraps():
+    """The myocardium cut by a patch is a ring around the LV: not a defect. Its own tunnel must
+    not be filled (that would paint MYO over the LV); the union MYO + LV is what must be solid.
+    The prior is the dataset's (`encloses`, MM-WHS: MYO wraps LV); without one it is off."""
+    encloses = dict(MMWHS.enclosures)
+    myo, lv = MMWHS.index("MYO"), MMWHS.index("LV")
+    assert encloses == {myo: (lv,)}
+    probs = _ring(MMWHS.num_classes, myo, lv)
     assert betti_numbers(probs[0, myo].numpy() > 0.5) == (1, 1, 0)
-    assert float(topology_loss(probs, size=N, bars="all")) > 0.0  # the first version fills the ring
-    assert float(topology_loss(probs, size=N, bars="decision")) == 0.0
+    for prior in (None, encloses):
+        assert float(topology_loss(probs, size=N, bars="all", encloses=prior)) > 0.0  # the first version fills the ring
+    # No prior (the default, a dataset that says nothing): the ring's tunnel is a defect of MYO, the one
+    # structure of two that has one; mean over (sample, structure) = 1 / 2 for that one bar.
+    assert float(topology_loss(probs, size=N, bars="decision")) == pytest.approx(0.5)
+    assert float(topology_loss(probs, size=N, bars="decision", encloses=None)) == pytest.approx(0.5)
+    assert float(topology_loss(probs, size=N, bars="decision", encloses={})) == pytest.approx(0.5)
+    # With the MM-WHS prior the ring is MYO + LV, solid: nothing to pay.
+    assert float(topology_loss(probs, size=N, bars="decision", encloses=encloses)) == 0.0
     # A hole through wall *and* pool (a defect of both) still costs, and the gradient fills it.
     holed = probs.clone()
     holed[0, [myo, lv], 6:10, 6:10, 6:10] = 0.0
     holed[0, 0] = 1.0 - holed[0, 1:].sum(0)
     holed.requires_grad_(True)
-    loss = topology_loss(holed, size=N, bars="decision")
+    loss = topology_loss(holed, size=N, bars="decision", encloses=encloses)
     assert float(loss.detach()) > 0.0
     loss.backward()
     assert float(holed.grad[0, [myo, lv], 6:10, 6:10, 6:10].min()) < 0  # descent raises p in the hole
+
+
+def test_the_enclosure_prior_is_the_datasets_whatever_its_classes():
+    """Any dataset may name enclosures (class indices of its own spec, any number of classes): the
+    prior follows `encloses`, not the MM-WHS table (which once needed all 8 MM-WHS channels)."""
+    spec = DataSpec(channels=("T2",), classes=(LabelClass("pool", 10), LabelClass("wall", 20, encloses=("pool",))))
+    pool, wall = spec.index("pool"), spec.index("wall")
+    assert dict(spec.enclosures) == {wall: (pool,)} and spec.num_classes == 3
+    probs = _ring(spec.num_classes, wall, pool)
+    assert float(topology_loss(probs, size=N, bars="decision")) == pytest.approx(0.5)
+    assert float(topology_loss(probs, size=N, bars="decision", encloses=dict(spec.enclosures))) == 0.0
+    # A prior on the other class (the pool, 1, wrapping the wall) leaves the wall's own tunnel a defect.
+    assert float(topology_loss(probs, size=N, bars="decision", encloses={1: (2,)})) == pytest.approx(0.5)
 
 
 def test_split_pooling_sees_a_one_voxel_cavity_and_fills_that_voxel():
