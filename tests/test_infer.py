@@ -17,7 +17,8 @@ from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
 from crossmodalnet.data.dataset import load_case, load_dataset, write_dataset_json
 from crossmodalnet.data.io import Geometry, read_geometry, read_label, write_image, write_label
 from crossmodalnet.data.labels import CODES
-from crossmodalnet.data.preprocess import Preprocessor
+from crossmodalnet.data.preprocess import ChannelNorm, Preprocessor
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.data.registration import label_dice
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.infer import load_run, predict, predict_case
@@ -50,7 +51,8 @@ def _blobs(shape=SHAPE) -> np.ndarray:
 class _Oracle(nn.Module):
     """Class 3 (LV) where the normalised CT exceeds 0.5, else background: a perfect segmenter."""
 
-    def forward(self, ct, mr):
+    def forward(self, image, present=None):
+        ct = image[:, :1]
         logits = torch.full((ct.shape[0], 8, *ct.shape[2:]), -10.0)
         logits[:, 3:4] = 10 * (ct - 0.5)
         logits[:, 0:1] = -10 * (ct - 0.5)
@@ -65,9 +67,9 @@ def test_predict_case_returns_to_an_oblique_anisotropic_grid():
     geom = _oblique()
     truth = _blobs() > 0  # an L-shaped, off-centre object
     # CT = 100 inside: with mean 0, std 100 the normalised CT is 1 inside, 0 outside.
-    pre = Preprocessor(ct_clip=(-1000, 1000), ct_mean=0.0, ct_std=100.0, target_spacing=(1.0, 1.0, 1.0))
+    pre = Preprocessor((ChannelNorm("CT", "ct", (-1000, 1000), 0.0, 100.0), ChannelNorm("MR", "zscore")), (1.0, 1.0, 1.0))
     assert pre.network_shape(geom)[0] != SHAPE  # the network runs on another, resampled grid
-    probs = predict_case(_Oracle(), 100.0 * truth, None, pre, geom, roi_size=(8, 8, 8))
+    probs = predict_case(_Oracle(), [100.0 * truth, None], pre, geom, roi_size=(8, 8, 8))
     assert probs.shape == (8, *SHAPE) and np.allclose(probs.sum(0), 1, atol=1e-4)
     pred = probs.argmax(0) == 3
     assert _dice(pred, truth) > 0.9, _dice(pred, truth)
@@ -83,7 +85,7 @@ def _run(root, model=None, target_spacing=(1.0, 1.0, 1.0), patch=(16, 16, 16)):
     dump_yaml(cfg, root / "config.yaml")
     torch.manual_seed(0)
     save_weights(build_model(cfg.model.name, cfg.model), root / "model.safetensors", cfg.model)
-    Preprocessor((-1000.0, 1000.0), 0.0, 100.0, target_spacing).save(root / "preprocess.json")
+    Preprocessor((ChannelNorm("CT", "ct", (-1000.0, 1000.0), 0.0, 100.0), ChannelNorm("MR", "zscore")), target_spacing).save(root / "preprocess.json")
     return root
 
 
@@ -99,12 +101,12 @@ def _inputs(root, geom=None, mr_geom=None):
 def test_predicted_files_keep_the_input_geometry(tmp_path):
     run = _run(tmp_path / "run")
     ct, mr = _inputs(tmp_path)
-    [out] = predict(run, tmp_path / "pred.nii.gz", ct=ct, mr=mr, probabilities=True)
+    [out] = predict(run, tmp_path / "pred.nii.gz", images={"CT": ct, "MR": mr}, probabilities=True)
     image, written = nib.load(ct), nib.load(out)
     assert written.shape == image.shape == SHAPE
     assert np.allclose(written.affine, image.affine, atol=1e-5)
     assert np.allclose(written.header.get_sform(), image.affine, atol=1e-5)
-    codes, _, encoding = read_label(out)
+    codes, _, encoding = read_label(out, MMWHS)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, *CODES}
     probs = nib.load(tmp_path / "pred_probabilities.nii.gz")
     assert probs.shape == (*SHAPE, 8) and np.allclose(probs.affine, image.affine, atol=1e-5)
@@ -121,7 +123,7 @@ def test_dataset_split_with_index_labels(tmp_path):
                                                                                                 (1.0, 1.0, 2.0)))
         entries.append({"id": f"case{i}", "ct": f"c{i}/ct.nii.gz", "mr": f"c{i}/mr.nii.gz",
                         "label": f"c{i}/label.nii.gz"})
-    write_dataset_json(data, {"training": entries[:1], "test": entries}, name="t")
+    write_dataset_json(data, {"training": entries[:1], "test": entries}, name="t", spec=MMWHS)
     written = predict(_run(tmp_path / "run"), tmp_path / "pred", data_dir=data, labels="indices")
     assert [p.name for p in written] == ["case0.nii.gz", "case1.nii.gz"]
     assert not (tmp_path / "pred" / "original").exists()  # not a prepare-mmwhs folder: no records/
@@ -133,19 +135,19 @@ def test_dataset_split_with_index_labels(tmp_path):
 
 def test_single_modality_needs_a_model_trained_for_it(tmp_path):
     ct, _ = _inputs(tmp_path)
-    with pytest.raises(CrossModalNetError, match=r"has no MR, but run .* was not trained for a missing modality"):
-        predict(_run(tmp_path / "unet"), tmp_path / "out", ct=ct)
+    with pytest.raises(CrossModalNetError, match=r"has no MR, but run .* was not trained for a missing channel"):
+        predict(_run(tmp_path / "unet"), tmp_path / "out", images={"CT": ct})
     pytest.importorskip("crossmodalnet.models.crossmodalnet")
     model = ModelConfig.from_size("crossmodalnet", "tiny", modality_dropout=0.5)
     # CrossModalNet tiny downsamples by 16: a 32^3 window keeps 2^3 voxels at its bottleneck.
     run = _run(tmp_path / "cmn", model, target_spacing=(2.0, 2.0, 2.0), patch=(32, 32, 32))
     assert load_run(run, "cpu").supports_missing_modality
-    [out] = predict(run, tmp_path / "out", ct=ct)
+    [out] = predict(run, tmp_path / "out", images={"CT": ct})
     assert nib.load(out).shape == SHAPE and np.allclose(nib.load(out).affine, nib.load(ct).affine, atol=1e-5)
-    with pytest.raises(CrossModalNetError, match="not trained for a missing modality"):
+    with pytest.raises(CrossModalNetError, match="not trained for a missing channel"):
         # Same window as above (a 16^3 patch is refused earlier, as too small for the model).
         predict(_run(tmp_path / "cmn0", ModelConfig.from_size("crossmodalnet", "tiny"), target_spacing=(2.0, 2.0, 2.0),
-                     patch=(32, 32, 32)), tmp_path / "o", ct=ct)
+                     patch=(32, 32, 32)), tmp_path / "o", images={"CT": ct})
 
 
 def test_ct_mr_grid_mismatch_is_named(tmp_path):
@@ -153,14 +155,14 @@ def test_ct_mr_grid_mismatch_is_named(tmp_path):
     shifted[0, 3] += 2.0  # MR 2 mm off the CT grid
     ct, mr = _inputs(tmp_path, mr_geom=Geometry(shifted, SHAPE))
     with pytest.raises(CrossModalNetError, match=r"mr.nii.gz: affine differs from .*ct.nii.gz"):
-        predict(_run(tmp_path / "run"), tmp_path / "out", ct=ct, mr=mr)
+        predict(_run(tmp_path / "run"), tmp_path / "out", images={"CT": ct, "MR": mr})
 
 
 def test_cli(tmp_path, capsys):
     run = _run(tmp_path / "run")
     ct, mr = _inputs(tmp_path)
     assert main(["predict", str(run), "--ct", str(ct), "--mr", str(mr), "--out", str(tmp_path / "o")]) == 0
-    assert "wrote 1 label map(s) (codes)" in capsys.readouterr().out
+    assert "wrote 1 label map(s) (values)" in capsys.readouterr().out
     assert (tmp_path / "o" / "ct.nii.gz").is_file()
     for args in (["predict", str(run), "--out", str(tmp_path / "x")],  # no input at all
                  ["predict", str(tmp_path), "--ct", str(ct), "--out", str(tmp_path / "x")],  # not a run
@@ -173,10 +175,10 @@ def test_cli(tmp_path, capsys):
 def test_bad_arguments(tmp_path):
     run = _run(tmp_path / "run")
     ct, mr = _inputs(tmp_path)
-    with pytest.raises(CrossModalNetError, match="labels must be 'codes' or 'indices'"):
-        predict(run, tmp_path / "o", ct=ct, mr=mr, labels="names")
+    with pytest.raises(CrossModalNetError, match="labels must be 'values' or 'indices'"):
+        predict(run, tmp_path / "o", images={"CT": ct, "MR": mr}, labels="names")
     with pytest.raises(CrossModalNetError, match="not both or neither"):
-        predict(run, tmp_path / "o", data_dir=tmp_path, ct=ct)
+        predict(run, tmp_path / "o", data_dir=tmp_path, images={"CT": ct})
     with pytest.raises(CrossModalNetError, match=r"model.safetensors: no trained weights"):
         (run / "model.safetensors").unlink()
         load_run(run)
@@ -204,18 +206,18 @@ def mmwhs(tmp_path_factory):
 def _original_mr(raw, case_id: str):
     """The raw fixed (MR) label of a case as class indices, and the raw MR image's grid."""
     stem = raw / "mr_train" / f"mr_{case_id}"  # case "train_1001" -> mr_train/mr_train_1001_*
-    return read_label(f"{stem}_label.nii.gz")[0], read_geometry(f"{stem}_image.nii.gz")
+    return read_label(f"{stem}_label.nii.gz", MMWHS)[0], read_geometry(f"{stem}_image.nii.gz")
 
 
 def test_prepared_labels_go_back_to_the_original_scans(mmwhs, tmp_path, monkeypatch):
     """An oracle whose "prediction" is the prepared reference label: predict writes it unchanged on the
     prepared grid and, through restore_to_original, onto the raw MR's grid, matching the raw label."""
     prep = mmwhs / "prep"
-    truth = [(data["ct"], data["label"]) for split in ("training", "test")
-             for data in map(load_case, load_dataset(prep)[split])]
+    truth = [(data["images"][0], data["label"]) for split in ("training", "test")
+             for data in (load_case(c, MMWHS) for c in load_dataset(prep)[split])]
 
-    def oracle(model, ct, mr, preprocess, geometry, *args, **kwargs):
-        [label] = [lab for ref, lab in truth if np.array_equal(ref, ct)]
+    def oracle(model, images, preprocess, geometry, *args, **kwargs):
+        [label] = [lab for ref, lab in truth if np.array_equal(ref, images[0])]
         return np.eye(8, dtype=np.float32)[label].transpose(3, 0, 1, 2)  # (8, X, Y, Z) one-hot
 
     monkeypatch.setattr(infer, "predict_case", oracle)
@@ -223,7 +225,7 @@ def test_prepared_labels_go_back_to_the_original_scans(mmwhs, tmp_path, monkeypa
     for split in ("training", "test"):
         [case] = load_dataset(prep)[split]
         [written] = predict(run, tmp_path / "pred", data_dir=prep, split=split, labels="indices")
-        assert np.array_equal(read_label(written)[0], read_label(case.label)[0])
+        assert np.array_equal(read_label(written, MMWHS)[0], read_label(case.label, MMWHS)[0])
         original, original_grid = _original_mr(mmwhs / "raw", case.id)
         back = nib.load(tmp_path / "pred" / "original" / f"{case.id}.nii.gz")
         assert back.shape == original_grid.shape != read_geometry(written).shape
@@ -240,7 +242,7 @@ def test_predict_cli_on_a_prepared_folder(mmwhs, tmp_path, capsys):
     assert f"wrote 1 on the original fixed-image grid(s) to {tmp_path / 'pred' / 'original'}" in capsys.readouterr().out
     [case] = load_dataset(mmwhs / "prep")["test"]
     prepared = nib.load(tmp_path / "pred" / f"{case.id}.nii.gz")
-    assert prepared.shape == (48, 48, 48) and np.allclose(prepared.affine, nib.load(case.mr).affine, atol=1e-5)
+    assert prepared.shape == (48, 48, 48) and np.allclose(prepared.affine, nib.load(case.images[1].path).affine, atol=1e-5)
     _, original_grid = _original_mr(mmwhs / "raw", case.id)
     back = nib.load(tmp_path / "pred" / "original" / f"{case.id}.nii.gz")
     assert back.shape == original_grid.shape and np.allclose(back.affine, original_grid.affine, atol=1e-5)
@@ -268,13 +270,13 @@ def test_a_record_that_does_not_fit_stops_before_any_prediction(mmwhs, tmp_path)
 def test_bfloat16_inference_agrees_with_float32_and_bad_precisions_are_named(tmp_path):
     run = _run(tmp_path / "run", model=ModelConfig.from_size("crossmodalnet", "tiny"), patch=(32, 32, 32))
     ct, mr = _inputs(tmp_path)
-    [a] = predict(run, tmp_path / "fp32.nii.gz", ct=ct, mr=mr, labels="indices", precision="fp32")
-    [b] = predict(run, tmp_path / "bf16.nii.gz", ct=ct, mr=mr, labels="indices", precision="bf16")
+    [a] = predict(run, tmp_path / "fp32.nii.gz", images={"CT": ct, "MR": mr}, labels="indices", precision="fp32")
+    [b] = predict(run, tmp_path / "bf16.nii.gz", images={"CT": ct, "MR": mr}, labels="indices", precision="bf16")
     la, lb = (np.asarray(nib.load(p).dataobj) for p in (a, b))
     assert la.shape == lb.shape == SHAPE
     assert np.mean(la == lb) > 0.95  # bf16 keeps 8 bits of mantissa: a few boundary voxels may flip
     with pytest.raises(CrossModalNetError, match="needs a CUDA device"):
-        predict(run, tmp_path / "x.nii.gz", ct=ct, mr=mr, precision="fp16", device="cpu")
+        predict(run, tmp_path / "x.nii.gz", images={"CT": ct, "MR": mr}, precision="fp16", device="cpu")
     with pytest.raises(CrossModalNetError, match="precision must be one of"):
         infer.autocast_dtype("int8", torch.device("cpu"))
     assert infer.autocast_dtype("auto", torch.device("cpu")) is None

@@ -31,6 +31,7 @@ from crossmodalnet.cli import main
 from crossmodalnet.config import AdaptConfig, ModelConfig, TrainConfig, dump_yaml, parse_terms, replace, to_dict
 from crossmodalnet.data.dataset import load_dataset, write_dataset_json
 from crossmodalnet.data.phantom import synthesize
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.infer import predict
 from crossmodalnet.models.registry import build_model
@@ -116,8 +117,9 @@ def test_adapt_end_to_end_all_terms_without_target_labels(source_run, tiny_datas
     new = safetensors.torch.load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(src[k], new[k]) for k in src)
     test_case = load_dataset(target_data, check_files=False)["test"][0]
-    written = predict(out, tmp_path / "pred.nii.gz", ct=test_case.ct, mr=test_case.mr, device="cpu")
-    assert nib.load(str(written[0])).shape == nib.load(str(test_case.ct)).shape
+    ct, mr = (ref.path for ref in test_case.images)
+    written = predict(out, tmp_path / "pred.nii.gz", images={"CT": ct, "MR": mr}, device="cpu")
+    assert nib.load(str(written[0])).shape == nib.load(str(ct)).shape
 
 
 @pytest.mark.parametrize("terms", ["marginal", "topology", "none"])
@@ -207,20 +209,20 @@ def test_resume_after_a_kill_mid_epoch(source_run, tiny_dataset, target_data, tm
 
 def test_forward_with_features_is_the_models_own_pass():
     model = build_model("crossmodalnet", ModelConfig.from_size("crossmodalnet", "tiny")).eval()
-    ct, mr = torch.randn(2, 1, 32, 32, 32), torch.randn(2, 1, 32, 32, 32)
+    image = torch.randn(2, 2, 32, 32, 32)
     with torch.no_grad():
-        logits, features = forward_with_features(model, ct, mr)
-        assert torch.equal(logits, model(ct, mr))
-        assert torch.equal(features, model.encode(ct, mr)[1][-1])
+        logits, features = forward_with_features(model, image)
+        assert torch.equal(logits, model(image))
+        assert torch.equal(features, model.encode(image)[1][-1])
     cfg = model.config
     assert features.shape == (2, 2 * cfg.feature_size * 2 ** (len(cfg.depths) - 1), 2, 2, 2)
     with torch.no_grad():
         for stage in (-2, -3):  # the finer skips, where the decoder takes them in
-            logits, features = forward_with_features(model, ct, mr, stage)
-            assert torch.equal(logits, model(ct, mr))
-            assert torch.equal(features, model.encode(ct, mr)[1][stage])
+            logits, features = forward_with_features(model, image, None, stage)
+            assert torch.equal(logits, model(image))
+            assert torch.equal(features, model.encode(image)[1][stage])
     with pytest.raises(CrossModalNetError, match="feature_stage"):
-        forward_with_features(model, ct, mr, -4)
+        forward_with_features(model, image, None, -4)
 
 
 def test_random_transfer_reshuffles_contrast_and_keeps_mean_and_std():
@@ -265,7 +267,7 @@ def test_cli_adapt_then_predict(source_run, tiny_dataset, target_data, tmp_path,
     saved = yaml.safe_load((out / ADAPT_CONFIG).read_text())["adapt"]
     assert saved["terms"] == ["conditional"] and saved["lr"] == 1e-4 and saved["epochs"] == 1
     case = load_dataset(target_data, check_files=False)["test"][0]
-    assert main(["predict", str(out), "--ct", str(case.ct), "--mr", str(case.mr), "--out",
+    assert main(["predict", str(out), "--ct", str(case.images[0].path), "--image", f"MR={case.images[1].path}", "--out",
                  str(tmp_path / "p.nii.gz")]) == 0
 
 
@@ -281,7 +283,7 @@ def _unet_run(root: Path, source_run: Path) -> Path:
 def _imageless_target(root: Path) -> Path:
     root.mkdir()
     write_dataset_json(root, {"test": [{"id": "x", "ct": "imagesTs/x_ct.nii.gz", "mr": "imagesTs/x_mr.nii.gz"}]},
-                       name="t")
+                       name="t", spec=MMWHS)
     return root
 
 
@@ -329,7 +331,7 @@ def test_cli_error_is_one_line(source_run, tiny_dataset, target_data, tmp_path, 
 def test_target_patches_come_from_images_only(source_run, tiny_dataset, target_data, no_target_labels, tmp_path):
     batches = prepare_adaptation(source_run, tiny_dataset, target_data, tmp_path / "a", _fast()).task.batches
     batch = batches.target.batch(0)
-    assert batch["ct"].shape == (1, 1, 32, 32, 32)
+    assert batch["image"].shape == (1, 2, 32, 32, 32) and bool(batch["present"].all())
     assert int(batch["label"].abs().sum()) == 0  # the dummy label, never a target label
     assert len(batches.target.cases) == 3  # training + validation; the test case is not used
-    assert not np.array_equal(batches.source.batch(0)["ct"].numpy(), batch["ct"].numpy())
+    assert not np.array_equal(batches.source.batch(0)["image"].numpy(), batch["image"].numpy())

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from crossmodalnet.config import ModelConfig
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.evaluate import compute_case_metrics
 from crossmodalnet.models.registry import build_model
@@ -130,9 +131,8 @@ def test_validation_dice_is_the_dice_evaluate_reports():
     pred = label.copy()
     pred[2:5, 2:8, 2:8] = 2  # structure 2: predicted, absent from the reference -> 0
     pred[rng.random(pred.shape) < 0.05] = 3
-    probs = torch.nn.functional.one_hot(torch.from_numpy(pred.astype(np.int64)), 8).permute(3, 0, 1, 2)[None].float()
-    dice = case_dice(probs, label)
-    rows = compute_case_metrics(pred, label, (1.0, 1.0, 1.0))
+    dice = case_dice(pred, label, MMWHS)
+    rows = compute_case_metrics(pred, label, (1.0, 1.0, 1.0), MMWHS)
     for c in range(1, 8):
         reported, ours = rows[c - 1]["dice"], float(dice[c - 1])
         assert (math.isnan(reported) and math.isnan(ours)) or reported == pytest.approx(ours)

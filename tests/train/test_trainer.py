@@ -18,6 +18,7 @@ from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml, load_confi
 from crossmodalnet.data.dataset import write_dataset_json
 from crossmodalnet.data.io import Geometry
 from crossmodalnet.data.labels import NAMES
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.registry import MODEL_NAMES, build_model
 from crossmodalnet.runs import RunFolder
@@ -127,7 +128,7 @@ def test_ct_mr_grid_mismatch_is_named_before_training(tmp_path):
     root = tmp_path / "data"
     good = write_case(root, "good", seed=1)
     bad = write_case(root, "bad", seed=2, mr_geometry=Geometry.from_spacing((20, 20, 20), (1.0, 1.0, 1.5)))
-    write_dataset_json(root, {"training": [good, bad]}, name="mismatch")
+    write_dataset_json(root, {"training": [good, bad]}, name="mismatch", spec=MMWHS)
     with pytest.raises(CrossModalNetError, match=r"bad_mr.nii.gz: affine differs from .*bad_ct.nii.gz"):
         train(root, tmp_path / "run", fast_config())
     assert not (tmp_path / "run").exists()
