@@ -18,14 +18,16 @@ from crossmodalnet.data.dataset import load_case, load_dataset, write_dataset_js
 from crossmodalnet.data.io import Geometry, read_geometry, read_label, write_image, write_label
 from crossmodalnet.data.labels import CODES
 from crossmodalnet.data.preprocess import ChannelNorm, Preprocessor
-from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.data.registration import label_dice
+from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.infer import load_run, predict, predict_case
 from crossmodalnet.models.registry import build_model
 from crossmodalnet.runs import save_weights
 
 SHAPE = (18, 14, 10)
+# CT clipped to +-1000 HU, mean 0, std 100; MR z-scored per image.
+_NORMS = (ChannelNorm("CT", "ct", (-1000.0, 1000.0), 0.0, 100.0), ChannelNorm("MR", "zscore"))
 SPACING = (0.8, 1.3, 2.5)
 
 
@@ -67,7 +69,7 @@ def test_predict_case_returns_to_an_oblique_anisotropic_grid():
     geom = _oblique()
     truth = _blobs() > 0  # an L-shaped, off-centre object
     # CT = 100 inside: with mean 0, std 100 the normalised CT is 1 inside, 0 outside.
-    pre = Preprocessor((ChannelNorm("CT", "ct", (-1000, 1000), 0.0, 100.0), ChannelNorm("MR", "zscore")), (1.0, 1.0, 1.0))
+    pre = Preprocessor(_NORMS, (1.0, 1.0, 1.0))
     assert pre.network_shape(geom)[0] != SHAPE  # the network runs on another, resampled grid
     probs = predict_case(_Oracle(), [100.0 * truth, None], pre, geom, roi_size=(8, 8, 8))
     assert probs.shape == (8, *SHAPE) and np.allclose(probs.sum(0), 1, atol=1e-4)
@@ -85,7 +87,7 @@ def _run(root, model=None, target_spacing=(1.0, 1.0, 1.0), patch=(16, 16, 16)):
     dump_yaml(cfg, root / "config.yaml")
     torch.manual_seed(0)
     save_weights(build_model(cfg.model.name, cfg.model), root / "model.safetensors", cfg.model)
-    Preprocessor((ChannelNorm("CT", "ct", (-1000.0, 1000.0), 0.0, 100.0), ChannelNorm("MR", "zscore")), target_spacing).save(root / "preprocess.json")
+    Preprocessor(_NORMS, target_spacing).save(root / "preprocess.json")
     return root
 
 
@@ -242,7 +244,8 @@ def test_predict_cli_on_a_prepared_folder(mmwhs, tmp_path, capsys):
     assert f"wrote 1 on the original fixed-image grid(s) to {tmp_path / 'pred' / 'original'}" in capsys.readouterr().out
     [case] = load_dataset(mmwhs / "prep")["test"]
     prepared = nib.load(tmp_path / "pred" / f"{case.id}.nii.gz")
-    assert prepared.shape == (48, 48, 48) and np.allclose(prepared.affine, nib.load(case.images[1].path).affine, atol=1e-5)
+    assert prepared.shape == (48, 48, 48)
+    assert np.allclose(prepared.affine, nib.load(case.images[1].path).affine, atol=1e-5)
     _, original_grid = _original_mr(mmwhs / "raw", case.id)
     back = nib.load(tmp_path / "pred" / "original" / f"{case.id}.nii.gz")
     assert back.shape == original_grid.shape and np.allclose(back.affine, original_grid.affine, atol=1e-5)

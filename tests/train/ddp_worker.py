@@ -27,7 +27,7 @@ def main() -> None:
     info = ddp.init_distributed("cpu")
     try:
         training = prepare_training(data, out / "run", config, dist=info)
-        torch.save(training.task.batches.batch(0)["ct"], out / f"batch{info.rank}.pt")
+        torch.save(training.task.batches.batch(0)["image"], out / f"batch{info.rank}.pt")
         training.fit()
         save_weights(training.task.model, out / f"rank{info.rank}.safetensors")
         (out / f"world{info.rank}.txt").write_text(f"{info.world_size} {torch.distributed.get_backend()}")

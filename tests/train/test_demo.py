@@ -22,7 +22,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert json.loads((out / "evaluation" / "summary.json").read_text())["mean_dice"] == summary["mean_dice"]
     assert (out / "run" / "model.safetensors").is_file() and (out / "run" / "curves.png").is_file()
     for case in load_dataset(out / "data")["test"]:
-        pred, image = nib.load(out / "predictions" / f"{case.id}.nii.gz"), nib.load(case.ct)
+        pred, image = nib.load(out / "predictions" / f"{case.id}.nii.gz"), nib.load(case.images[0].path)
         assert pred.shape == image.shape and np.allclose(pred.affine, image.affine, atol=1e-5)
     # A second demo into the same folder starts clean; its parts are removed first.
     _prepare_folder(out, DEMO, seed=1)
