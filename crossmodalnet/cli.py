@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a region: a union of label values (or names), evaluated as its own row")
     ds.add_argument("--train-regions", action="store_true",
                     help="train one sigmoid per region (nnU-Net's region training) instead of softmax over labels")
+    ds.add_argument("--test-fraction", type=float, default=0.0, metavar="F",
+                    help="share of the labelled cases held out as a labelled test split, drawn by --seed (default 0)")
+    ds.add_argument("--seed", type=int, default=0, help="seed of the test draw (default 0)")
     ds.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
     ds.add_argument("--name", default=None, help="dataset name (default: the folder's name)")
     ds.set_defaults(func=_cmd_dataset)

@@ -270,6 +270,10 @@ class TrainConfig(_Schema):
     misalign_prob: Probability = 0.0
     misalign_voxels: NonNegativeFloat = 4.0
     target_spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None  # mm; None: median
+    # Axis order of the network: "canonical" (closest RAS), "stored" (the voxel axes as they are), or
+    # "auto": canonical unless the cases' slice axes land on different canonical axes (oblique
+    # short-axis MR), see `data.preprocess.choose_orientation`.
+    orientation: Literal["auto", "canonical", "stored"] = "auto"
 
     @model_validator(mode="before")
     @classmethod

@@ -297,7 +297,8 @@ def build_dataset(out: str | os.PathLike, channels: Sequence[tuple[str, str]], l
 
 def build_from_cli(args) -> BuiltDataset:
     """`crossmodalnet dataset OUT --channel NAME=GLOB ... --label GLOB --labels NAME=VALUE ...
-    [--region NAME=V1,V2 ...] [--train-regions] [--copy] [--name N]`: parse the values, build, print
+    [--region NAME=V1,V2 ...] [--train-regions] [--test-fraction F] [--seed S] [--copy] [--name N]`:
+    parse the values, build, print
     the summary."""
     labels = []
     for name, value in args.labels:
@@ -307,7 +308,8 @@ def build_from_cli(args) -> BuiltDataset:
             raise CrossModalNetError(f"--labels {name}={value}: the value must be an integer") from None
     regions = [(name, [v.strip() for v in value.split(",") if v.strip()]) for name, value in args.region or []]
     built = build_dataset(args.out, channels=list(args.channel), label_glob=args.label, labels=labels,
-                          regions=regions, train_regions=args.train_regions, copy=args.copy, name=args.name)
+                          regions=regions, train_regions=args.train_regions, copy=args.copy, name=args.name,
+                          test_fraction=args.test_fraction, seed=args.seed)
     print(built)
     return built
 

@@ -7,10 +7,14 @@ The channel name picks the normalisation, as in nnU-Net (`spec.normalization_sch
 - **anything else** (MR sequences, ADC, PET...): z-score per image (arbitrary units per scan);
 - `noNorm`: as stored.
 
-Geometry: a volume is turned to the closest canonical (RAS) axis order by permutations and flips
-only (exact, no interpolation), then resampled to the training spacing when its own spacing
-differs. `restore` undoes both exactly in reverse, so predictions come back on the input's
-original grid (same shape and affine).
+Geometry: a volume is turned to the network's axis order by permutations and flips only (exact,
+no interpolation), then resampled to the training spacing when its own spacing differs. The
+order is the closest canonical (RAS) one, or, with `orientation="stored"`, the voxel axes as
+stored: short-axis cardiac MR is oblique to the body, so the closest canonical axis of the slice
+direction differs from scan to scan (MyoPS 2020: LSP and PSR files), and a canonical order would
+put 12-23 mm slices on different axes of different cases; `fit_preprocessor` picks (`"auto"`).
+`restore` undoes both exactly in reverse, so predictions come back on the input's original grid
+(same shape and affine).
 
 Arrays: volumes (X, Y, Z) as stored; network space (D, H, W) = canonical, resampled axes;
 probabilities (C, D, H, W) -> (C, X, Y, Z). The fitted statistics are saved as
@@ -36,7 +40,8 @@ from crossmodalnet.data.spec import normalization_scheme
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path
 
-__all__ = ["Preprocessor", "ChannelNorm", "PreparedCase", "fit_preprocessor", "CT_PERCENTILES"]
+__all__ = ["Preprocessor", "ChannelNorm", "PreparedCase", "fit_preprocessor", "choose_orientation",
+           "CT_PERCENTILES", "ORIENTATIONS"]
 
 CT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
 # Foreground voxels kept per case for the CT statistics (nnU-Net samples too); enough for stable
@@ -44,6 +49,9 @@ CT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
 _FOREGROUND_SAMPLES_PER_CASE = 200_000
 _FORMAT = 2
 _SCHEMES = ("ct", "zscore", "none")
+ORIENTATIONS = ("canonical", "stored")
+# Spacing ratio above which a case's coarsest axis is its slice axis (for the orientation choice).
+_SLICE_RATIO = 2.0
 
 
 @dataclass
@@ -105,7 +113,8 @@ class Preprocessor:
     """Fitted normalisation per channel and target spacing. Build with `fit_preprocessor` or `load`."""
 
     channels: tuple[ChannelNorm, ...]
-    target_spacing: tuple[float, float, float] | None  # mm per canonical axis; None: keep grid
+    target_spacing: tuple[float, float, float] | None  # mm per network axis; None: keep grid
+    orientation: str = "canonical"  # "canonical" (closest RAS) or "stored" (the voxel axes as they are)
 
     # --- intensity ---------------------------------------------------------------------------
     def normalize(self, channel: int, image: np.ndarray) -> np.ndarray:
@@ -115,7 +124,7 @@ class Preprocessor:
     # --- geometry ----------------------------------------------------------------------------
     def network_shape(self, geometry: Geometry) -> tuple[tuple[int, int, int], np.ndarray, tuple[int, ...]]:
         """(network shape, orientation, canonical shape) of a volume on `geometry`."""
-        ornt = io_orientation(geometry.affine)
+        ornt = _orientation(geometry, self.orientation)
         canonical_shape = [0, 0, 0]
         spacing = [0.0, 0.0, 0.0]
         for axis, (target_axis, _flip) in enumerate(ornt):
@@ -183,7 +192,7 @@ class Preprocessor:
         return {
             "format": _FORMAT,
             "channels": channels,
-            "orientation": "closest canonical (RAS)",
+            "orientation": self.orientation,
             "target_spacing": None if self.target_spacing is None else list(self.target_spacing),
         }
 
@@ -248,7 +257,12 @@ class Preprocessor:
             spacing = tuple(number(v, "target_spacing") for v in spacing)
             if not all(v > 0 for v in spacing):
                 raise _malformed(source, f"target_spacing must be positive (mm), got {list(spacing)}")
-        return cls(channels=channels, target_spacing=spacing)
+        orientation = data.get("orientation", "canonical")
+        if orientation == "closest canonical (RAS)":  # how format 1 and early format 2 files say it
+            orientation = "canonical"
+        if orientation not in ORIENTATIONS:
+            raise _malformed(source, f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+        return cls(channels=channels, target_spacing=spacing, orientation=orientation)
 
     def save(self, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:
@@ -275,21 +289,38 @@ def _malformed(source: str, detail: str) -> CrossModalNetError:
     return CrossModalNetError(f"{source}: malformed preprocessing statistics: {detail}")
 
 
+def choose_orientation(geometries: Sequence[Geometry]) -> str:
+    """"canonical" unless the cases' slice axes (a spacing over twice the finest) land on different
+    canonical axes, or a case has a slice axis and another does not: then "stored"."""
+    slice_axes = set()
+    for geometry in geometries:
+        spacing = _network_spacing(geometry, "canonical")
+        coarse = int(np.argmax(spacing))
+        slice_axes.add(coarse if spacing[coarse] > _SLICE_RATIO * min(spacing) else None)
+    return "canonical" if len(slice_axes) <= 1 else "stored"
+
+
 def fit_preprocessor(
-    cases: Sequence[dict], channels: Sequence[str], target_spacing: Sequence[float] | None = None, seed: int = 0
+    cases: Sequence[dict], channels: Sequence[str], target_spacing: Sequence[float] | None = None, seed: int = 0,
+    orientation: str = "auto",
 ) -> Preprocessor:
-    """Fit the normalisation of every channel and the target spacing on training cases.
+    """Fit the normalisation of every channel, the axis order and the target spacing on training cases.
 
     cases: dicts from `dataset.load_case` ({"images", "label", "geometry"}), all labelled.
     channels: the dataset's channel names; each picks its scheme (`spec.normalization_scheme`).
-    target_spacing: mm per canonical axis; None takes the per-axis median of the cases.
+    target_spacing: mm per network axis; None takes the per-axis median of the cases.
+    orientation: "canonical", "stored" or "auto" (`choose_orientation`).
     """
     rng = np.random.default_rng(seed)
+    if orientation == "auto":
+        orientation = choose_orientation([case["geometry"] for case in cases])
+    if orientation not in ORIENTATIONS:
+        raise CrossModalNetError(f"orientation must be auto or one of {ORIENTATIONS}, got {orientation!r}")
     spacings = []
     for case in cases:
         if case.get("label") is None:
             raise CrossModalNetError("fitting the normalisation needs labelled training cases")
-        spacings.append(_canonical_spacing(case["geometry"]))
+        spacings.append(_network_spacing(case["geometry"], orientation))
     norms = []
     for i, name in enumerate(channels):
         scheme = normalization_scheme(name)
@@ -315,12 +346,19 @@ def fit_preprocessor(
     if target_spacing is None and spacings:
         target_spacing = tuple(float(v) for v in np.median(np.array(spacings), axis=0))
     spacing = None if target_spacing is None else tuple(float(s) for s in target_spacing)
-    return Preprocessor(channels=tuple(norms), target_spacing=spacing)
+    return Preprocessor(channels=tuple(norms), target_spacing=spacing, orientation=orientation)
 
 
-def _canonical_spacing(geometry: Geometry) -> tuple[float, float, float]:
+def _orientation(geometry: Geometry, orientation: str) -> np.ndarray:
+    """(3, 2) nibabel orientation from the stored voxel axes to the network's."""
+    if orientation == "stored":
+        return np.array([[0, 1], [1, 1], [2, 1]], dtype=np.float64)
+    return io_orientation(geometry.affine)
+
+
+def _network_spacing(geometry: Geometry, orientation: str) -> tuple[float, float, float]:
     spacing = [0.0, 0.0, 0.0]
-    for axis, (target_axis, _flip) in enumerate(io_orientation(geometry.affine)):
+    for axis, (target_axis, _flip) in enumerate(_orientation(geometry, orientation)):
         spacing[int(target_axis)] = geometry.spacing[axis]
     return tuple(spacing)
 

@@ -190,7 +190,8 @@ def _prepare(data_dir: str | os.PathLike, run: RunFolder, config: TrainConfig, r
         preprocessor = run.read_preprocess()
     else:
         preprocessor = Preprocessor.from_dict(ddp.main_first(
-            lambda: fit_preprocessor(loaded, spec.channels, config.target_spacing, config.seed).to_dict(), dist))
+            lambda: fit_preprocessor(loaded, spec.channels, config.target_spacing, config.seed,
+                                     config.orientation).to_dict(), dist))
     train_prepared = [preprocessor.prepare(d["images"], d["geometry"], d["label"], c.id)
                       for c, d in zip(train_cases, loaded, strict=True)]
     val_prepared = []
