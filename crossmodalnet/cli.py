@@ -96,6 +96,12 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     evaluate_paths(a.pred, a.ref, a.out, spec=spec, hd95=a.hd95, topology=a.topology)
 
 
+def _cmd_plan(a: argparse.Namespace) -> None:
+    from crossmodalnet.train.plan import plan_from_cli
+
+    plan_from_cli(a)
+
+
 def _cmd_dataset(a: argparse.Namespace) -> None:
     from crossmodalnet.data.builder import build_from_cli
 
@@ -270,6 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
     ds.add_argument("--name", default=None, help="dataset name (default: the folder's name)")
     ds.set_defaults(func=_cmd_dataset)
+
+    pl = sub.add_parser(
+        "plan", help="the dataset's plan: spacing, patch, per-axis strides and windows, batch, and why",
+        description="Fingerprint the labelled training cases of DATA (spacings, shapes, foreground intensities, "
+                    "class volumes) and derive the training plan for a model and device, nnU-Net style: target "
+                    "spacing (a thick-slice axis takes its 10th percentile), the in-plane spacing coarsened until "
+                    "half the field of view fits the device, the patch, per-axis strides (an axis is halved only "
+                    "while at most twice the finest), windows and batch. `train` makes the same plan itself "
+                    "for whatever its configuration leaves open; this command shows it first.")
+    pl.add_argument("data", type=Path, help="dataset folder with dataset.json")
+    pl.add_argument("--model", default="crossmodalnet", help="registered model name (default crossmodalnet)")
+    pl.add_argument("--size", default="small", help="tiny | small | base (default small)")
+    pl.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="whose budget the plan fits (default cpu)")
+    pl.add_argument("--out", type=Path, default=None,
+                    help="file for the plan and fingerprint (default DATA/plans.json)")
+    pl.set_defaults(func=_cmd_plan)
 
     m = sub.add_parser("models", help="list registered models with parameters and GFLOPs",
                        description="Every registered model with its parameters and forward GFLOPs on a "

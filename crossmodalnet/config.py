@@ -229,8 +229,12 @@ class TrainConfig(_Schema):
     epochs: PositiveInt = 50
     iterations_per_epoch: PositiveInt = 20  # optimizer steps per epoch (patch-based, so epochs are nominal)
     max_minutes: PositiveFloat | None = None  # stop (and save) after this wall time
-    batch_size: PositiveInt = 2  # global; divided between DDP processes
-    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (64, 64, 64)  # also the sliding-window roi
+    # None: the dataset's plan decides (`train.plan`; without a plan 2 and 64^3).
+    batch_size: PositiveInt | None = None  # global; divided between DDP processes
+    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None  # also the sliding-window roi
+    # Take what this configuration leaves open (None above, target_spacing, orientation "auto", the
+    # model's strides and windows) from a plan of the training data (`crossmodalnet plan`).
+    plan: bool = True
     foreground_ratio: Probability = 0.67  # share of patches centred on a structure voxel
     optimizer: Literal["adam", "adamw"] = "adamw"
     lr: PositiveFloat = 3e-3  # Adam(W), batch 2; on the phantom 3e-3 trained CrossModalNet faster than 2e-3
@@ -452,7 +456,10 @@ IMPLIED_BEFORE_FIELD: dict[str, Any] = {"cross_first_stage": 0, "fine_skips": "b
 
 
 def imply_missing_fields(data: Any) -> Any:
-    """Fill IMPLIED_BEFORE_FIELD into the CrossModalNet `model` mapping of a saved run config (in place)."""
+    """Fill IMPLIED_BEFORE_FIELD into the CrossModalNet `model` mapping of a saved run config (in place);
+    a run from before plans ran without one."""
+    if isinstance(data, dict):
+        data.setdefault("plan", False)
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, dict) and model.get("name", "crossmodalnet") == "crossmodalnet":
         for key, value in IMPLIED_BEFORE_FIELD.items():

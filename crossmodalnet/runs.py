@@ -11,6 +11,7 @@ Layout (a trained run; an adapted run adds the `adapt*` files):
     RUN/config.yaml                      the resolved TrainConfig
     RUN/preprocess.json                  normalisation statistics and target spacing (training data)
     RUN/spec.json                        the dataset's channels, labels and regions (runs before it: MM-WHS)
+    RUN/plans.json                       the plan the run took its open settings from, with the reasons
     RUN/model.safetensors                weights to predict with (best by validation Dice, or the
                                          adaptation's final ones); metadata: the ModelConfig
     RUN/last/                            resume checkpoint: model.safetensors, state.pt, manifest.json
@@ -74,6 +75,7 @@ class RunFolder:
     CONFIG = "config.yaml"
     PREPROCESS = "preprocess.json"
     SPEC = "spec.json"
+    PLAN = "plans.json"
     WEIGHTS = _WEIGHTS
     LAST = "last"
     METRICS = "metrics.csv"
@@ -186,6 +188,12 @@ class RunFolder:
 
     def write_spec(self, spec: DataSpec) -> Path:
         return self._write_text(self.SPEC, spec.to_json())
+
+    def has_plan(self) -> bool:
+        return (self.path / self.PLAN).is_file()
+
+    def write_plan(self, plan: dict[str, Any]) -> Path:
+        return self._write_text(self.PLAN, json.dumps(plan, indent=2))
 
     def copy_definition_from(self, source: RunFolder) -> None:
         """Copy what `predict` needs besides weights (config, preprocessing, dataset description)."""

@@ -122,6 +122,24 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
+def _voxel_to_world(img: nib.Nifti1Image) -> np.ndarray:
+    """The image's affine, as ITK (and so SimpleITK, nnU-Net, 3D Slicer) reads it: the sform, unless
+    its voxel sizes disagree with the header's pixdim while the qform agrees; then the qform.
+    Some public conversions (an ACDC copy on GitHub) carry an sform of unit scales beside correct
+    pixdim and qform; nibabel's `img.affine` would make their 10 mm slices 1 mm."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    header = img.header
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    scales = np.linalg.norm(affine[:3, :3], axis=0)
+    # A singular sform stays (and is refused below): it is damaged, not mis-scaled.
+    invertible = np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) > 1e-12
+    if int(header["sform_code"]) > 0 and invertible and not np.allclose(scales, zooms, rtol=1e-3, atol=1e-5):
+        qform = np.asarray(header.get_qform(), dtype=np.float64)
+        if np.allclose(np.linalg.norm(qform[:3, :3], axis=0), zooms, rtol=1e-3, atol=1e-5):
+            return qform
+    return affine
+
+
 def _open_header(path: Path, volume: int | None = None) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarray]:
     """Load a NIfTI header (no voxels) and check it can be read safely. Returns (image, 3D shape, affine).
 
@@ -146,7 +164,7 @@ def _open_header(path: Path, volume: int | None = None) -> tuple[nib.Nifti1Image
             zooms = tuple(float(z) for z in header.get_zooms())
             offset = int(img.dataobj.offset)  # the header object forgets vox_offset once loaded
             slope, inter = (math.nan if v is None else float(v) for v in header.get_slope_inter())
-            affine = np.asarray(img.affine, dtype=np.float64)
+            affine = _voxel_to_world(img)
     except CrossModalNetError:
         raise
     except Exception as exc:  # nibabel raises many types for corrupt headers

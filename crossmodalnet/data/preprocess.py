@@ -40,7 +40,8 @@ from crossmodalnet.data.spec import normalization_scheme
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import atomic_path
 
-__all__ = ["Preprocessor", "ChannelNorm", "PreparedCase", "fit_preprocessor", "choose_orientation",
+__all__ = ["Preprocessor", "ChannelNorm", "PreparedCase", "fit_preprocessor", "choose_orientation", "network_spacing",
+           "network_grid_shape",
            "CT_PERCENTILES", "ORIENTATIONS"]
 
 CT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
@@ -294,7 +295,7 @@ def choose_orientation(geometries: Sequence[Geometry]) -> str:
     canonical axes, or a case has a slice axis and another does not: then "stored"."""
     slice_axes = set()
     for geometry in geometries:
-        spacing = _network_spacing(geometry, "canonical")
+        spacing = network_spacing(geometry, "canonical")
         coarse = int(np.argmax(spacing))
         slice_axes.add(coarse if spacing[coarse] > _SLICE_RATIO * min(spacing) else None)
     return "canonical" if len(slice_axes) <= 1 else "stored"
@@ -320,7 +321,7 @@ def fit_preprocessor(
     for case in cases:
         if case.get("label") is None:
             raise CrossModalNetError("fitting the normalisation needs labelled training cases")
-        spacings.append(_network_spacing(case["geometry"], orientation))
+        spacings.append(network_spacing(case["geometry"], orientation))
     norms = []
     for i, name in enumerate(channels):
         scheme = normalization_scheme(name)
@@ -356,11 +357,20 @@ def _orientation(geometry: Geometry, orientation: str) -> np.ndarray:
     return io_orientation(geometry.affine)
 
 
-def _network_spacing(geometry: Geometry, orientation: str) -> tuple[float, float, float]:
+def network_spacing(geometry: Geometry, orientation: str) -> tuple[float, float, float]:
+    """Voxel size (mm) per network axis of a volume on `geometry` (before resampling)."""
     spacing = [0.0, 0.0, 0.0]
     for axis, (target_axis, _flip) in enumerate(_orientation(geometry, orientation)):
         spacing[int(target_axis)] = geometry.spacing[axis]
     return tuple(spacing)
+
+
+def network_grid_shape(geometry: Geometry, orientation: str) -> tuple[int, int, int]:
+    """Shape per network axis of a volume on `geometry` (before resampling)."""
+    shape = [0, 0, 0]
+    for axis, (target_axis, _flip) in enumerate(_orientation(geometry, orientation)):
+        shape[int(target_axis)] = int(geometry.shape[axis])
+    return tuple(shape)
 
 
 def _resize(array: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:

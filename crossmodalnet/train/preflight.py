@@ -20,12 +20,14 @@ import torch.distributed
 
 from crossmodalnet.config import CROSSMODALNET_FIELDS, ModelConfig, TrainConfig, load_config_file, replace, to_dict
 from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset, read_spec
+from crossmodalnet.data.fingerprint import Fingerprint
 from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.models.registry import check_input_size
 from crossmodalnet.runs import RunFolder
+from crossmodalnet.train.plan import DEFAULT_BATCH, DEFAULT_PATCH, Plan, apply_plan, make_plan
 
-__all__ = ["check_runnable", "resolve_config", "dataset_spec", "dataset_splits", "check_label_values"]
+__all__ = ["check_runnable", "resolve_config", "dataset_spec", "dataset_splits", "check_label_values", "planned"]
 
 
 def check_runnable(config: TrainConfig, world_size: int = 1) -> None:
@@ -104,3 +106,14 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     flags = {key: getattr(args, key) for key in ("epochs", "max_minutes", "seed", "device")
              if getattr(args, key, None) is not None}
     return replace(config, **flags) if flags else config
+
+
+def planned(config: TrainConfig, fp: Fingerprint, device: str) -> tuple[TrainConfig, Plan | None]:
+    """The configuration with what it leaves open from the plan of the data (`config.plan`), or from
+    the defaults of before plans (`plan: false`), and the plan (None without one)."""
+    if not config.plan:
+        return replace(config, patch_size=config.patch_size or DEFAULT_PATCH,
+                       batch_size=config.batch_size or DEFAULT_BATCH), None
+    plan = make_plan(fp, config.model, "cuda" if device == "cuda" else "cpu")
+    return apply_plan(config, plan), plan
+

@@ -31,6 +31,7 @@ from torch import nn
 
 from crossmodalnet.config import TrainConfig, replace
 from crossmodalnet.data.dataset import load_case
+from crossmodalnet.data.fingerprint import fingerprint
 from crossmodalnet.data.preprocess import PreparedCase, Preprocessor, fit_preprocessor
 from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.models.inference import sliding_window_probabilities
@@ -42,6 +43,7 @@ from crossmodalnet.train.data import PatchSampler
 from crossmodalnet.train.distributed import gather_lists, split_by_rank
 from crossmodalnet.train.engine import LoopSettings, PreparedRun, Task, param_groups
 from crossmodalnet.train.losses import AdaptiveLossBalancing, DiceCETerms
+from crossmodalnet.train.plan import Plan
 from crossmodalnet.train.report import STEP_TERMS, format_summary, metric_columns, plot_curves, score_columns
 
 __all__ = ["SegmentationTask", "prepare_training", "train", "train_from_cli", "validation_dice",
@@ -175,17 +177,27 @@ def validation_dice(model: nn.Module, cases: list[PreparedCase], config: TrainCo
 
 
 def _prepare(data_dir: str | os.PathLike, run: RunFolder, config: TrainConfig, resume: bool,
-             dist: ddp.DistInfo) -> tuple[TrainConfig, DataSpec, Preprocessor, list[PreparedCase], list[PreparedCase]]:
+             dist: ddp.DistInfo) -> tuple[TrainConfig, DataSpec, Plan | None, Preprocessor, list[PreparedCase],
+                                          list[PreparedCase]]:
     """Check every input, then load and prepare every case; nothing is written here.
 
-    Returns the configuration with the model's inputs and outputs set from the dataset."""
+    Returns the configuration with the model's inputs and outputs set from the dataset and what it
+    leaves open from the dataset's plan (`train.plan`), and the plan."""
     spec = ddp.main_first(lambda: preflight.dataset_spec(data_dir, run if resume else None), dist)
     config = replace(config, model=replace(config.model, modalities=spec.num_channels, out_channels=spec.num_outputs))
-    ddp.main_first(lambda: run.check_resumable(config) if resume else run.open_new(), dist)
-    preflight.check_runnable(config, dist.world_size)
+    if not resume:
+        ddp.main_first(run.open_new, dist)
     train_cases, val_cases = ddp.main_first(lambda: preflight.dataset_splits(data_dir, config), dist)
     loaded = [load_case(c, spec) for c in train_cases]
     preflight.check_label_values(data_dir, spec, [d["label"] for d in loaded])
+    fp = fingerprint(loaded, spec, config.orientation, config.seed)
+    config, plan = preflight.planned(config, fp, dist.device.type)
+    if resume:
+        ddp.main_first(lambda: run.check_resumable(config), dist)
+    preflight.check_runnable(config, dist.world_size)
+    if plan is not None and dist.is_main and not resume:
+        print(f"plan of {data_dir} for {config.model.name}/{config.model.size} on the {plan.device}:\n"
+              f"{plan.describe()}")
     if resume and run.has_preprocess():
         preprocessor = run.read_preprocess()
     else:
@@ -198,7 +210,7 @@ def _prepare(data_dir: str | os.PathLike, run: RunFolder, config: TrainConfig, r
     for c in split_by_rank(val_cases, dist) if dist.distributed else val_cases:
         d = load_case(c, spec)
         val_prepared.append(preprocessor.prepare(d["images"], d["geometry"], d["label"], c.id))
-    return config, spec, preprocessor, train_prepared, val_prepared
+    return config, spec, plan, preprocessor, train_prepared, val_prepared
 
 
 def prepare_training(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig,
@@ -206,7 +218,7 @@ def prepare_training(data_dir: str | os.PathLike, out_dir: str | os.PathLike, co
     """Check every input and load every case, then create the run folder (nothing is written before)."""
     dist = dist or ddp.DistInfo(device=ddp.resolve_device(config.device))
     run = RunFolder(out_dir)
-    config, spec, preprocessor, train_cases, val_cases = _prepare(data_dir, run, config, resume, dist)
+    config, spec, plan, preprocessor, train_cases, val_cases = _prepare(data_dir, run, config, resume, dist)
     if dist.is_main:  # every check passed: now the folder may be written (a resume keeps its files)
         run.create()
         if not run.has_config():
@@ -215,6 +227,8 @@ def prepare_training(data_dir: str | os.PathLike, out_dir: str | os.PathLike, co
             run.write_preprocess(preprocessor)
         if not run.has_spec():
             run.write_spec(spec)
+        if plan is not None and not run.has_plan():
+            run.write_plan(plan.to_dict())
     ddp.barrier(dist)
     torch.manual_seed(config.seed)  # same initial weights for a given seed
     model = build_model(config.model.name, config.model)

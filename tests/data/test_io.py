@@ -363,3 +363,18 @@ def test_header_claims_checked_against_the_file_size(tmp_path):
     with pytest.raises(CrossModalNetError, match=r"too small .* uncompressed\): truncated or a bad header") as exc:
         read_geometry(liar)
     _assert_one_line_naming(exc, liar)
+
+
+def test_an_sform_whose_voxel_sizes_disagree_with_pixdim_gives_way_to_the_qform(tmp_path):
+    """As ITK reads it: an ACDC copy on GitHub carries a unit-scale sform beside correct pixdim and qform."""
+    data = np.zeros((6, 5, 4), dtype=np.float32)
+    qform = np.diag([-1.5625, -1.5625, 10.0, 1.0])
+    img = nib.Nifti1Image(data, qform)
+    img.set_qform(qform, code=1)
+    img.set_sform(np.diag([-1.0, -1.0, 1.0, 1.0]), code=2)
+    img.header.set_zooms((1.5625, 1.5625, 10.0))
+    nib.save(img, tmp_path / "acdc.nii.gz")
+    assert read_geometry(tmp_path / "acdc.nii.gz").spacing == pytest.approx((1.5625, 1.5625, 10.0))
+    consistent = nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0]))  # sform agrees with pixdim: kept
+    nib.save(consistent, tmp_path / "ok.nii.gz")
+    assert np.allclose(read_geometry(tmp_path / "ok.nii.gz").affine, np.diag([2.0, 2.0, 3.0, 1.0]))

@@ -1,0 +1,315 @@
+"""A plan per dataset: spacing, patch, per-axis strides and windows, batch (nnU-Net's "plans").
+
+    fp = fingerprint(cases, spec)                       # data.fingerprint
+    plan = make_plan(fp, config.model, device="cpu")     # every number with the reason for it
+    config = apply_plan(config, plan)                   # what the configuration leaves open
+
+The rules, in order (each number of a plan comes with the sentence that says why, `Plan.reasons`):
+
+1. **Target spacing**: the median spacing of the training cases per axis; an axis whose median
+   spacing is over 3x the finest (a slice axis) takes the 10th percentile of its spacings
+   instead, as nnU-Net does (fewer invented slices for the thick-slice cases).
+2. **Field of view on the device**: a patch must see at least half of the median extent of every
+   fine axis (`COVERAGE`) and every slice of a slice axis. When that patch is over the device's
+   voxel budget (`BUDGETS`), the fine axes' spacing is coarsened until it fits; the slice axis is
+   never resampled for this. (On a CPU, MyoPS's 0.73 mm in-plane voxels become about 1.2 mm.)
+3. **Patch**: the median shape at the target spacing, shrunk along the axis that is largest
+   relative to the median shape until it fits the budget, then rounded to a multiple of each
+   axis's total stride.
+4. **Strides**: at each downsampling step of the model, an axis is halved only while its current
+   spacing is at most twice the finest current spacing (nnU-Net's rule: a 12 mm slice axis is
+   not downsampled while the in-plane axes are at 1.2-4.8 mm) and it keeps at least 2 voxels.
+   The number of steps is the model's (CrossModalNet: its stem's stride-2 convolutions plus its
+   patch mergings).
+5. **Windows** (Swin models): the model's window on every axis, except an axis that is never
+   downsampled and has fewer than two windows of tokens: one window spans it (4-6 slices are
+   one window, not padded to 8).
+6. **Kernels** (conv models): 3 on an axis, 1 where its spacing at that level is over twice the
+   finest (nnU-Net).
+7. **Batch**: the device's voxels per step divided by the patch's voxels, within [2, 16].
+
+An isotropic dataset (the phantom) gets every stride 2 and the model's cubic window, which is
+written as the model's defaults (None, an int): the model built is exactly the unplanned one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crossmodalnet.config import MODEL_SIZES, ModelConfig, TrainConfig, replace
+from crossmodalnet.data.dataset import load_case, load_dataset
+from crossmodalnet.data.fingerprint import Fingerprint, fingerprint
+from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
+
+__all__ = ["Budget", "BUDGETS", "COVERAGE", "Plan", "make_plan", "apply_plan", "model_steps", "DEFAULT_PATCH",
+           "DEFAULT_BATCH", "plan_dataset", "plan_from_cli"]
+
+COVERAGE = 0.5  # share of the median extent of each axis a patch must see
+ANISOTROPY = 3.0  # an axis this many times coarser than the finest is a slice axis (rule 1)
+DOWNSAMPLE_RATIO = 2.0  # an axis is halved only while at most this many times the finest (rule 4)
+MIN_EDGE = 2  # voxels an axis keeps after a halving
+# Without a plan (`plan: false`), the patch and batch of before plans.
+DEFAULT_PATCH = (64, 64, 64)
+DEFAULT_BATCH = 2
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one training step may hold on a device: voxels of one patch, voxels of a batch."""
+
+    patch_voxels: int
+    step_voxels: int
+    min_batch: int = 2
+    max_batch: int = 16
+
+
+# CPU: about a 50^3-voxel patch (the phantom's 64^3 median shape gives the 48^3 patch the CPU demo
+# was tuned to; a CrossModalNet small step stays around a second on 2 cores); GPU: nnU-Net-sized.
+BUDGETS: dict[str, Budget] = {
+    "cpu": Budget(patch_voxels=2**17, step_voxels=2**18),
+    "cuda": Budget(patch_voxels=2**21, step_voxels=2**22),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The numbers a dataset's training runs with, and why each is what it is."""
+
+    device: str
+    orientation: str
+    target_spacing: tuple[float, float, float]
+    patch_size: tuple[int, int, int]
+    batch_size: int
+    strides: tuple[tuple[int, int, int], ...] | None
+    window_size: int | tuple[int, int, int] | None
+    kernels: tuple[tuple[int, int, int], ...] | None
+    reasons: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        def listed(v: Any) -> Any:
+            return [listed(x) for x in v] if isinstance(v, tuple | list) else v
+
+        return {"device": self.device, "orientation": self.orientation,
+                "target_spacing": [round(s, 4) for s in self.target_spacing], "patch_size": list(self.patch_size),
+                "batch_size": self.batch_size, "strides": listed(self.strides),
+                "window_size": listed(self.window_size), "kernels": listed(self.kernels),
+                "reasons": list(self.reasons)}
+
+    def describe(self) -> str:
+        """The plan as lines a user reads: every number, then why."""
+        lines = [f"orientation    {self.orientation}",
+                 f"target spacing {' x '.join(f'{s:.3g}' for s in self.target_spacing)} mm",
+                 f"patch          {' x '.join(map(str, self.patch_size))} voxels, batch {self.batch_size}",
+                 f"strides        {_fmt_steps(self.strides)}",
+                 f"window         {self.window_size}"]
+        if self.kernels is not None:
+            lines.append(f"kernels        {_fmt_steps(self.kernels)}")
+        return "\n".join(lines + ["why:"] + [f"  - {r}" for r in self.reasons])
+
+
+def _fmt_steps(steps: Sequence[Sequence[int]] | None) -> str:
+    return "model default (2 on every axis)" if steps is None else " ".join("x".join(map(str, s)) for s in steps)
+
+
+def model_steps(model: ModelConfig) -> int | None:
+    """How many downsampling steps the model has (None: a model a plan cannot shape)."""
+    if model.name == "crossmodalnet":
+        return int(math.log2(model.patch_size if isinstance(model.patch_size, int) else max(model.patch_size))) \
+            + len(model.depths) - 1
+    if model.name == "dynunet":
+        return 5
+    if model.name == "unet":
+        return len(MODEL_SIZES["unet"][model.size]["strides"])
+    return None
+
+
+def _target_spacing(fp: Fingerprint, reasons: list[str]) -> list[float]:
+    median = list(fp.median_spacing)
+    target = list(median)
+    coarse = int(np.argmax(median))
+    finest = min(median)
+    if median[coarse] > ANISOTROPY * finest:
+        low = fp.spacing_percentile(10)[coarse]
+        target[coarse] = low
+        reasons.append(f"axis {coarse} is a slice axis (median {median[coarse]:.3g} mm, over {ANISOTROPY:g}x the "
+                       f"finest {finest:.3g} mm): its spacing is the 10th percentile {low:.3g} mm, the rest the "
+                       "median")
+    else:
+        reasons.append(f"spacing: the median of the {fp.num_cases} training cases per axis")
+    return target
+
+
+def _slice_axes(target: Sequence[float]) -> set[int]:
+    finest = min(target)
+    return {a for a, s in enumerate(target) if s > ANISOTROPY * finest}
+
+
+def make_plan(fp: Fingerprint, model: ModelConfig, device: str = "cpu", budget: Budget | None = None) -> Plan:
+    """The plan of `model` on a dataset with fingerprint `fp` for `device` ("cpu" or "cuda")."""
+    if device not in BUDGETS and budget is None:
+        raise CrossModalNetError(f"plan: device must be one of {sorted(BUDGETS)}, got {device!r}")
+    budget = budget or BUDGETS[device]
+    reasons: list[str] = []
+    target = _target_spacing(fp, reasons)
+    thin = _slice_axes(target)
+    # Rule 2: the field of view a patch must see, on the device's budget.
+    shape = np.array(fp.median_shape_at(target))
+    # Every slice of a slice axis stays in the patch; the fine axes need COVERAGE of their extent.
+    need = np.array([shape[a] if a in thin else COVERAGE * shape[a] for a in range(3)])
+    need = np.maximum(1, np.ceil(need))
+    if np.prod(need) > budget.patch_voxels:
+        fine = [a for a in range(3) if a not in thin]
+        factor = (np.prod(need) / budget.patch_voxels) ** (1.0 / len(fine))
+        before = [target[a] for a in fine]
+        for a in fine:
+            target[a] *= factor
+        reasons.append(f"in-plane spacing {'/'.join(f'{s:.3g}' for s in before)} -> "
+                       f"{'/'.join(f'{target[a]:.3g}' for a in fine)} mm: at the finer spacing half of the median "
+                       f"field of view needs {int(np.prod(need))} voxels, over the {device} budget of "
+                       f"{budget.patch_voxels} per patch")
+        shape = np.array(fp.median_shape_at(target))
+    # Rule 3: the patch, from the median shape down to the budget, a multiple of the total strides.
+    steps = model_steps(model)
+    patch = np.maximum(1, np.round(shape)).astype(int)
+    strides = _strides(target, patch, steps) if steps is not None else None
+    divisor = _divisor(strides)
+    patch = np.maximum(divisor, np.round(patch / divisor).astype(int) * divisor)
+    shrunk = False
+    while np.prod(patch) > budget.patch_voxels and (patch > divisor).any():
+        # The axis with the widest field of view gives up voxels first: on thick-slice data the
+        # in-plane axes shrink and every slice stays in the patch.
+        extent = np.where(patch > divisor, patch * np.array(target), -1.0)
+        axis = int(np.argmax(extent))
+        patch[axis] -= divisor[axis]
+        shrunk = True
+    if strides is not None:  # a smaller patch may allow fewer halvings on an axis
+        strides = _strides(target, patch, steps)
+        divisor = _divisor(strides)
+        patch = np.maximum(divisor, (patch // divisor) * divisor)
+    rounded = patch
+    reasons.append(f"patch {' x '.join(map(str, rounded))}: the median shape at the target spacing "
+                   f"({' x '.join(f'{s:.0f}' for s in shape)})" + (", shrunk along the axis with the widest field "
+                   f"of view to the {device} budget of {budget.patch_voxels} voxels" if shrunk else "")
+                   + f", a multiple of the total stride {' x '.join(map(str, divisor))}")
+    if strides is not None:
+        reasons.append("strides: an axis is halved only while its spacing is at most twice the finest "
+                       f"and it keeps {MIN_EDGE}+ voxels ({steps} steps for {model.name})")
+    window = _window(model, strides, rounded, reasons)
+    kernels = _kernels(target, strides) if model.name in ("dynunet", "unet") and strides is not None else None
+    batch = int(np.clip(budget.step_voxels // int(np.prod(rounded)), budget.min_batch, budget.max_batch))
+    reasons.append(f"batch {batch}: {budget.step_voxels} voxels per step on the {device} / "
+                   f"{int(np.prod(rounded))} per patch, within [{budget.min_batch}, {budget.max_batch}]")
+    if strides is not None and all(s == (2, 2, 2) for s in strides):
+        strides = None  # isotropic: the model's own default, the same model as without a plan
+    if kernels is not None and all(k == (3, 3, 3) for k in kernels):
+        kernels = None
+    return Plan(device, fp.orientation, tuple(float(t) for t in target), tuple(int(p) for p in rounded), batch,
+                strides, window, kernels, tuple(reasons))
+
+
+def _divisor(strides) -> np.ndarray:
+    """Total stride per axis (product of the steps); ones without strides."""
+    return np.prod(np.array(strides), axis=0).astype(int) if strides else np.ones(3, dtype=int)
+
+
+def _strides(target: Sequence[float], patch: np.ndarray, steps: int) -> tuple[tuple[int, int, int], ...]:
+    spacing, size, out = np.array(target, dtype=float), patch.astype(float).copy(), []
+    for _ in range(steps):
+        finest = spacing.min()
+        step = tuple(int(2 if spacing[a] <= DOWNSAMPLE_RATIO * finest and size[a] / 2 >= MIN_EDGE else 1)
+                     for a in range(3))
+        out.append(step)
+        spacing, size = spacing * step, size / step
+    return tuple(out)
+
+
+def _window(model: ModelConfig, strides, patch: np.ndarray, reasons: list[str]) -> int | tuple[int, int, int] | None:
+    ws = model.window_size
+    if ws is None or strides is None:
+        return ws
+    base = ws if isinstance(ws, int) else max(ws)
+    stem = int(math.log2(model.patch_size if isinstance(model.patch_size, int) else max(model.patch_size)))
+    tokens = patch // np.prod(np.array(strides[:stem]), axis=0) if stem else patch
+    never = [a for a in range(3) if all(s[a] == 1 for s in strides)]
+    window = [base] * 3
+    for a in never:
+        if tokens[a] < 2 * base:
+            window[a] = int(tokens[a])
+            reasons.append(f"window {window[a]} on axis {a}: never downsampled and {tokens[a]} tokens long, so one "
+                           "window spans it")
+    return base if window == [base] * 3 else tuple(window)
+
+
+def _kernels(target: Sequence[float], strides) -> tuple[tuple[int, int, int], ...]:
+    spacing, out = np.array(target, dtype=float), []
+    for step in [(1, 1, 1), *strides]:
+        spacing = spacing * step
+        finest = spacing.min()
+        out.append(tuple(int(3 if spacing[a] <= DOWNSAMPLE_RATIO * finest else 1) for a in range(3)))
+    return tuple(out)
+
+
+def apply_plan(config: TrainConfig, plan: Plan) -> TrainConfig:
+    """The configuration with what it leaves open taken from the plan: patch and batch when None,
+    target spacing when None, orientation when "auto", the model's strides and kernels when None,
+    its window when a plan gives one per axis."""
+    model = config.model
+    model_updates: dict[str, Any] = {}
+    if model.strides is None and plan.strides is not None:
+        model_updates["strides"] = plan.strides
+        if plan.window_size is not None:
+            model_updates["window_size"] = plan.window_size
+    if model.kernels is None and plan.kernels is not None:
+        model_updates["kernels"] = plan.kernels
+    updates: dict[str, Any] = {}
+    if model_updates:
+        updates["model"] = replace(model, **model_updates)
+    if config.patch_size is None:
+        updates["patch_size"] = plan.patch_size
+    if config.batch_size is None:
+        updates["batch_size"] = plan.batch_size
+    if config.target_spacing is None:
+        updates["target_spacing"] = plan.target_spacing
+    if config.orientation == "auto":
+        updates["orientation"] = plan.orientation
+    return replace(config, **updates) if updates else config
+
+
+def plan_dataset(data_dir: str | os.PathLike, model: ModelConfig, device: str = "cpu",
+                 orientation: str = "auto") -> tuple[Fingerprint, Plan]:
+    """Fingerprint of the labelled training cases of `data_dir` and the plan of `model` on it."""
+    dataset = load_dataset(data_dir)
+    cases = [c for c in dataset["training"] if c.label is not None]
+    if not cases:
+        raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: no labelled training case to plan from")
+    loaded = [load_case(c, dataset.spec) for c in cases]
+    fp = fingerprint(loaded, dataset.spec, orientation)
+    return fp, make_plan(fp, model, device)
+
+
+def plan_from_cli(args: argparse.Namespace) -> Path:
+    """`crossmodalnet plan DATA [--model M] [--size S] [--device cpu|cuda] [--out FILE]`: print the plan
+    and why, write it with the fingerprint to FILE (default DATA/plans.json)."""
+    model = ModelConfig.from_size(args.model, args.size)
+    out = Path(args.out) if args.out is not None else Path(args.data) / "plans.json"
+    if out.is_dir():
+        raise CrossModalNetError(f"{out}: is a folder; give a file name for the plan")
+    fp, plan = plan_dataset(args.data, model, args.device)
+    print(f"plan of {args.data} ({fp.num_cases} training cases) for {model.name}/{model.size} on the {plan.device}:")
+    print(plan.describe())
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps({"model": {"name": model.name, "size": model.size}, "plan": plan.to_dict(),
+                                   "fingerprint": fp.to_dict()}, indent=2))
+    print(f"wrote {out}")
+    return out
+
