@@ -111,7 +111,7 @@ def _cmd_dataset(a: argparse.Namespace) -> None:
 def _cmd_models(a: argparse.Namespace) -> None:
     from crossmodalnet.models.registry import print_models_table
 
-    print_models_table(model_size=a.model_size, edge=a.size)
+    print_models_table(model_size=a.model_size, edge=a.size, modalities=a.channels)
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
@@ -294,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plan)
 
     m = sub.add_parser("models", help="list registered models with parameters and GFLOPs",
-                       description="Every registered model with its parameters and forward GFLOPs on a "
-                                   "CT+MR pair of S³ voxels (PyTorch's FlopCounterMode).")
+                       description="Every registered model with its parameters and forward GFLOPs on an "
+                                   "input of --channels channels of S³ voxels (PyTorch's FlopCounterMode).")
     m.add_argument("--size", type=int, default=96, metavar="S", help="input edge length S (default 96)")
+    m.add_argument("--channels", type=int, default=2, choices=[1, 2, 3, 4],
+                   help="input channels (CrossModalNet streams) the models are counted with (default 2: CT + MR)")
     m.add_argument("--model-size", default="small", choices=["tiny", "small", "base"],
                    help="named model size (default small, the CPU default)")
     m.set_defaults(func=_cmd_models)
