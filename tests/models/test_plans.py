@@ -221,3 +221,14 @@ def test_bad_plans_are_refused_in_one_line_naming_the_field(overrides, message):
     with pytest.raises(CrossModalNetError, match=message) as err:
         ModelConfig.from_size(name, "tiny", **overrides)
     assert "\n" not in str(err.value)
+
+
+def test_a_plan_survives_the_run_folders_yaml():
+    import yaml
+
+    from crossmodalnet.config import TrainConfig, from_dict, to_yaml
+
+    model = ModelConfig.from_size("crossmodalnet", "tiny", strides=MYOPS, window_size=(4, 4, 1))
+    back = from_dict(TrainConfig, yaml.safe_load(to_yaml(TrainConfig(model=model, patch_size=(64, 64, 4)))))
+    assert back.model.strides == MYOPS and back.model.window_size == (4, 4, 1) and back.model.kernels is None
+    assert ModelConfig.from_size("crossmodalnet", "tiny").strides is None  # old configs: no plan
