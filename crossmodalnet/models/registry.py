@@ -3,6 +3,7 @@
     model = build_model("crossmodalnet", ModelConfig.from_size("crossmodalnet", "small", modalities=2))
     logits = model(image, present)  # (B, M, D, H, W), (B, M) bool or None -> (B, 8, D, H, W)
     model.load_state_dict(upgrade_state_dict("crossmodalnet", old_state))  # weights of an older layout
+    supports_plan("swinunetr", [[2, 2, 1]] * 4, (160, 160, 4))  # None, or why the model cannot run a plan
 """
 
 from __future__ import annotations
