@@ -258,7 +258,8 @@ class ModelConfig(_Schema):
             if self.name == "unet" and len(set(self.kernels)) > 1:
                 raise ValueError("kernels: unet takes one kernel for every level (MONAI UNet's kernel_size); "
                                  "dynunet takes one per level")
-            for level, (kernel, step) in enumerate(zip(self.kernels[1:], self.strides or (), strict=False)):
+            steps = self.strides if self.strides is not None else ((2, 2, 2),) * (levels - 1)
+            for level, (kernel, step) in enumerate(zip(self.kernels[1:], steps, strict=True)):
                 if any(k == 1 and s == 2 for k, s in zip(kernel, step, strict=True)):
                     raise ValueError(f"kernels: level {level + 1} has kernel 1 on an axis its step strides by 2 "
                                      "(the strided conv would skip voxels)")
