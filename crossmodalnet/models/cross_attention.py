@@ -1,7 +1,7 @@
 """Cross attention (Def. 2) and the Cross Transformer block (Eq. 3), windowed in 3D.
 
 Two variants behind `ModelConfig.cross_attention`, both inside aligned (optionally shifted)
-windows, where the two token sets have the same size:
+windows (per axis: (wd, wh, ww) tokens, an int being a cube), where the two token sets have the same size:
 
 - ``"paper"``: literally Def. 2, CrossAttention(F_a, F_b) = Softmax(Q_b K_aᵀ / √d) V_b with
   Q_b = W_Q F_b, K_a = W_K F_a, V_b = W_V F_b. Row i of the result is attached to position i.
@@ -19,7 +19,7 @@ where Deform resamples the other stream at offsets predicted from x (Def. 3). Wi
 each F_j passes through CT_i's deformable operator against F_i, then
 
 - ``"standard"``: the others' window tokens are concatenated along the token axis, so one softmax
-  runs over (n − 1) ws³ keys per query (each key keeps its relative position bias to the query);
+  runs over (n − 1) wd·wh·ww keys per query (each key keeps its relative position bias to the query);
 - ``"paper"``: Def. 2 needs square token sets, so it runs once per other stream and the results
   are averaged.
 
@@ -73,7 +73,7 @@ class CrossAttention(nn.Module):
     forward(xa (B*nW, N, C), [xb_j (B*nW, N, C) for each other stream j]) -> (B*nW, N, C).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, variant: str):
+    def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int], variant: str):
         super().__init__()
         if variant not in CROSS_ATTENTION_VARIANTS:
             raise ValueError(f"cross_attention must be one of {CROSS_ATTENTION_VARIANTS}, got {variant!r}")
@@ -111,7 +111,7 @@ class CrossTransformer(_Windowed):
     forward(x (B, D, H, W, C), y (B, D, H, W, C) or a list of them) -> (B, D, H, W, C).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift: bool, variant: str,
+    def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int], shift: bool, variant: str,
                  deformable: bool, num_points: int, max_offset: float, mlp_ratio: float = 4.0,
                  drop_path: float = 0.0):
         super().__init__(window_size, shift)
@@ -129,7 +129,7 @@ class CrossTransformer(_Windowed):
         if self.deform is not None:  # each other stream resampled against x, with this refinement's offsets
             others = [self.deform(x, o) for o in others]
         shift = self._shift(size)
-        padded = tuple(s + (-s) % self.window_size for s in size)
+        padded = self.padded(size)
         mask = self._mask(size, padded, shift, x.device)
         keys = [self.to_windows(self.norm_y(o), shift) for o in others]
         w = self.attn(self.to_windows(self.norm_x(x), shift), keys, mask, b)
@@ -145,7 +145,8 @@ class CrossTransformerBlock(nn.Module):
     streams, all computed from the inputs.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift: bool, variant: str = "standard",
+    def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int], shift: bool,
+                 variant: str = "standard",
                  deformable: bool = True, num_points: int = 4, max_offset: float = 2.0, mlp_ratio: float = 4.0,
                  drop_path: float = 0.0, streams: int = 2):
         super().__init__()

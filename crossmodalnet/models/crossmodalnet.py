@@ -13,13 +13,22 @@ for M = `config.modalities` input channels (the paper's CT and MR are M = 2):
              block at every scale down to the input resolution; a 1x1 head gives the logits.
 
 With M = 1 it is a single-stream Swin U-Net (no cross blocks). Any input size: the volume is
-zero-padded to a multiple of the coarsest stride, then cropped back. A missing channel
+zero-padded to a multiple of the coarsest stride (per axis), then cropped back.
+
+Per-axis plans (`config.strides`, a per-axis `config.window_size`): the first log2(patch_size)
+steps are the stem's convs, the next len(depths) - 1 the patch mergings, each halving only the axes
+whose step says 2; the decoder's upsamplings mirror them, windows and shifts are per axis. A conv
+is 1 (not 3) along an axis that no step up to its level has downsampled while another axis was
+(a thin axis: slices are not mixed before the tokens); with window 1 on it too, the axis is never
+mixed at all: the 2D limit of the same code. A missing channel
 (`present[b, m]` False) is replaced by that stream's learned placeholder features, per sample;
 with `modality_dropout > 0`, training drops one present channel per sample (never the last one)
 so that the placeholders are learned and inference with missing channels works.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +38,35 @@ from torch import nn
 
 from crossmodalnet.config import ModelConfig
 from crossmodalnet.models.cross_attention import CrossTransformerBlock
-from crossmodalnet.models.layers import ConvStem, PatchMerging, SwinStage, UpSample, drop_path_schedule
+from crossmodalnet.models.layers import ConvStem, PatchMerging, SwinStage, Triple, UpSample, drop_path_schedule
 
-__all__ = ["CrossModalNet"]
+__all__ = ["CrossModalNet", "plan_steps", "plan_kernels"]
 
 _NORM = ("instance", {"affine": True})
 _ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+
+
+def plan_steps(cfg: ModelConfig) -> list[Triple]:
+    """The model's downsampling steps, per axis (D, H, W): `cfg.strides`, or 2 on every axis at each of
+    the log2(patch_size) stem convs and len(depths) - 1 patch mergings."""
+    n = cfg.patch_size.bit_length() - 1 + len(cfg.depths) - 1
+    return [tuple(s) for s in cfg.strides] if cfg.strides is not None else [(2, 2, 2)] * n
+
+
+def plan_kernels(steps: list[Triple]) -> list[Triple]:
+    """Conv kernel per axis at each resolution level 0 .. len(steps) (level l: after l steps).
+
+    1 along an axis that none of the steps up to level l + 1 downsampled while some other axis was
+    downsampled at step 0 (a thin axis, not yet pooled: nnU-Net's rule of kernel 1 along the coarse
+    axis until the others catch up), else 3. Level l's conv is the stem conv that takes step l, or
+    the decoder block at level l. Isotropic steps: 3 everywhere.
+    """
+    thin = [steps[0][a] == 1 and max(steps[0]) == 2 for a in range(3)] if steps else [False] * 3
+    out = []
+    for level in range(len(steps) + 1):
+        upto = steps[: level + 1]
+        out.append(tuple(1 if thin[a] and all(s[a] == 1 for s in upto) else 3 for a in range(3)))
+    return out
 
 
 class _Stream(nn.Module):
@@ -42,12 +74,14 @@ class _Stream(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dims: list[int], drop_path: list[list[float]], placeholders: bool = True):
         super().__init__()
-        self.stem = ConvStem(cfg.in_channels, dims[0], cfg.patch_size)
+        steps, kernels = plan_steps(cfg), plan_kernels(plan_steps(cfg))
+        p = cfg.patch_size.bit_length() - 1
+        self.stem = ConvStem(cfg.in_channels, dims[0], cfg.patch_size, strides=steps[:p], kernels=kernels[:p])
         self.stages = nn.ModuleList(
             SwinStage(dims[i], cfg.depths[i], cfg.num_heads[i], cfg.window_size, cfg.mlp_ratio, drop_path[i])
             for i in range(len(dims))
         )
-        self.merges = nn.ModuleList(PatchMerging(dims[i]) for i in range(len(dims) - 1))
+        self.merges = nn.ModuleList(PatchMerging(dims[i], steps[p + i]) for i in range(len(dims) - 1))
         # Learned stand-ins for the stem's outputs when this channel is missing (one vector per level);
         # none for a single-channel model, whose one channel is never missing.
         self.placeholders = nn.ParameterList(
@@ -55,20 +89,22 @@ class _Stream(nn.Module):
 
 
 class _UpBlock(nn.Module):
-    """Upsample x2 (transposed conv), concat the fused skip, then a residual conv block (MONAI), or
-    one convolution when `light`; `channels_last` runs the block in that memory format."""
+    """Upsample by `factors` (x2 per axis by default; a transposed conv), concat the fused skip, then a
+    residual conv block (MONAI) of `kernel`, or one convolution when `light`; `channels_last` runs the
+    block in that memory format."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, light: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, factors: Triple = (2, 2, 2), kernel: Triple = (3, 3, 3)):
         super().__init__()
         self.out_channels = out_channels
         self.channels_last = channels_last
-        self.up = UpSample(in_channels, out_channels)
+        self.up = UpSample(in_channels, out_channels, factors)
         c = out_channels + skip_channels
+        k = 3 if kernel == (3, 3, 3) else kernel  # an int where isotropic: the modules as before
         # At high resolution one conv (not a residual pair) keeps CPU time in check.
         self.block = (
-            Convolution(3, c, out_channels, kernel_size=3, norm=_NORM, act=_ACT)
-            if light else UnetResBlock(3, c, out_channels, kernel_size=3, stride=1, norm_name=_NORM)
+            Convolution(3, c, out_channels, kernel_size=k, norm=_NORM, act=_ACT)
+            if light else UnetResBlock(3, c, out_channels, kernel_size=k, stride=1, norm_name=_NORM)
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -86,7 +122,8 @@ class CrossModalNet(nn.Module):
     M = `config.modalities`, channels in the dataset's order; `present[b, m]` False marks channel m
     of sample b as missing (its values are ignored; learned placeholders stand in). None: all present.
     In training with `deep_supervision`, returns a list [full-res logits, stride-2 logits,
-    stride-4 logits] (coarser ones at their own resolution, for MONAI's DeepSupervisionLoss).
+    stride-4 logits] (coarser ones at their own resolution, for MONAI's DeepSupervisionLoss; with a
+    plan, after the first one and two steps, per axis).
     """
 
     # The missing-channel placeholders get no gradient in a step where no channel is missing
@@ -103,6 +140,9 @@ class CrossModalNet(nn.Module):
         self.config = cfg
         self.modalities = m
         dims = [cfg.feature_size * 2**i for i in range(n)]
+        steps = plan_steps(cfg)  # per axis; the decoder's upsamplings mirror them
+        kernels = plan_kernels(steps)  # per level, 0 = full resolution
+        self.steps = steps
         drop_path = drop_path_schedule(cfg.depths, cfg.drop_path_rate)
         # Built in channel order: with the same seed, M = 2 draws the same weights as the CT/MR model did.
         self.streams = nn.ModuleList(_Stream(cfg, dims, drop_path, placeholders=m > 1) for _ in range(m))
@@ -124,16 +164,23 @@ class CrossModalNet(nn.Module):
         # The fused map of each encoder stage passes through a named identity, so that a feature tap
         # (JADA's discriminators, `crossmodalnet.train.adapt`) reads it by name: `fused_skips[stage]`.
         self.fused_skips = nn.ModuleList(nn.Identity() for _ in range(n))
-        self.bottleneck = UnetResBlock(3, m * dims[-1], dims[-1], kernel_size=3, stride=1, norm_name=_NORM)
-        ups: list[_UpBlock] = [_UpBlock(dims[i + 1], (1 if i < self.reference_stages else m) * dims[i], dims[i])
+        deepest = kernels[-1]
+        self.bottleneck = UnetResBlock(3, m * dims[-1], dims[-1], kernel_size=3 if deepest == (3, 3, 3) else deepest,
+                                       stride=1, norm_name=_NORM)
+        p = len(stem_ch) + 1  # stem convs: the token grid is at level p
+        # Up block into level l undoes step l (steps[l]) and convolves at level l.
+        ups: list[_UpBlock] = [_UpBlock(dims[i + 1], (1 if i < self.reference_stages else m) * dims[i], dims[i],
+                                        factors=steps[p + i], kernel=kernels[p + i])
                                for i in reversed(range(n - 1))]
         chans = [dims[0], *reversed(stem_ch)]
         # The finest `light_decoder_levels` blocks (full resolution first) use one convolution
         # instead of a residual pair: at high resolution the pair costs most of the FLOPs.
         light = [len(stem_ch) - j < cfg.light_decoder_levels for j in range(len(stem_ch))]
-        ups += [_UpBlock(chans[j], k * chans[j + 1], chans[j + 1], light=light[j]) for j in range(len(stem_ch))]
+        ups += [_UpBlock(chans[j], k * chans[j + 1], chans[j + 1], light=light[j], factors=steps[p - 1 - j],
+                         kernel=kernels[p - 1 - j]) for j in range(len(stem_ch))]
         full = max(chans[-1] // 2, 8)
-        ups.append(_UpBlock(chans[-1], k * cfg.in_channels, full, light=True, channels_last=True))
+        ups.append(_UpBlock(chans[-1], k * cfg.in_channels, full, light=True, channels_last=True, factors=steps[0],
+                            kernel=kernels[0]))
         self.ups = nn.ModuleList(ups)
         # The logits are coarse + fine: a head on the stride-2 decoder map, upsampled, plus a
         # full-resolution correction. Why: the full-resolution map is narrow (`full` channels, to
@@ -146,7 +193,10 @@ class CrossModalNet(nn.Module):
         self.ds_heads = nn.ModuleList(
             [UnetOutBlock(3, self.ups[-3].out_channels, cfg.out_channels)]
         ) if cfg.deep_supervision else None
-        self.divisor = cfg.patch_size * 2 ** (n - 1)
+        # Inputs are padded to a multiple of the product of the steps, per axis (D, H, W). `divisor`,
+        # the largest, is a multiple of each (powers of two): callers padding every axis to it stay right.
+        self.divisors: Triple = tuple(math.prod(s[a] for s in steps) for a in range(3))  # type: ignore[assignment]
+        self.divisor = max(self.divisors)
 
     @property
     def supports_missing_modality(self) -> bool:
@@ -196,11 +246,13 @@ class CrossModalNet(nn.Module):
         """Stem maps (channels-first) of one channel x (B, in_channels, D, H, W), with the placeholders
         for the samples where `missing` (B,) is True."""
         if bool(missing.all()):  # nothing to compute: every sample takes the placeholders
-            b, _, d, h, w = x.shape
-            return [
-                ph.view(1, -1, 1, 1, 1).expand(b, -1, d // 2 ** (i + 1), h // 2 ** (i + 1), w // 2 ** (i + 1))
-                for i, ph in enumerate(stream.placeholders)
-            ]
+            b, size = x.shape[0], x.shape[2:]
+            shapes, level = [], list(size)
+            for step in self.steps[: len(stream.placeholders)]:  # the stem maps' sizes, per axis
+                level = [s // f for s, f in zip(level, step, strict=True)]
+                shapes.append(tuple(level))
+            return [ph.view(1, -1, 1, 1, 1).expand(b, -1, *shape)
+                    for ph, shape in zip(stream.placeholders, shapes, strict=True)]
         feats = stream.stem(x)
         if bool(missing.any()):
             m = missing.view(-1, 1, 1, 1, 1)
@@ -210,11 +262,11 @@ class CrossModalNet(nn.Module):
 
     def encode(self, image: torch.Tensor, present: torch.Tensor | None = None, keep_layers: bool = False):
         """Run every stream. `image` (B, M * in_channels, D, H, W) must already be padded to a multiple
-        of `self.divisor`; `present` (B, M) bool or None (all present).
+        of `self.divisors` on each axis; `present` (B, M) bool or None (all present).
 
         Returns (stems, skips, inputs, layers) with k = M for `fine_skips` "both" (all channels side
         by side), 1 for "reference" (per sample the first present channel's):
-        stems: stem maps (B, k C_s, ...) at strides 2 .. patch_size / 2; skips: per stage (B, M C, d, h, w)
+        stems: stem maps (B, k C_s, ...) after stem convs 1 .. log2(patch_size) - 1; skips: per stage (B, M C, d, h, w)
         (all streams; (B, C, ...) the reference's for a stage before the first Cross Transformer
         block when k = 1); inputs: (B, k in_channels, D, H, W), the image with missing channels zeroed;
         layers (if keep_layers): [(name, [tokens (B, d, h, w, C) of each stream]), ...] after every
@@ -273,7 +325,7 @@ class CrossModalNet(nn.Module):
     def forward(self, image: torch.Tensor, present: torch.Tensor | None = None):
         self.check_inputs(image, present)  # before padding, so that errors name the caller's shapes
         size = image.shape[2:]
-        pad = [(-s) % self.divisor for s in size]
+        pad = [(-s) % d for s, d in zip(size, self.divisors, strict=True)]
         if any(pad):
             image = F.pad(image, (0, pad[2], 0, pad[1], 0, pad[0]))
         stems, skips, inputs, _ = self.encode(image, present)
@@ -283,11 +335,15 @@ class CrossModalNet(nn.Module):
         for up, skip in zip(self.ups, fine, strict=True):
             x = up(x, skip)
             outs.append(x)
-        coarse = self.coarse_head(outs[-2])  # (B, C, D/2, H/2, W/2)
-        up = F.interpolate(coarse, scale_factor=2, mode="trilinear", align_corners=False)
+        first, second = self.steps[0], self.steps[1] if len(self.steps) > 1 else (1, 1, 1)
+        coarse = self.coarse_head(outs[-2])  # (B, C, D/f, H/f, W/f), f = the first step per axis
+        scale = 2 if first == (2, 2, 2) else tuple(float(f) for f in first)
+        up = F.interpolate(coarse, scale_factor=scale, mode="trilinear", align_corners=False)
         logits = (self.head(x) + up)[..., : size[0], : size[1], : size[2]]
         if self.ds_heads is not None and self.training:
-            half, quarter = ([-(-s // f) for s in size] for f in (2, 4))
+            # Sizes after the first one and two steps, per axis (strides 2 and 4 without a plan).
+            half = [-(-s // f) for s, f in zip(size, first, strict=True)]
+            quarter = [-(-s // (f * g)) for s, f, g in zip(size, first, second, strict=True)]
             stride4 = self.ds_heads[0](outs[-3])
             return [logits, coarse[..., : half[0], : half[1], : half[2]],
                     stride4[..., : quarter[0], : quarter[1], : quarter[2]]]

@@ -8,6 +8,9 @@ features; the *value* map (the other modality) is sampled trilinearly at p + Δp
 start at zero and weights at 1/K, so the operator starts as the identity on the value map and
 learns to absorb residual CT/MR misregistration.
 
+Along an axis of one token (a thin axis of an anisotropic plan, the 2D limit) there is nothing to
+sample between: the offsets along it are zeroed, so every point samples its own slice.
+
 Note on Theorem 2.2: offsets here are *predicted* by a linear layer (3K·C + 3K parameters),
 not stored per position (the paper's 3KHW); see `extra_parameters`.
 """
@@ -70,6 +73,9 @@ class DeformableOp(nn.Module):
 
     def forward(self, query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         off, wts = self.predict(query)
+        flat = [n == 1 for n in query.shape[1:4]]
+        if any(flat):  # no offsets along an axis of one token (grid_sample would clamp them to it anyway)
+            off = off * torch.tensor([0.0 if f else 1.0 for f in flat], device=off.device, dtype=off.dtype)
         samples = sample_at_offsets(value.permute(0, 4, 1, 2, 3), off)  # B, K, C, D, H, W
         out = (samples * wts.unsqueeze(2)).sum(dim=1)  # B, C, D, H, W
         return out.permute(0, 2, 3, 4, 1)

@@ -1,8 +1,10 @@
 """3D Swin Transformer building blocks (Liu et al. 2021, extended to volumes as in Swin-UNETR).
 
-Tokens are kept channels-last, `(B, D, H, W, C)`, through the encoder. Windows are cubes of
-`window_size` tokens; volumes of any size are padded up to a multiple of the window and the
-padded tokens are masked out as keys, so padding never changes a real token's output.
+Tokens are kept channels-last, `(B, D, H, W, C)`, through the encoder. Windows are boxes of (wd, wh, ww) tokens (an int
+`window_size` is a cube); volumes of any size are padded up to a multiple of the window and the
+padded tokens are masked out as keys, so padding never changes a real token's output. Per-axis
+windows, shifts, patch merging and upsampling factors carry anisotropic plans (an axis with window 1
+and factor 1 everywhere is the 2D limit: nothing crosses it).
 
 Bottom-up: pure helpers (`window_partition`, `window_reverse`, `window_mask`), then
 `RelativePositionBias`, `window_attention`, `WindowAttention`, `Mlp`, `SwinBlock`,
@@ -11,6 +13,9 @@ Bottom-up: pure helpers (`window_partition`, `window_reverse`, `window_mask`), t
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -18,6 +23,8 @@ from monai.networks.layers import DropPath
 from torch import nn
 
 __all__ = [
+    "Triple",
+    "triple",
     "window_partition",
     "window_reverse",
     "window_mask",
@@ -38,54 +45,73 @@ __all__ = [
 _MASKED = -1e4
 
 
-def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
-    """(B, D, H, W, C) with D, H, W multiples of ws -> (B * nW, ws**3, C), windows in raster order."""
-    return rearrange(x, "b (d p) (h q) (w r) c -> (b d h w) (p q r) c", p=ws, q=ws, r=ws)
+Triple = tuple[int, int, int]
 
 
-def window_reverse(windows: torch.Tensor, ws: int, shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """Inverse of `window_partition`: (B * nW, ws**3, C) -> (B, D, H, W, C); shape = (B, D, H, W)."""
+def triple(value: int | Sequence[int]) -> Triple:
+    """An int or a (D, H, W) sequence -> a (D, H, W) tuple of ints (an int applies to every axis)."""
+    if isinstance(value, int):
+        return (value,) * 3
+    out = tuple(int(v) for v in value)
+    if len(out) != 3:
+        raise ValueError(f"expected an int or three values (D, H, W), got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def window_partition(x: torch.Tensor, ws: int | Sequence[int]) -> torch.Tensor:
+    """(B, D, H, W, C) with D, H, W multiples of ws = (wd, wh, ww) -> (B * nW, wd*wh*ww, C), windows in raster order."""
+    p, q, r = triple(ws)
+    return rearrange(x, "b (d p) (h q) (w r) c -> (b d h w) (p q r) c", p=p, q=q, r=r)
+
+
+def window_reverse(windows: torch.Tensor, ws: int | Sequence[int], shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """Inverse of `window_partition`: (B * nW, wd*wh*ww, C) -> (B, D, H, W, C); shape = (B, D, H, W)."""
     b, d, h, w = shape
+    p, q, r = triple(ws)
     return rearrange(
-        windows, "(b d h w) (p q r) c -> b (d p) (h q) (w r) c", b=b, d=d // ws, h=h // ws, w=w // ws,
-        p=ws, q=ws, r=ws,
+        windows, "(b d h w) (p q r) c -> b (d p) (h q) (w r) c", b=b, d=d // p, h=h // q, w=w // r,
+        p=p, q=q, r=r,
     )
 
 
-def pad_to_windows(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Zero-pad (B, D, H, W, C) at the far end of each spatial axis to a multiple of ws."""
+def pad_to_windows(x: torch.Tensor, ws: int | Sequence[int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Zero-pad (B, D, H, W, C) at the far end of each spatial axis to a multiple of ws (int or per axis)."""
     d, h, w = x.shape[1:4]
-    pads = tuple((-s) % ws for s in (d, h, w))
+    pads = tuple((-s) % k for s, k in zip((d, h, w), triple(ws), strict=True))
     if any(pads):
         x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
     return x, pads
 
 
 def window_mask(
-    size: tuple[int, int, int], padded: tuple[int, int, int], ws: int, shift: int, device: torch.device
+    size: tuple[int, int, int], padded: tuple[int, int, int], ws: int | Sequence[int], shift: int | Sequence[int],
+    device: torch.device,
 ) -> torch.Tensor | None:
     """Additive attention mask (nW, N, N) for windows of a padded, optionally shifted volume.
 
     A key is masked when it is a padded token, or (shifted windows) when it comes from a
-    different region of the cyclically rolled volume than the query: the Swin mask.
+    different region of the cyclically rolled volume than the query: the Swin mask. ws and shift
+    are ints (every axis) or per axis (D, H, W); an axis with shift 0 has one region.
     Returns None when nothing needs masking.
     """
-    if shift == 0 and padded == size:
+    ws, shift = triple(ws), triple(shift)
+    if not any(shift) and padded == size:
         return None
     dp, hp, wp = padded
     region = torch.zeros((1, dp, hp, wp, 1), device=device)
-    if shift > 0:
+    if any(shift):
         cnt = 0
-        spans = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-        for sd in spans:
-            for sh in spans:
-                for sw in spans:
+        spans = [(slice(0, -w), slice(-w, -s), slice(-s, None)) if s > 0 else (slice(None),)
+                 for w, s in zip(ws, shift, strict=True)]
+        for sd in spans[0]:
+            for sh in spans[1]:
+                for sw in spans[2]:
                     region[:, sd, sh, sw, :] = cnt
                     cnt += 1
     is_pad = torch.ones((1, dp, hp, wp, 1), device=device)
     is_pad[:, : size[0], : size[1], : size[2], :] = 0
-    if shift > 0:
-        is_pad = torch.roll(is_pad, shifts=(-shift,) * 3, dims=(1, 2, 3))
+    if any(shift):
+        is_pad = torch.roll(is_pad, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
     region_w = window_partition(region, ws).squeeze(-1)  # nW, N
     pad_w = window_partition(is_pad, ws).squeeze(-1)  # nW, N
     mask = (region_w.unsqueeze(1) != region_w.unsqueeze(2)) | (pad_w.unsqueeze(1) > 0)  # nW, N(q), N(k)
@@ -93,19 +119,20 @@ def window_mask(
 
 
 class RelativePositionBias(nn.Module):
-    """Learned bias per head for each of the (2 ws - 1)^3 relative offsets inside a window.
+    """Learned bias per head for each of the (2 wd - 1)(2 wh - 1)(2 ww - 1) relative offsets inside a
+    window of (wd, wh, ww) tokens (an int window_size: a cube).
 
-    forward() -> (heads, N, N) with N = ws**3.
+    forward() -> (heads, N, N) with N = wd * wh * ww.
     """
 
-    def __init__(self, window_size: int, num_heads: int):
+    def __init__(self, window_size: int | Sequence[int], num_heads: int):
         super().__init__()
-        ws = window_size
-        self.table = nn.Parameter(torch.zeros((2 * ws - 1) ** 3, num_heads))
+        ws = triple(window_size)
+        self.table = nn.Parameter(torch.zeros(math.prod(2 * w - 1 for w in ws), num_heads))
         nn.init.trunc_normal_(self.table, std=0.02)
-        coords = torch.stack(torch.meshgrid(*[torch.arange(ws)] * 3, indexing="ij")).flatten(1)  # 3, N
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)  # N, N, 3
-        index = (rel[..., 0] * (2 * ws - 1) + rel[..., 1]) * (2 * ws - 1) + rel[..., 2]
+        coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in ws], indexing="ij")).flatten(1)  # 3, N
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + torch.tensor(ws).sub(1)  # N, N, 3
+        index = (rel[..., 0] * (2 * ws[1] - 1) + rel[..., 1]) * (2 * ws[2] - 1) + rel[..., 2]
         self.register_buffer("index", index, persistent=False)
 
     def forward(self) -> torch.Tensor:
@@ -150,7 +177,7 @@ def window_attention(
 class WindowAttention(nn.Module):
     """Window multi-head self-attention with 3D relative position bias (Swin's W-MSA)."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int], qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -177,35 +204,47 @@ class Mlp(nn.Module):
 
 
 class _Windowed(nn.Module):
-    """Shared machinery: pad, roll, partition, (attend), reverse, roll back, crop; mask cache."""
+    """Shared machinery: pad, roll, partition, (attend), reverse, roll back, crop; mask cache.
 
-    def __init__(self, window_size: int, shift: bool):
+    `window` is the per-axis window (wd, wh, ww); `shift_size` the per-axis shift of shifted
+    windows, window // 2 on each axis (0 where the window is 1: nothing to shift).
+    """
+
+    def __init__(self, window_size: int | Sequence[int], shift: bool):
         super().__init__()
-        self.window_size = window_size
-        self.shift_size = window_size // 2 if shift else 0
+        self.window_size = window_size  # as given (an int for the cube of the original blocks)
+        self.window = triple(window_size)
+        self.shift_size: Triple = tuple(w // 2 if shift else 0 for w in self.window)  # type: ignore[assignment]
         self._mask_cache: dict[tuple, torch.Tensor | None] = {}
 
-    def _shift(self, size: tuple[int, int, int]) -> int:
+    def _shift(self, size: tuple[int, int, int]) -> Triple:
         # No shift when the whole volume fits in one window (nothing to connect across borders).
-        return self.shift_size if max(size) > self.window_size else 0
+        fits = all(s <= w for s, w in zip(size, self.window, strict=True))
+        return (0, 0, 0) if fits else self.shift_size
+
+    def padded(self, size: tuple[int, int, int]) -> Triple:
+        """Spatial size (D, H, W) rounded up to a multiple of the window on each axis."""
+        return tuple(s + (-s) % w for s, w in zip(size, self.window, strict=True))  # type: ignore[return-value]
 
     def _mask(self, size, padded, shift, device) -> torch.Tensor | None:
-        key = (size, padded, shift, str(device))
+        key = (size, padded, triple(shift), str(device))
         if key not in self._mask_cache:
-            self._mask_cache[key] = window_mask(size, padded, self.window_size, shift, device)
+            self._mask_cache[key] = window_mask(size, padded, self.window, shift, device)
         return self._mask_cache[key]
 
-    def to_windows(self, x: torch.Tensor, shift: int) -> torch.Tensor:
-        """(B, D, H, W, C) -> (B * nW, N, C) after padding and the cyclic shift."""
-        x, _ = pad_to_windows(x, self.window_size)
-        if shift:
-            x = torch.roll(x, shifts=(-shift,) * 3, dims=(1, 2, 3))
-        return window_partition(x, self.window_size)
+    def to_windows(self, x: torch.Tensor, shift: int | Triple) -> torch.Tensor:
+        """(B, D, H, W, C) -> (B * nW, N, C) after padding and the cyclic shift (per axis)."""
+        x, _ = pad_to_windows(x, self.window)
+        shift = triple(shift)
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        return window_partition(x, self.window)
 
-    def from_windows(self, w: torch.Tensor, shift: int, padded_shape, size) -> torch.Tensor:
-        x = window_reverse(w, self.window_size, padded_shape)
-        if shift:
-            x = torch.roll(x, shifts=(shift,) * 3, dims=(1, 2, 3))
+    def from_windows(self, w: torch.Tensor, shift: int | Triple, padded_shape, size) -> torch.Tensor:
+        x = window_reverse(w, self.window, padded_shape)
+        shift = triple(shift)
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2, 3))
         return x[:, : size[0], : size[1], : size[2]]
 
 
@@ -217,8 +256,8 @@ class SwinBlock(_Windowed):
     with window (shift=False) or shifted-window (shift=True) attention.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift: bool, mlp_ratio: float = 4.0,
-                 drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int], shift: bool,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__(window_size, shift)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window_size)
@@ -230,7 +269,7 @@ class SwinBlock(_Windowed):
         """x: (B, D, H, W, C) -> (B, D, H, W, C)."""
         b, size = x.shape[0], tuple(x.shape[1:4])
         shift = self._shift(size)
-        padded = tuple(s + (-s) % self.window_size for s in size)
+        padded = self.padded(size)
         w = self.to_windows(self.norm1(x), shift)
         w = self.attn(w, self._mask(size, padded, shift, x.device), b)
         x = x + self.drop_path(self.from_windows(w, shift, (b, *padded), size))
@@ -246,7 +285,7 @@ def drop_path_schedule(depths: tuple[int, ...], rate: float) -> list[list[float]
 class SwinStage(nn.Sequential):
     """`depth` Swin blocks alternating window and shifted-window attention. (B, D, H, W, C) in and out."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int | Sequence[int], mlp_ratio: float,
                  drop_path: list[float]):
         super().__init__(*[
             SwinBlock(dim, num_heads, window_size, shift=i % 2 == 1, mlp_ratio=mlp_ratio, drop_path=drop_path[i])
@@ -255,40 +294,58 @@ class SwinStage(nn.Sequential):
 
 
 class PatchMerging(nn.Module):
-    """Halve the grid, double the channels: concat each 2x2x2 neighbourhood (8C), LN, Linear(8C -> 2C).
+    """Halve the grid along the axes of `factors` (2 merges two tokens there, 1 keeps the axis), double
+    the channels: concat each f_d x f_h x f_w neighbourhood (n C), LN, Linear(n C -> 2C).
 
-    (B, D, H, W, C) -> (B, ceil(D/2), ceil(H/2), ceil(W/2), 2C); odd sizes are zero-padded.
+    (B, D, H, W, C) -> (B, ceil(D/f_d), ceil(H/f_h), ceil(W/f_w), 2C); odd sizes are zero-padded.
+    The default (2, 2, 2) is Swin's 2x2x2 merge.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, factors: int | Sequence[int] = 2):
         super().__init__()
-        self.norm = nn.LayerNorm(8 * dim)
-        self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+        self.factors = triple(factors)
+        n = math.prod(self.factors)
+        self.norm = nn.LayerNorm(n * dim)
+        self.reduction = nn.Linear(n * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = pad_to_windows(x, 2)
-        x = rearrange(x, "b (d p) (h q) (w r) c -> b d h w (p q r c)", p=2, q=2, r=2)
+        p, q, r = self.factors
+        x, _ = pad_to_windows(x, self.factors)
+        x = rearrange(x, "b (d p) (h q) (w r) c -> b d h w (p q r c)", p=p, q=q, r=r)
         return self.reduction(self.norm(x))
 
 
 class ConvStem(nn.Module):
-    """Patch embedding as a small conv stem: log2(patch_size) stride-2 convs (3³ kernels).
+    """Patch embedding as a small conv stem: log2(patch_size) strided convs (3³ kernels by default).
 
-    (B, C_in, D, H, W) -> list of feature maps at strides 2, 4, ..., patch_size, channels-first;
-    the last one is the token grid. A conv stem (as in nnFormer) instead of one strided
-    projection keeps the intermediate maps, which the decoder uses as high-resolution skips.
+    (B, C_in, D, H, W) -> list of feature maps after each conv (strides 2, 4, ..., patch_size on
+    every axis by default), channels-first; the last one is the token grid. A conv stem (as in
+    nnFormer) instead of one strided projection keeps the intermediate maps, which the decoder uses
+    as high-resolution skips. strides: per conv, the stride per axis (1 or 2); kernels: per conv,
+    the kernel per axis (3 or 1; padding keeps the size, so a 1-voxel axis works with either).
     """
 
-    def __init__(self, in_channels: int, dim: int, patch_size: int):
+    def __init__(self, in_channels: int, dim: int, patch_size: int,
+                 strides: Sequence[Sequence[int]] | None = None, kernels: Sequence[Sequence[int]] | None = None):
         super().__init__()
         n = int(patch_size).bit_length() - 1
         if patch_size < 2 or 2**n != patch_size:
             raise ValueError(f"patch_size must be a power of two >= 2, got {patch_size}")
+        strides = [triple(s) for s in strides] if strides is not None else [(2, 2, 2)] * n
+        kernels = [triple(k) for k in kernels] if kernels is not None else [(3, 3, 3)] * n
+        if len(strides) != n or len(kernels) != n:
+            raise ValueError(f"a stem of patch_size {patch_size} has {n} convs: give {n} strides and kernels, "
+                             f"got {len(strides)} and {len(kernels)}")
         chans = [in_channels] + [max(dim // 2 ** (n - 1 - i), 8) for i in range(n)]
         chans[-1] = dim
+        self.strides = strides
         self.stages = nn.ModuleList()
         for i in range(n):
-            layers: list[nn.Module] = [nn.Conv3d(chans[i], chans[i + 1], 3, stride=2, padding=1)]
+            # An int kernel/stride/padding where the conv is isotropic: the module (and its repr) as before.
+            k, st = kernels[i], strides[i]
+            conv = (nn.Conv3d(chans[i], chans[i + 1], 3, stride=2, padding=1) if (k, st) == ((3, 3, 3), (2, 2, 2))
+                    else nn.Conv3d(chans[i], chans[i + 1], k, stride=st, padding=tuple(x // 2 for x in k)))
+            layers: list[nn.Module] = [conv]
             if i < n - 1:
                 layers += [nn.InstanceNorm3d(chans[i + 1], affine=True), nn.GELU()]
             self.stages.append(nn.Sequential(*layers))
@@ -303,19 +360,22 @@ class ConvStem(nn.Module):
 
 
 class UpSample(nn.Module):
-    """Transposed convolution with kernel = stride = 2: (B, C_in, D, H, W) -> (B, C_out, 2D, 2H, 2W).
+    """Transposed convolution with kernel = stride = factors (2 or 1 per axis):
+    (B, C_in, D, H, W) -> (B, C_out, f_d D, f_h H, f_w W); the default (2, 2, 2) doubles every axis.
 
-    Written as a pointwise linear map to 8 C_out values per voxel followed by a voxel shuffle.
-    Since a stride-2 kernel-2 transposed convolution's kernels do not overlap, this is the same
-    function as ConvTranspose3d(C_in, C_out, 2, stride=2) (plus a bias per sub-voxel position),
-    and PyTorch's CPU ConvTranspose3d is several times slower on these shapes.
+    Written as a pointwise linear map to f_d f_h f_w C_out values per voxel followed by a voxel
+    shuffle. Since a kernel = stride transposed convolution's kernels do not overlap, this is the same
+    function as ConvTranspose3d(C_in, C_out, factors, stride=factors) (plus a bias per sub-voxel
+    position), and PyTorch's CPU ConvTranspose3d is several times slower on these shapes.
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, factors: int | Sequence[int] = 2):
         super().__init__()
         self.out_channels = out_channels
-        self.proj = nn.Conv3d(in_channels, out_channels * 8, kernel_size=1)
+        self.factors = triple(factors)
+        self.proj = nn.Conv3d(in_channels, out_channels * math.prod(self.factors), kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.proj(x)
-        return rearrange(y, "b (c p q r) d h w -> b c (d p) (h q) (w r)", p=2, q=2, r=2, c=self.out_channels)
+        p, q, r = self.factors
+        return rearrange(y, "b (c p q r) d h w -> b c (d p) (h q) (w r)", p=p, q=q, r=r, c=self.out_channels)

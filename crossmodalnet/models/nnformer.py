@@ -171,7 +171,7 @@ class SkipAttentionBlock(_Windowed):
 
     def forward(self, x_up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         b, size = x_up.shape[0], tuple(x_up.shape[1:4])
-        padded = tuple(s + (-s) % self.window_size for s in size)
+        padded = self.padded(size)
         mask = self._mask(size, padded, 0, x_up.device)
         q = rearrange(self.to_windows(self.norm1(x_up), 0), "n t (h d) -> n h t d", h=self.num_heads)
         kv = rearrange(self.kv(self.to_windows(self.norm1(skip), 0)), "n t (two h d) -> two n h t d", two=2,

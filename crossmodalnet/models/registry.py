@@ -3,6 +3,7 @@
     model = build_model("crossmodalnet", ModelConfig.from_size("crossmodalnet", "small", modalities=2))
     logits = model(image, present)  # (B, M, D, H, W), (B, M) bool or None -> (B, 8, D, H, W)
     model.load_state_dict(upgrade_state_dict("crossmodalnet", old_state))  # weights of an older layout
+    supports_plan("swinunetr", [[2, 2, 1]] * 4, (160, 160, 4))  # None, or why the model cannot run a plan
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crossmodalnet.config import ModelConfig
+from crossmodalnet.config import PLAN_MODELS, ModelConfig
 from crossmodalnet.errors import CrossModalNetError
-from crossmodalnet.models.baselines import _MULTIPLE, BASELINE_SIZES, build_baseline
-from crossmodalnet.models.crossmodalnet import CrossModalNet
+from crossmodalnet.models.baselines import _MULTIPLE, BASELINE_SIZES, build_baseline, conv_plan
+from crossmodalnet.models.crossmodalnet import CrossModalNet, plan_steps
 
 __all__ = ["MODEL_NAMES", "InputSizeRule", "build_model", "check_input_size", "count_parameters", "forward_flops",
-           "input_size_rule", "min_input_edge", "print_models_table", "upgrade_state_dict"]
+           "input_size_rule", "min_input_edge", "print_models_table", "supports_plan", "upgrade_state_dict"]
+
+Triple = tuple[int, int, int]
 
 MODEL_NAMES: tuple[str, ...] = ("crossmodalnet", *BASELINE_SIZES)
 
@@ -82,12 +85,19 @@ class InputSizeRule:
     channel per group) at stride `norm_stride`: it needs more than one voxel, so the padded input
     must be larger than `norm_stride` on some axis; the rule asks it of every axis, so that one
     number describes it (an input with one axis above it and the others below would still run).
+
+    A model built for a plan (`config.strides`) pads and strides each axis differently: the per-axis
+    fields (D, H, W) hold the rule, and the scalar ones their largest value (a bound that every axis
+    meeting it satisfies). Without a plan every axis is alike and both agree.
     """
 
     min_edge: int
     max_edge: int | None  # None: no upper bound
     pad_multiple: int  # inputs are zero-padded up to a multiple of this (the fixed size for UNETR)
     norm_stride: int | None  # stride of the deepest per-sample norm; None when there is none (LayerNorm only)
+    min_edges: Triple = (1, 1, 1)  # per axis: one axis reaching its entry is enough
+    pad_multiples: Triple = (1, 1, 1)  # per axis
+    norm_strides: Triple | None = None  # per axis
 
 
 # UNETR's ViT cuts the volume into 16^3 patches (fixed in MONAI's UNETR): img_size must be a multiple.
@@ -101,12 +111,36 @@ def _monai_default(net: str, arg: str):
     return inspect.signature(getattr(nets, net)).parameters[arg].default
 
 
+def _product(steps: Sequence[Sequence[int]]) -> Triple:
+    """Per axis (D, H, W), the product of the steps' strides."""
+    return tuple(math.prod(s[a] for s in steps) for a in range(3))  # type: ignore[return-value]
+
+
+def _pad_multiples(config: ModelConfig) -> Triple:
+    """Per axis, the multiple model `config` pads its inputs to (not UNETR, which pads to its cube)."""
+    if config.name == "crossmodalnet":
+        return _product(plan_steps(config))
+    if config.name == "dynunet" or (config.name == "unet" and config.strides is not None):
+        return _product(conv_plan(config)[0])
+    return (_MULTIPLE[config.name],) * 3
+
+
+def _norm_strides(config: ModelConfig) -> Triple | None:
+    """Per axis, the stride of the deepest map a model normalises per sample and per channel, or None."""
+    if config.name in ("crossmodalnet", "dynunet") or (config.name == "unet" and config.strides is not None):
+        # CrossModalNet: the bottleneck's UnetResBlock (InstanceNorm) on the last token stage, at the padding
+        # divisor; UNet and DynUNet: InstanceNorm down to the bottom level.
+        return _pad_multiples(config)
+    stride = _norm_stride(config)
+    return None if stride is None else (stride,) * 3
+
+
 def _norm_stride(config: ModelConfig) -> int | None:
-    """Stride of the deepest map a model normalises per sample and per channel, or None if none does."""
+    """Stride of the deepest map a model normalises per sample and per channel, or None if none does
+    (the largest over the axes for a model built for a plan)."""
     name = config.name
-    if name == "crossmodalnet":
-        # The bottleneck's UnetResBlock (InstanceNorm) runs on the last token stage, at the padding divisor.
-        return config.patch_size * 2 ** (len(config.depths) - 1)
+    if name == "crossmodalnet" or name == "dynunet" or (name == "unet" and config.strides is not None):
+        return max(_pad_multiples(config))
     kw = BASELINE_SIZES[name][config.size]
     if name == "swinunetr":
         # Patch embedding, then one patch merging per stage; its encoder10 (InstanceNorm) runs on the last one.
@@ -134,15 +168,19 @@ def input_size_rule(config: ModelConfig) -> InputSizeRule:
         if config.img_size < _UNETR_PATCH or config.img_size % _UNETR_PATCH:
             raise CrossModalNetError(f"model unetr ({config.size}) needs img_size a multiple of {_UNETR_PATCH}, "
                                      f"got {config.img_size}")
-        return InputSizeRule(min_edge=1, max_edge=config.img_size, pad_multiple=config.img_size, norm_stride=None)
+        cube = config.img_size
+        return InputSizeRule(min_edge=1, max_edge=cube, pad_multiple=cube, norm_stride=None, pad_multiples=(cube,) * 3)
     if name != "crossmodalnet" and config.size not in BASELINE_SIZES[name]:
         raise CrossModalNetError(f"unknown size {config.size!r} for {name}; choose from {sorted(BASELINE_SIZES[name])}")
-    multiple = config.patch_size * 2 ** (len(config.depths) - 1) if name == "crossmodalnet" else _MULTIPLE[name]
-    stride = _norm_stride(config)
+    multiples = _pad_multiples(config)
+    strides = _norm_strides(config)
     # Padded edge P = ceil(s / multiple) * multiple must exceed the norm's stride (more than one voxel
     # there); the smallest such s is one more than the largest multiple of `multiple` not above the stride.
-    min_edge = 1 if stride is None else (stride // multiple) * multiple + 1
-    return InputSizeRule(min_edge=min_edge, max_edge=None, pad_multiple=multiple, norm_stride=stride)
+    min_edges: Triple = (1, 1, 1) if strides is None else tuple(  # type: ignore[assignment]
+        (st // m) * m + 1 for st, m in zip(strides, multiples, strict=True))
+    return InputSizeRule(min_edge=max(min_edges), max_edge=None, pad_multiple=max(multiples),
+                         norm_stride=None if strides is None else max(strides), min_edges=min_edges,
+                         pad_multiples=multiples, norm_strides=strides)
 
 
 def min_input_edge(config: ModelConfig) -> int:
@@ -155,14 +193,17 @@ def check_input_size(config: ModelConfig, shape: Sequence[int]) -> None:
 
     Raises CrossModalNetError naming the model and the smallest (UNETR: largest) edge it accepts.
     The deepest per-sample norm needs more than one voxel in all, so one axis of at least
-    `min_edge` is enough: a thin slab of a few slices runs if its other axes are large.
+    `min_edges` on it is enough: a thin slab of a few slices runs if its other axes are large.
     """
     if len(shape) != 3:
         raise ValueError(f"expected a spatial shape (D, H, W), got {tuple(shape)}")
     rule = input_size_rule(config)
-    if all(s < rule.min_edge for s in shape):
-        raise CrossModalNetError(f"model {config.name} ({config.size}) needs inputs of at least {rule.min_edge} "
-                                 f"voxels on one axis, got {list(shape)}")
+    if all(s < m for s, m in zip(shape, rule.min_edges, strict=True)):
+        if len(set(rule.min_edges)) == 1:
+            raise CrossModalNetError(f"model {config.name} ({config.size}) needs inputs of at least {rule.min_edge} "
+                                     f"voxels on one axis, got {list(shape)}")
+        raise CrossModalNetError(f"model {config.name} ({config.size}) needs one axis of at least its minimum "
+                                 f"(D, H, W) = {rule.min_edges} voxels, got {list(shape)}")
     for axis, s in enumerate(shape):
         if s < 1:
             raise CrossModalNetError(f"model {config.name} ({config.size}) needs at least 1 voxel per axis, "
@@ -170,6 +211,46 @@ def check_input_size(config: ModelConfig, shape: Sequence[int]) -> None:
         if rule.max_edge is not None and s > rule.max_edge:
             raise CrossModalNetError(f"model {config.name} ({config.size}) needs inputs of at most {rule.max_edge} "
                                      f"voxels per axis (its img_size), got {s} on axis {axis}")
+
+
+def supports_plan(name: str, strides: Sequence[Sequence[int]] | None, patch: Sequence[int],
+                  size: str = "small") -> str | None:
+    """Whether model `name` at `size` can run a dataset plan: per-axis downsampling `strides` (None: the
+    model's own) on patches of `patch` (D, H, W) voxels. None when it can, else the one-line reason.
+
+    CrossModalNet, UNet and DynUNet take the plan's strides (CrossModalNet needs log2(patch_size) +
+    len(depths) - 1 of them); the reason is then what their config or input-size check refuses. The
+    others downsample every axis alike by a fixed factor (UNETR embeds a fixed cube): they cannot follow
+    per-axis strides, and a patch that is not a multiple of their factor on every axis would be padded.
+    """
+    if name not in MODEL_NAMES:
+        raise CrossModalNetError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")
+    patch = [int(p) for p in patch]
+    if len(patch) != 3 or min(patch) < 1:
+        raise ValueError(f"patch must be three positive sizes (D, H, W), got {patch}")
+    if name in PLAN_MODELS:
+        try:
+            plan = {} if strides is None else {"strides": tuple(tuple(s) for s in strides)}
+            check_input_size(ModelConfig.from_size(name, size, **plan), patch)
+        except CrossModalNetError as exc:
+            return str(exc).removeprefix("config: ")
+        return None
+    anisotropic = strides is not None and any(len(set(s)) > 1 for s in strides)
+    if name == "unetr":
+        cube = max(_UNETR_PATCH, -(-max(patch) // _UNETR_PATCH) * _UNETR_PATCH)
+        if anisotropic or len(set(patch)) > 1 or cube != patch[0]:
+            return (f"unetr embeds a fixed cube (img_size, a multiple of {_UNETR_PATCH}) with absolute position "
+                    f"embeddings; a {'x'.join(map(str, patch))} patch would be padded to {cube}³")
+        return None
+    factor = _MULTIPLE[name]
+    padded = [-(-p // factor) * factor for p in patch]
+    axis = max(range(3), key=lambda a: padded[a] / patch[a])
+    if padded[axis] != patch[axis]:
+        return (f"{name} downsamples every axis by {factor}; a {patch[axis]}-slice patch would be padded to "
+                f"{padded[axis]} slices (axis {axis} of {'x'.join(map(str, patch))})")
+    if anisotropic:
+        return f"{name} downsamples every axis alike (by {factor}) and cannot follow per-axis strides"
+    return None
 
 
 def count_parameters(model: nn.Module) -> int:

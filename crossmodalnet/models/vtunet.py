@@ -101,7 +101,7 @@ class VTDecoderBlock(_Windowed):
     def forward(self, x: torch.Tensor, skip: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
         b, size = x.shape[0], tuple(x.shape[1:4])
         shift = self._shift(size)
-        padded = tuple(s + (-s) % self.window_size for s in size)
+        padded = self.padded(size)
         mask = self._mask(size, padded, shift, x.device)
         q = self.to_windows(self.norm1(x), shift)  # B*nW, N, C
         kv = self.to_windows(self.norm_skip(skip), shift)

@@ -114,10 +114,10 @@ def _forward(name: str, cfg: ModelConfig, edge: int) -> None:
 # The smallest edges, per model, at tiny and small: 16 + 1 where inputs pad to 16 and a per-sample norm
 # runs at stride 16, 32 + 1 for SwinUNETR (stride 32), 1 where nothing needs more than one voxel.
 _MIN_EDGE = {
-    "tiny": {"crossmodalnet": 17, "swinunetr": 33, "mednext": 17, "unetr": 1, "unet": 1, "nnformer": 1, "vtunet": 1,
-             "swinunet": 1},
-    "small": {"crossmodalnet": 17, "swinunetr": 33, "mednext": 17, "unetr": 1, "unet": 17, "nnformer": 1,
-              "vtunet": 1, "swinunet": 1},
+    "tiny": {"crossmodalnet": 17, "swinunetr": 33, "mednext": 17, "unetr": 1, "unet": 1, "dynunet": 17, "nnformer": 1,
+             "vtunet": 1, "swinunet": 1},
+    "small": {"crossmodalnet": 17, "swinunetr": 33, "mednext": 17, "unetr": 1, "unet": 17, "dynunet": 17,
+              "nnformer": 1, "vtunet": 1, "swinunet": 1},
 }
 
 
