@@ -93,7 +93,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     from crossmodalnet.evaluate import evaluate_paths, resolve_spec
 
     spec = resolve_spec(a.ref, dataset=a.dataset, run=a.run)
-    evaluate_paths(a.pred, a.ref, a.out, spec=spec, hd95=a.hd95, topology=a.topology)
+    evaluate_paths(a.pred, a.ref, a.out, spec=spec, hd95=a.hd95, topology=a.topology, split=a.split)
 
 
 def _cmd_plan(a: argparse.Namespace) -> None:
@@ -235,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "may be the dataset's values or class indices. The labels and regions are "
                                    "those of the dataset.json beside or above REF, or of --dataset / --run.")
     e.add_argument("pred", type=Path, help="predicted label map, or a folder of them")
-    e.add_argument("ref", type=Path, help="reference label map, or a folder of them")
+    e.add_argument("ref", type=Path, help="reference label map, or a folder of them, or a dataset folder (the labels "
+                                          "of its --split cases)")
+    e.add_argument("--split", default="test", help="split of a dataset folder REF to score (default test)")
     e.add_argument("--out", type=Path, required=True, help="folder for metrics.csv, summary.json, plots")
     e.add_argument("--hd95", choices=["monai", "pooled"], default="monai",
                    help="monai: max of the two directed 95th percentiles (default); "

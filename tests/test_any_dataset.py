@@ -101,8 +101,8 @@ def test_three_channels_with_nested_regions_train_predict_and_evaluate(tmp_path,
     written = predict(run, tmp_path / "pred", data_dir=data, split="test")
     values = set(np.unique(read_label_values(written[0])[0]).tolist())
     assert values <= {0, *VALUES.values()}  # the dataset's label values, not class indices
-    assert main(["evaluate", str(written[0]), str(data / "labels" / "case4.nii.gz"), "--out", str(tmp_path / "eval"),
-                 "--dataset", str(data)]) == 0
+    # The dataset folder as the reference: its test split's labels, its labels and regions.
+    assert main(["evaluate", str(tmp_path / "pred"), str(data), "--out", str(tmp_path / "eval")]) == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert list(summary["per_structure"]) == list(VALUES) and list(summary["per_region"]) == list(REGIONS)
     assert summary["num_cases"] == 1 and summary["region_mean_dice"] is not None

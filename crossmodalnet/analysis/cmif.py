@@ -25,7 +25,7 @@ Cross Transformer blocks (`cross_blocks=False`; untrained unless a run of it is 
 
 Inputs are what the model saw: the run's own preprocessing (`preprocess.json`), then a centred
 crop of at most the training patch size (the sliding-window roi) and zero padding to a multiple
-of `model.divisor`; features of padded positions are dropped. Only cases with every channel are
+of `model.divisors` (per axis); features of padded positions are dropped. Only cases with every channel are
 used. Feature maps are (P, C) per stream, P positions; a layer of a 64³ crop has 64³ (input),
 16³ (stem, stage 1), 8³, 4³ positions.
 
@@ -97,7 +97,7 @@ def layer_features(
     """[(name, F_a (P, C), F_b (P, C)), ...] at every depth for channels (a, b) = `pair`, float32 on the CPU.
 
     image: (1, M, D, H, W) normalised, every channel present. Names: input, stem, stage1, cross1,
-    stage2, ... (no cross* without Cross Transformer blocks). Padding to `model.divisor` is added
+    stage2, ... (no cross* without Cross Transformer blocks). Padding to `model.divisors` is added
     here and its positions removed from every map.
     """
     a, b = check_pair(model, pair)
@@ -106,7 +106,7 @@ def layer_features(
     model.eval()
     device = next(model.parameters()).device
     size = image.shape[2:]
-    pad = [(-s) % model.divisor for s in size]
+    pad = [(-s) % d for s, d in zip(size, model.divisors, strict=True)]
     x = F.pad(image, (0, pad[2], 0, pad[1], 0, pad[0])).to(device)
 
     def valid(f: torch.Tensor) -> torch.Tensor:

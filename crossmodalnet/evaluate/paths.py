@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from crossmodalnet.data.dataset import read_spec
+from crossmodalnet.data.dataset import load_dataset, read_spec
 from crossmodalnet.data.io import check_same_grid, read_geometry, read_label
 from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
@@ -85,9 +85,10 @@ def _list_nifti(folder: Path, ignored: list[str]) -> dict[str, Path]:
 
 
 def match_cases(
-    pred: str | os.PathLike, ref: str | os.PathLike, ignored: list[str] | None = None
+    pred: str | os.PathLike, ref: str | os.PathLike, ignored: list[str] | None = None, split: str = "test"
 ) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
-    """Pair predictions with references: two files, or two folders matched by case name.
+    """Pair predictions with references: two files, or two folders matched by case name, or a folder
+    of predictions and a dataset folder (its `split` cases' labels are the references, by case id).
 
     The case name is the file name without `.nii.gz`/`.nii`. Returns ({case: (pred, ref)},
     names of predictions with no reference). A reference with no prediction is an error: a score
@@ -107,7 +108,14 @@ def match_cases(
         return {_case_name(ref) or ref.name: (pred, ref)}, []
     if not (pred.is_dir() and ref.is_dir()):
         raise CrossModalNetError(f"{pred} and {ref}: give two files or two folders, not one of each")
-    preds, refs = _list_nifti(pred, ignored), _list_nifti(ref, ignored)
+    preds = _list_nifti(pred, ignored)
+    if (ref / "dataset.json").is_file():  # a dataset folder: its split's labels
+        cases = load_dataset(ref, check_files=False)[split]
+        refs = {c.id: c.label for c in cases if c.label is not None}
+        if not refs:
+            raise CrossModalNetError(f"{ref / 'dataset.json'}: no labelled {split!r} case to evaluate against")
+    else:
+        refs = _list_nifti(ref, ignored)
     if not refs:
         raise CrossModalNetError(f"{ref}: no .nii.gz or .nii reference files in the folder")
     missing = [name for name in refs if name not in preds]
@@ -233,6 +241,7 @@ def evaluate_paths(
     out: str | os.PathLike,
     spec: DataSpec | None = None,
     hd95: str = "monai",
+    split: str = "test",
     topology: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -251,7 +260,7 @@ def evaluate_paths(
         raise CrossModalNetError(f"{out}: exists and is not a folder")
     spec = spec if spec is not None else resolve_spec(ref)
     ignored: list[str] = []
-    pairs, extra = match_cases(pred, ref, ignored)
+    pairs, extra = match_cases(pred, ref, ignored, split)
     _check_headers(pairs)
     if ignored:
         more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""

@@ -58,6 +58,7 @@ COVERAGE = 0.5  # share of the median extent of each axis a patch must see
 ANISOTROPY = 3.0  # an axis this many times coarser than the finest is a slice axis (rule 1)
 DOWNSAMPLE_RATIO = 2.0  # an axis is halved only while at most this many times the finest (rule 4)
 MIN_EDGE = 2  # voxels an axis keeps after a halving
+_SHARED_STEPS = 4  # the patch of a model that takes no strides is rounded as CrossModalNet small's
 # Without a plan (`plan: false`), the patch and batch of before plans.
 DEFAULT_PATCH = (64, 64, 64)
 DEFAULT_BATCH = 2
@@ -126,8 +127,8 @@ def model_steps(model: ModelConfig) -> int | None:
     if model.name == "crossmodalnet":
         return int(math.log2(model.patch_size if isinstance(model.patch_size, int) else max(model.patch_size))) \
             + len(model.depths) - 1
-    if model.name == "dynunet":
-        return 5
+    if model.name == "dynunet":  # levels = steps + 1, the size's by default
+        return len(MODEL_SIZES["dynunet"][model.size]["filters"]) - 1
     if model.name == "unet":
         return len(MODEL_SIZES["unet"][model.size]["strides"])
     return None
@@ -179,9 +180,11 @@ def make_plan(fp: Fingerprint, model: ModelConfig, device: str = "cpu", budget: 
                        f"{budget.patch_voxels} per patch")
         shape = np.array(fp.median_shape_at(target))
     # Rule 3: the patch, from the median shape down to the budget, a multiple of the total strides.
+    # A model that takes no strides gets the patch CrossModalNet small would (4 steps): one patch for
+    # every model of a comparison.
     steps = model_steps(model)
     patch = np.maximum(1, np.round(shape)).astype(int)
-    strides = _strides(target, patch, steps) if steps is not None else None
+    strides = _strides(target, patch, steps or _SHARED_STEPS)
     divisor = _divisor(strides)
     patch = np.maximum(divisor, np.round(patch / divisor).astype(int) * divisor)
     shrunk = False
@@ -192,16 +195,18 @@ def make_plan(fp: Fingerprint, model: ModelConfig, device: str = "cpu", budget: 
         axis = int(np.argmax(extent))
         patch[axis] -= divisor[axis]
         shrunk = True
-    if strides is not None:  # a smaller patch may allow fewer halvings on an axis
-        strides = _strides(target, patch, steps)
-        divisor = _divisor(strides)
-        patch = np.maximum(divisor, (patch // divisor) * divisor)
+    strides = _strides(target, patch, steps or _SHARED_STEPS)  # a smaller patch may allow fewer halvings
+    divisor = _divisor(strides)
+    patch = np.maximum(divisor, (patch // divisor) * divisor)
     rounded = patch
     reasons.append(f"patch {' x '.join(map(str, rounded))}: the median shape at the target spacing "
                    f"({' x '.join(f'{s:.0f}' for s in shape)})" + (", shrunk along the axis with the widest field "
                    f"of view to the {device} budget of {budget.patch_voxels} voxels" if shrunk else "")
                    + f", a multiple of the total stride {' x '.join(map(str, divisor))}")
-    if strides is not None:
+    if steps is None:
+        strides = None
+        reasons.append(f"strides: {model.name} takes none from a plan (its own downsampling)")
+    else:
         reasons.append("strides: an axis is halved only while its spacing is at most twice the finest "
                        f"and it keeps {MIN_EDGE}+ voxels ({steps} steps for {model.name})")
     window = _window(model, strides, rounded, reasons)

@@ -23,9 +23,9 @@ from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset
 from crossmodalnet.data.fingerprint import Fingerprint
 from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
-from crossmodalnet.models.registry import check_input_size
+from crossmodalnet.models.registry import check_input_size, supports_plan
 from crossmodalnet.runs import RunFolder
-from crossmodalnet.train.plan import DEFAULT_BATCH, DEFAULT_PATCH, Plan, apply_plan, make_plan
+from crossmodalnet.train.plan import DEFAULT_BATCH, DEFAULT_PATCH, Plan, apply_plan, make_plan, model_steps
 
 __all__ = ["check_runnable", "resolve_config", "dataset_spec", "dataset_splits", "check_label_values", "planned"]
 
@@ -115,5 +115,15 @@ def planned(config: TrainConfig, fp: Fingerprint, device: str) -> tuple[TrainCon
         return replace(config, patch_size=config.patch_size or DEFAULT_PATCH,
                        batch_size=config.batch_size or DEFAULT_BATCH), None
     plan = make_plan(fp, config.model, "cuda" if device == "cuda" else "cpu")
-    return apply_plan(config, plan), plan
+    planned_config = apply_plan(config, plan)
+    if model_steps(config.model) is None:
+        # On anisotropic data (a plan with per-axis strides), a model that cannot take them is not
+        # applicable where it would have to pad the patch (4 slices to 32); isotropic data run as before.
+        anisotropic = make_plan(fp, ModelConfig.from_size("crossmodalnet", "small"), plan.device).strides
+        reason = None if anisotropic is None else supports_plan(config.model.name, anisotropic,
+                                                                 planned_config.patch_size, config.model.size)
+        if reason is not None:
+            raise CrossModalNetError(f"{config.model.name} is not applicable to this dataset's plan: {reason}; "
+                                     "give it a patch_size and target_spacing in its config, or plan: false")
+    return planned_config, plan
 

@@ -14,6 +14,7 @@ import pytest
 
 from crossmodalnet.config import ModelConfig, TrainConfig
 from crossmodalnet.data.fingerprint import Fingerprint
+from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.train.plan import (
     ANISOTROPY,
     BUDGETS,
@@ -24,6 +25,7 @@ from crossmodalnet.train.plan import (
     make_plan,
     model_steps,
 )
+from crossmodalnet.train.preflight import planned
 
 CMN = ModelConfig.from_size("crossmodalnet", "small")
 _RNG = np.random.default_rng(0)
@@ -124,3 +126,13 @@ def test_apply_plan_fills_only_what_the_configuration_leaves_open():
 def test_a_gpu_budget_keeps_the_fine_spacing():
     plan = make_plan(FINGERPRINTS["acdc"], CMN, "cuda")
     assert plan.target_spacing[:2] == pytest.approx(FINGERPRINTS["acdc"].median_spacing[:2])
+
+
+def test_a_model_that_cannot_take_the_plan_is_refused_with_the_reason():
+    config = TrainConfig(model=ModelConfig.from_size("swinunetr", "tiny"))
+    with pytest.raises(CrossModalNetError, match=r"swinunetr is not applicable to this dataset's plan: .*32"):
+        planned(config, FINGERPRINTS["myops"], "cpu")
+    isotropic, _ = planned(config, FINGERPRINTS["phantom"], "cpu")  # the phantom: as before plans
+    assert isotropic.patch_size == (48, 48, 48) and isotropic.model.strides is None
+    unplanned, plan = planned(TrainConfig(model=CMN, plan=False), FINGERPRINTS["myops"], "cpu")
+    assert plan is None and unplanned.patch_size == (64, 64, 64) and unplanned.batch_size == 2

@@ -34,7 +34,7 @@ def stage_features(model: nn.Module, case: AnalysisCase) -> list[list[torch.Tens
     """Per stage, the streams' tokens entering its Cross Transformer block: [F_0, ..., F_{M-1}], each
     (1, d, h, w, C)."""
     device = next(model.parameters()).device
-    pad = [(-s) % model.divisor for s in case.image.shape[2:]]
+    pad = [(-s) % d for s, d in zip(case.image.shape[2:], model.divisors, strict=True)]
     _, _, _, layers = model.encode(F.pad(case.image, (0, pad[2], 0, pad[1], 0, pad[0])).to(device), keep_layers=True)
     return [feats for name, feats in layers if name.startswith("stage")]
 
