@@ -24,6 +24,7 @@ import _report  # noqa: E402
 import _runner  # noqa: E402
 import _schedule  # noqa: E402
 import _scoring  # noqa: E402
+import plans  # noqa: E402
 
 
 def _train_result(dices: list[float], **extra: object) -> dict:
@@ -205,3 +206,11 @@ def test_every_generated_section_of_the_benchmarks_doc_is_marked_at_both_ends():
     assert {"latency", "compare", "draws", "adaptation"} <= set(begins)
     for name in begins:
         assert text.index(f"<!-- {name}:begin -->") < text.index(f"<!-- {name}:end -->")
+
+
+def test_plans_benchmark_measures_the_planned_step(tiny_dataset) -> None:
+    """benchmarks/plans.py: the plan of a dataset, one engine step of its patch, time and memory."""
+    r = plans.measure(str(tiny_dataset), "crossmodalnet", "tiny", steps=1)
+    assert r["patch"] == [32, 32, 32] and r["batch"] >= 2 and r["channels"] == 2 and r["strides"] is None
+    assert r["s_per_step"] > 0 and r["peak_mib"] > 0 and "why:" in r["plan"]
+    assert plans._row(r).count("|") == 10

@@ -1,0 +1,102 @@
+"""Time and peak memory of one training step of the planned patch, per dataset (issue 18).
+
+For each dataset folder given, the plan `crossmodalnet train` would make for the model (`train.plan`,
+printed), then in a fresh process per row: the model built with the plan, `--steps` training steps
+of the engine (forward, Dice + CE, backward, clipping, AdamW) on random patches of the planned
+shape and batch, timed (median after one warm-up step), and the process's peak resident memory.
+Rows print as markdown:
+
+    | dataset | model | channels | target spacing (mm) | patch | batch | strides | s / step | peak RSS (MiB) |
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/plans.py DATA [DATA ...] --model crossmodalnet --size small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from crossmodalnet.config import ModelConfig, TrainConfig, replace
+from crossmodalnet.data.dataset import read_spec
+from crossmodalnet.models.registry import build_model
+from crossmodalnet.train.engine import Engine, LoopSettings
+from crossmodalnet.train.plan import apply_plan, plan_dataset
+from crossmodalnet.train.trainer import SegmentationTask
+
+HEADER = ("| dataset | model | channels | target spacing (mm) | patch | batch | strides | s / step | peak RSS (MiB) |\n"
+          "|---|---|---:|---|---|---:|---|---:|---:|")
+
+
+class _RandomBatches:
+    """One fixed random batch of the planned shape: the step is timed, not the data."""
+
+    def __init__(self, config: TrainConfig, classes: int) -> None:
+        b, m, p = config.batch_size, config.model.modalities, config.patch_size
+        g = torch.Generator().manual_seed(0)
+        self.fixed = {"image": torch.randn(b, m, *p, generator=g), "present": torch.ones(b, m, dtype=torch.bool),
+                      "label": torch.randint(0, classes, (b, 1, *p), generator=g)}
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        return self.fixed
+
+
+def measure(data: str, model: str, size: str, steps: int) -> dict:
+    """Plan, build, time `steps` engine steps; runs in its own process (peak RSS is per process)."""
+    spec = read_spec(data)
+    model_config = ModelConfig.from_size(model, size, modalities=spec.num_channels, out_channels=spec.num_outputs)
+    _, plan = plan_dataset(data, model_config, "cpu")
+    config = apply_plan(TrainConfig(model=model_config), plan)
+    config = replace(config, model=replace(config.model, modalities=spec.num_channels, out_channels=spec.num_outputs))
+    torch.manual_seed(0)
+    net = build_model(config.model.name, config.model)
+    task = SegmentationTask(config, net, _RandomBatches(config, spec.num_classes), [], torch.device("cpu"), spec)
+    engine = Engine(task, LoopSettings(total_steps=steps + 1, iterations_per_epoch=steps + 1,
+                                       grad_clip=config.grad_clip, desc=""))
+    times = []
+    for step in range(steps + 1):
+        t = time.perf_counter()
+        engine.train_step(task.batches.batch(step))
+        times.append(time.perf_counter() - t)
+    return {"dataset": data, "model": f"{model}/{size}", "channels": spec.num_channels,
+            "spacing": [round(s, 2) for s in plan.target_spacing], "patch": list(config.patch_size),
+            "batch": config.batch_size, "strides": plan.strides, "s_per_step": statistics.median(times[1:]),
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "plan": plan.describe()}
+
+
+def _row(r: dict) -> str:
+    strides = "2x2x2 (isotropic)" if r["strides"] is None else " ".join("x".join(map(str, s)) for s in r["strides"])
+    return (f"| {r['dataset']} | {r['model']} | {r['channels']} | {' x '.join(map(str, r['spacing']))} | "
+            f"{'x'.join(map(str, r['patch']))} | {r['batch']} | {strides} | {r['s_per_step']:.2f} | "
+            f"{r['peak_mib']:.0f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data", nargs="+", help="dataset folders")
+    p.add_argument("--model", default="crossmodalnet")
+    p.add_argument("--size", default="small", choices=["tiny", "small", "base"])
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
+    a = p.parse_args(argv)
+    if a.one:
+        print(json.dumps(measure(a.data[0], a.model, a.size, a.steps)))
+        return 0
+    print(HEADER)
+    for data in a.data:
+        out = subprocess.run([sys.executable, __file__, data, "--model", a.model, "--size", a.size, "--steps",
+                              str(a.steps), "--one"], capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(_row(r), flush=True)
+        print(r["plan"], file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
