@@ -135,7 +135,8 @@ def test_assignment_and_replace_are_validated():
 def test_to_dict_from_dict_inverse():
     cfg = TrainConfig()
     data = to_dict(cfg)
-    assert isinstance(data["patch_size"], list) and isinstance(data["model"]["depths"], list)
+    assert data["patch_size"] is None and isinstance(data["model"]["depths"], list)  # None: from the plan
+    assert isinstance(to_dict(replace(cfg, patch_size=(32, 48, 8)))["patch_size"], list)
     assert from_dict(TrainConfig, data) == cfg
     assert set(data) == set(TrainConfig.model_fields)
 

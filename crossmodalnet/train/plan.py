@@ -155,20 +155,28 @@ def _slice_axes(target: Sequence[float]) -> set[int]:
     return {a for a, s in enumerate(target) if s > ANISOTROPY * finest}
 
 
-def make_plan(fp: Fingerprint, model: ModelConfig, device: str = "cpu", budget: Budget | None = None) -> Plan:
-    """The plan of `model` on a dataset with fingerprint `fp` for `device` ("cpu" or "cuda")."""
+def make_plan(fp: Fingerprint, model: ModelConfig, device: str = "cpu", budget: Budget | None = None,
+              target_spacing: Sequence[float] | None = None, patch_size: Sequence[int] | None = None) -> Plan:
+    """The plan of `model` on a dataset with fingerprint `fp` for `device` ("cpu" or "cuda").
+
+    target_spacing, patch_size: what a configuration fixes; the rest is planned around them (the
+    strides of a given patch, the batch that fills the budget with it)."""
     if device not in BUDGETS and budget is None:
         raise CrossModalNetError(f"plan: device must be one of {sorted(BUDGETS)}, got {device!r}")
     budget = budget or BUDGETS[device]
     reasons: list[str] = []
-    target = _target_spacing(fp, reasons)
+    if target_spacing is not None:
+        target = [float(s) for s in target_spacing]
+        reasons.append("target spacing: the configuration's")
+    else:
+        target = _target_spacing(fp, reasons)
     thin = _slice_axes(target)
     # Rule 2: the field of view a patch must see, on the device's budget.
     shape = np.array(fp.median_shape_at(target))
     # Every slice of a slice axis stays in the patch; the fine axes need COVERAGE of their extent.
     need = np.array([shape[a] if a in thin else COVERAGE * shape[a] for a in range(3)])
     need = np.maximum(1, np.ceil(need))
-    if np.prod(need) > budget.patch_voxels:
+    if np.prod(need) > budget.patch_voxels and target_spacing is None:
         fine = [a for a in range(3) if a not in thin]
         factor = (np.prod(need) / budget.patch_voxels) ** (1.0 / len(fine))
         before = [target[a] for a in fine]
@@ -183,6 +191,11 @@ def make_plan(fp: Fingerprint, model: ModelConfig, device: str = "cpu", budget: 
     # A model that takes no strides gets the patch CrossModalNet small would (4 steps): one patch for
     # every model of a comparison.
     steps = model_steps(model)
+    if patch_size is not None:
+        given = np.array(patch_size, dtype=int)
+        strides = _strides(target, given, steps or _SHARED_STEPS)
+        return _finish(model, steps, strides, given, target, fp, device, budget,
+                       [*reasons, f"patch {' x '.join(map(str, given))}: the configuration's"])
     patch = np.maximum(1, np.round(shape)).astype(int)
     strides = _strides(target, patch, steps or _SHARED_STEPS)
     divisor = _divisor(strides)
@@ -203,6 +216,13 @@ def make_plan(fp: Fingerprint, model: ModelConfig, device: str = "cpu", budget: 
                    f"({' x '.join(f'{s:.0f}' for s in shape)})" + (", shrunk along the axis with the widest field "
                    f"of view to the {device} budget of {budget.patch_voxels} voxels" if shrunk else "")
                    + f", a multiple of the total stride {' x '.join(map(str, divisor))}")
+    return _finish(model, steps, strides, rounded, target, fp, device, budget, reasons)
+
+
+def _finish(model: ModelConfig, steps: int | None, strides, patch: np.ndarray, target: list[float], fp: Fingerprint,
+            device: str, budget: Budget, reasons: list[str]) -> Plan:
+    """Rules 4-7 for a patch: strides (None for a model that takes none), window, kernels, batch."""
+    rounded = patch
     if steps is None:
         strides = None
         reasons.append(f"strides: {model.name} takes none from a plan (its own downsampling)")
@@ -210,7 +230,8 @@ def make_plan(fp: Fingerprint, model: ModelConfig, device: str = "cpu", budget: 
         reasons.append("strides: an axis is halved only while its spacing is at most twice the finest "
                        f"and it keeps {MIN_EDGE}+ voxels ({steps} steps for {model.name})")
     window = _window(model, strides, rounded, reasons)
-    kernels = _kernels(target, strides) if model.name in ("dynunet", "unet") and strides is not None else None
+    # MONAI's UNet has one kernel for all levels: only DynUNet takes nnU-Net's per-level kernels.
+    kernels = _kernels(target, strides) if model.name == "dynunet" and strides is not None else None
     batch = int(np.clip(budget.step_voxels // int(np.prod(rounded)), budget.min_batch, budget.max_batch))
     reasons.append(f"batch {batch}: {budget.step_voxels} voxels per step on the {device} / "
                    f"{int(np.prod(rounded))} per patch, within [{budget.min_batch}, {budget.max_batch}]")

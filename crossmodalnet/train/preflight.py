@@ -114,12 +114,15 @@ def planned(config: TrainConfig, fp: Fingerprint, device: str) -> tuple[TrainCon
     if not config.plan:
         return replace(config, patch_size=config.patch_size or DEFAULT_PATCH,
                        batch_size=config.batch_size or DEFAULT_BATCH), None
-    plan = make_plan(fp, config.model, "cuda" if device == "cuda" else "cpu")
+    plan = make_plan(fp, config.model, "cuda" if device == "cuda" else "cpu", target_spacing=config.target_spacing,
+                     patch_size=config.patch_size)
     planned_config = apply_plan(config, plan)
     if model_steps(config.model) is None:
         # On anisotropic data (a plan with per-axis strides), a model that cannot take them is not
         # applicable where it would have to pad the patch (4 slices to 32); isotropic data run as before.
-        anisotropic = make_plan(fp, ModelConfig.from_size("crossmodalnet", "small"), plan.device).strides
+        anisotropic = make_plan(fp, ModelConfig.from_size("crossmodalnet", "small"), plan.device,
+                                target_spacing=planned_config.target_spacing,
+                                patch_size=planned_config.patch_size).strides
         reason = None if anisotropic is None else supports_plan(config.model.name, anisotropic,
                                                                  planned_config.patch_size, config.model.size)
         if reason is not None:

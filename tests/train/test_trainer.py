@@ -14,7 +14,15 @@ from conftest import fast_config, make_dataset, write_case
 
 from crossmodalnet import runs as ckpt
 from crossmodalnet.cli import main
-from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml, load_config_file, load_yaml, to_dict
+from crossmodalnet.config import (
+    ModelConfig,
+    TrainConfig,
+    config_differences,
+    dump_yaml,
+    load_config_file,
+    load_yaml,
+    to_dict,
+)
 from crossmodalnet.data.dataset import write_dataset_json
 from crossmodalnet.data.io import Geometry
 from crossmodalnet.data.labels import NAMES
@@ -36,7 +44,10 @@ def _rows(path):
 def test_run_folder_contents(tiny_dataset, tmp_path):
     cfg = fast_config(val_every=2)
     run = train(tiny_dataset, tmp_path / "run", cfg)  # the shared phantom fixture
-    assert load_yaml(TrainConfig, run / "config.yaml") == cfg
+    saved = load_yaml(TrainConfig, run / "config.yaml")
+    # What the configuration left open, the plan filled (the phantom's own spacing and axis order).
+    assert [d.split(":")[0] for d in config_differences(cfg, saved)] == ["orientation", "target_spacing"]
+    assert saved.orientation == "canonical" and saved.target_spacing == (4.5, 4.5, 4.5)
     assert (run / "preprocess.json").is_file() and (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     model = ckpt.load_weights(build_model("unet", cfg.model), run / "model.safetensors")
     assert ckpt.read_model_config(run / "model.safetensors") == cfg.model
@@ -140,7 +151,7 @@ def test_non_empty_folder_and_changed_config_are_refused(ellipsoid_data, tmp_pat
     with pytest.raises(CrossModalNetError, match="not empty; pass --resume"):
         train(ellipsoid_data, run, cfg)
     other = fast_config(epochs=1, iterations_per_epoch=1, lr=0.5, patch_size=(8, 8, 8))
-    with pytest.raises(CrossModalNetError, match=r"--resume refused.*lr: 0.001 -> 0.5; patch_size"):
+    with pytest.raises(CrossModalNetError, match=r"--resume refused.*lr: 0.001 -> 0.5; .*patch_size"):
         train(ellipsoid_data, run, other, resume=True)
     with pytest.raises(CrossModalNetError, match="nothing to resume"):
         train(ellipsoid_data, tmp_path / "empty", cfg, resume=True)
