@@ -27,7 +27,8 @@ from crossmodalnet.config import ModelConfig, TrainConfig, replace
 from crossmodalnet.data.dataset import read_spec
 from crossmodalnet.models.registry import build_model
 from crossmodalnet.train.engine import Engine, LoopSettings
-from crossmodalnet.train.plan import apply_plan, plan_dataset
+from crossmodalnet.train.plan import apply_plan
+from crossmodalnet.train.preflight import plan_dataset
 from crossmodalnet.train.trainer import SegmentationTask
 
 HEADER = ("| dataset | model | channels | target spacing (mm) | patch | batch | strides | s / step | peak RSS (MiB) |\n"

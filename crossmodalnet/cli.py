@@ -43,7 +43,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def _cmd_plan(a: argparse.Namespace) -> None:
-    from crossmodalnet.train.plan import plan_from_cli
+    from crossmodalnet.train.preflight import plan_from_cli
 
     plan_from_cli(a)
 

@@ -34,25 +34,19 @@ written as the model's defaults (None, an int): the model built is exactly the u
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from crossmodalnet.config import MODEL_SIZES, ModelConfig, TrainConfig, replace
-from crossmodalnet.data.dataset import load_case, load_dataset
-from crossmodalnet.data.fingerprint import Fingerprint, fingerprint
+from crossmodalnet.data.fingerprint import Fingerprint
 from crossmodalnet.errors import CrossModalNetError
-from crossmodalnet.files import atomic_path
 
 __all__ = ["Budget", "BUDGETS", "COVERAGE", "Plan", "make_plan", "apply_plan", "model_steps", "DEFAULT_PATCH",
-           "DEFAULT_BATCH", "plan_dataset", "plan_from_cli"]
+           "DEFAULT_BATCH"]
 
 COVERAGE = 0.5  # share of the median extent of each axis a patch must see
 ANISOTROPY = 3.0  # an axis this many times coarser than the finest is a slice axis (rule 1)
@@ -309,33 +303,3 @@ def apply_plan(config: TrainConfig, plan: Plan) -> TrainConfig:
     if config.orientation == "auto":
         updates["orientation"] = plan.orientation
     return replace(config, **updates) if updates else config
-
-
-def plan_dataset(data_dir: str | os.PathLike, model: ModelConfig, device: str = "cpu",
-                 orientation: str = "auto") -> tuple[Fingerprint, Plan]:
-    """Fingerprint of the labelled training cases of `data_dir` and the plan of `model` on it."""
-    dataset = load_dataset(data_dir)
-    cases = [c for c in dataset["training"] if c.label is not None]
-    if not cases:
-        raise CrossModalNetError(f"{Path(data_dir) / 'dataset.json'}: no labelled training case to plan from")
-    loaded = [load_case(c, dataset.spec) for c in cases]
-    fp = fingerprint(loaded, dataset.spec, orientation)
-    return fp, make_plan(fp, model, device)
-
-
-def plan_from_cli(args: argparse.Namespace) -> Path:
-    """`crossmodalnet plan DATA [--model M] [--size S] [--device cpu|cuda] [--out FILE]`: print the plan
-    and why, write it with the fingerprint to FILE (default DATA/plans.json)."""
-    model = ModelConfig.from_size(args.model, args.size)
-    out = Path(args.out) if args.out is not None else Path(args.data) / "plans.json"
-    if out.is_dir():
-        raise CrossModalNetError(f"{out}: is a folder; give a file name for the plan")
-    fp, plan = plan_dataset(args.data, model, args.device)
-    print(f"plan of {args.data} ({fp.num_cases} training cases) for {model.name}/{model.size} on the {plan.device}:")
-    print(plan.describe())
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps({"model": {"name": model.name, "size": model.size}, "plan": plan.to_dict(),
-                                   "fingerprint": fp.to_dict()}, indent=2))
-    print(f"wrote {out}")
-    return out
-

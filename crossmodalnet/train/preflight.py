@@ -1,17 +1,21 @@
-"""Checks and settings resolved before any training starts (nothing here writes).
+"""Checks and settings resolved before any training starts (nothing here writes, but the `plan`
+command's own output file).
 
 - `resolve_config`: the --config file (or a resumed run's config.yaml) and CLI flags -> one `TrainConfig`;
 - `check_runnable`: what the schema cannot know (the number of processes);
 - `dataset_spec`: the dataset's channels, labels and regions (and, resuming, that they are the run's);
 - `dataset_splits`: every listed file exists and each case's channels and label share a grid; under
   DDP also every validation case's voxels (see there);
-- `check_label_values`: every declared label occurs in the training labels.
+- `check_label_values`: every declared label occurs in the training labels;
+- `planned`, `plan_dataset`: the dataset's plan (`train.plan`) for what the configuration leaves open,
+  from the very cases `train` trains on.
 Every refusal is one `CrossModalNetError` line naming the file or key.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -20,14 +24,16 @@ import torch.distributed
 
 from crossmodalnet.config import CROSSMODALNET_FIELDS, ModelConfig, TrainConfig, load_config_file, replace, to_dict
 from crossmodalnet.data.dataset import Case, check_case, load_case, load_dataset, read_spec
-from crossmodalnet.data.fingerprint import Fingerprint
+from crossmodalnet.data.fingerprint import Fingerprint, fingerprint
 from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.files import atomic_path
 from crossmodalnet.models.registry import check_input_size, supports_plan
 from crossmodalnet.runs import RunFolder
 from crossmodalnet.train.plan import DEFAULT_BATCH, DEFAULT_PATCH, Plan, apply_plan, make_plan, model_steps
 
-__all__ = ["check_runnable", "resolve_config", "dataset_spec", "dataset_splits", "check_label_values", "planned"]
+__all__ = ["check_runnable", "resolve_config", "dataset_spec", "dataset_splits", "check_label_values", "planned",
+           "plan_dataset", "plan_from_cli"]
 
 
 def check_runnable(config: TrainConfig, world_size: int = 1) -> None:
@@ -129,4 +135,33 @@ def planned(config: TrainConfig, fp: Fingerprint, device: str) -> tuple[TrainCon
             raise CrossModalNetError(f"{config.model.name} is not applicable to this dataset's plan: {reason}; "
                                      "give it a patch_size and target_spacing in its config, or plan: false")
     return planned_config, plan
+
+
+def plan_dataset(data_dir: str | os.PathLike, model: ModelConfig, device: str = "cpu",
+                 config: TrainConfig | None = None) -> tuple[Fingerprint, Plan]:
+    """The fingerprint of the cases `train` would train on (the training split less the validation
+    share `config` takes, `dataset_splits`) and the plan of `model` on it, as `train` makes it."""
+    config = config or TrainConfig(model=model)
+    spec = dataset_spec(data_dir)
+    train_cases, _ = dataset_splits(data_dir, config)
+    loaded = [load_case(c, spec) for c in train_cases]
+    fp = fingerprint(loaded, spec, config.orientation, config.seed)
+    return fp, make_plan(fp, model, device, target_spacing=config.target_spacing, patch_size=config.patch_size)
+
+
+def plan_from_cli(args: argparse.Namespace) -> Path:
+    """`crossmodalnet plan DATA [--model M] [--size S] [--device cpu|cuda] [--out FILE]`: print the plan
+    and why, write it with the fingerprint to FILE (default DATA/plans.json)."""
+    model = ModelConfig.from_size(args.model, args.size)
+    out = Path(args.out) if args.out is not None else Path(args.data) / "plans.json"
+    if out.is_dir():
+        raise CrossModalNetError(f"{out}: is a folder; give a file name for the plan")
+    fp, plan = plan_dataset(args.data, model, args.device)
+    print(f"plan of {args.data} ({fp.num_cases} training cases) for {model.name}/{model.size} on the {plan.device}:")
+    print(plan.describe())
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps({"model": {"name": model.name, "size": model.size}, "plan": plan.to_dict(),
+                                   "fingerprint": fp.to_dict()}, indent=2))
+    print(f"wrote {out}")
+    return out
 
