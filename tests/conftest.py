@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from crossmodalnet.data.dataset import load_case, load_dataset, read_spec
 from crossmodalnet.data.phantom import synthesize
@@ -32,3 +33,14 @@ def tiny_case(tiny_dataset: Path) -> dict:
     """The first training case of `tiny_dataset` as arrays plus its geometry."""
     case = load_dataset(tiny_dataset)["training"][0]
     return {"id": case.id, **load_case(case, read_spec(tiny_dataset))}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): for tiny
+    models on shared cores, spinning OpenMP threads cost far more than they gain."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -40,13 +40,7 @@ SMALL_TIMING = {"global_tokens": (256, 512, 1024, 2048), "windowed_tokens": (204
 QUICK_LIPSCHITZ = {"random_draws": 2, "power_iterations": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: for tiny models on shared cores, spinning OpenMP threads cost far more than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(seed: int = 0, **overrides) -> torch.nn.Module:

@@ -34,13 +34,7 @@ BEST, CONFIG, PREPROCESS = RunFolder.WEIGHTS, RunFolder.CONFIG, RunFolder.PREPRO
 NAMES = ["input", "stem", "stage1", "cross1", "stage2", "cross2", "stage3", "cross3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: for tiny models on shared cores, spinning OpenMP threads cost far more than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(root: Path, data: Path, seed: int = 0, **model: object) -> Path:

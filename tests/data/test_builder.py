@@ -9,10 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import one_line_error as refused
 
 from crossmodalnet.data.builder import build_dataset, case_ids
 from crossmodalnet.data.dataset import check_case, load_case, load_dataset
-from crossmodalnet.errors import CrossModalNetError
 
 SHAPE = (8, 8, 8)
 AFFINE = np.diag([1.25, 1.25, 2.0, 1.0])
@@ -56,14 +56,6 @@ def build(raw: Path, out: Path, **kwargs):
     return build_dataset(out, **args)
 
 
-def refused(call, *names: str) -> str:
-    with pytest.raises(CrossModalNetError) as info:
-        call()
-    text = str(info.value)
-    assert "\n" not in text
-    for name in names:
-        assert name in text, (name, text)
-    return text
 
 
 def test_myops_files_become_a_dataset_of_links(raw, tmp_path):

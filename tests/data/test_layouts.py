@@ -10,11 +10,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
+from helpers import one_line_error
 
 from crossmodalnet.data.dataset import check_case, load_case, load_dataset
 from crossmodalnet.data.io import read_label
-from crossmodalnet.errors import CrossModalNetError
 
 SHAPE = (8, 8, 8)
 AFFINE = np.diag([1.25, 1.25, 2.0, 1.0])
@@ -46,15 +45,6 @@ def write_json(root: Path, meta: dict) -> Path:
     return root
 
 
-def one_line_error(call, *names: str) -> str:
-    """The message of the CrossModalNetError `call()` raises; asserts one line naming `names`."""
-    with pytest.raises(CrossModalNetError) as info:
-        call()
-    text = str(info.value)
-    assert "\n" not in text
-    for name in names:
-        assert name in text, (name, text)
-    return text
 
 
 # --- listed -------------------------------------------------------------------------------------

@@ -7,14 +7,7 @@ from crossmodalnet.config import ModelConfig
 from crossmodalnet.models import build_model
 from crossmodalnet.models.inference import sliding_window_probabilities
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: for tiny models on shared cores, spinning OpenMP threads cost far more than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(modalities=3):
