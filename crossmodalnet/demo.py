@@ -111,7 +111,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", minutes: float | None = None,
           f"mean Dice {summary['mean_dice']:.3f}, MIoU {summary['miou']:.3f}, "
           f"mean HD95 {summary['mean_hd95']:.2f} mm over {len(predicted)} test cases")
     print(f"  report:      {out / 'evaluation'} (summary.json, metrics.csv per case, dice.png, hd95.png)")
-    print(f"  predictions: {out / 'predictions'} (NIfTI label maps, MM-WHS codes, on the input grids)")
+    print(f"  predictions: {out / 'predictions'} (NIfTI label maps, the dataset's values, on the input grids)")
     print(f"  training:    {run / 'curves.png'}, {run / 'metrics.csv'}, weights {run / 'model.safetensors'}")
     return {**summary, "times": times}
 
