@@ -119,8 +119,7 @@ def _fmt_steps(steps: Sequence[Sequence[int]] | None) -> str:
 def model_steps(model: ModelConfig) -> int | None:
     """How many downsampling steps the model has (None: a model a plan cannot shape)."""
     if model.name == "crossmodalnet":
-        return int(math.log2(model.patch_size if isinstance(model.patch_size, int) else max(model.patch_size))) \
-            + len(model.depths) - 1
+        return int(math.log2(model.patch_size)) + len(model.depths) - 1
     if model.name == "dynunet":  # levels = steps + 1, the size's by default
         return len(MODEL_SIZES["dynunet"][model.size]["filters"]) - 1
     if model.name == "unet":
@@ -258,7 +257,7 @@ def _window(model: ModelConfig, strides, patch: np.ndarray, reasons: list[str]) 
     if ws is None or strides is None:
         return ws
     base = ws if isinstance(ws, int) else max(ws)
-    stem = int(math.log2(model.patch_size if isinstance(model.patch_size, int) else max(model.patch_size)))
+    stem = int(math.log2(model.patch_size))  # the conv stem's steps come first
     tokens = patch // np.prod(np.array(strides[:stem]), axis=0) if stem else patch
     never = [a for a in range(3) if all(s[a] == 1 for s in strides)]
     window = [base] * 3
