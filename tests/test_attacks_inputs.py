@@ -20,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
-import nibabel.arrayproxy
 import numpy as np
 import pytest
 import torch
+from helpers import spy_on_body_reads
 
 from crossmodalnet.cli import main
 from crossmodalnet.config import ModelConfig, TrainConfig, dump_yaml
@@ -68,19 +68,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 def allocations(monkeypatch) -> list[int]:
     """Byte sizes nibabel was asked to read for image bodies; a request over BUDGET is recorded and
     refused (MemoryError) instead of being allocated, so the old code's attempt shows as a failure."""
-    monkeypatch.setenv("CROSSMODALNET_MAX_IMAGE_BYTES", str(BUDGET))  # io.MAX_IMAGE_BYTES_ENV
-    seen: list[int] = []
-    original = nibabel.arrayproxy.array_from_file
-
-    def spy(shape, in_dtype, *args, **kwargs):
-        nbytes = int(np.prod(shape, dtype=np.float64) * np.dtype(in_dtype).itemsize)
-        seen.append(nbytes)
-        if nbytes > BUDGET:
-            raise MemoryError(f"test spy: {nbytes} bytes requested")
-        return original(shape, in_dtype, *args, **kwargs)
-
-    monkeypatch.setattr(nibabel.arrayproxy, "array_from_file", spy)
-    return seen
+    return spy_on_body_reads(monkeypatch, BUDGET)
 
 
 def _attack(tmp_path: Path, capsys, build: Builder, allocations: list[int], monkeypatch=None) -> str:

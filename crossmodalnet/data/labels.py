@@ -42,8 +42,9 @@ NAMES: tuple[str, ...] = MMWHS.names
 def detect_encoding(values: np.ndarray) -> str:
     """"indices" or "codes" for the values present in a label map (ValueError naming bad values)."""
     present = {int(v) for v in np.unique(values)}
-    encoding = MMWHS.encoding(present)  # raises on values of neither kind, or a mix
-    return "indices" if present <= set(range(NUM_CLASSES)) else "codes" if encoding == "values" else encoding
+    MMWHS.encoding(present)  # raises on values of neither kind, or a mix
+    # Only background (in both sets) reads as indices, as before the preset.
+    return "indices" if present <= set(range(NUM_CLASSES)) else "codes"
 
 
 def to_indices(labels: np.ndarray) -> np.ndarray:

@@ -20,15 +20,14 @@ import struct
 from pathlib import Path
 
 import nibabel as nib
-import nibabel.arrayproxy
 import numpy as np
 import pytest
+from helpers import spy_on_body_reads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crossmodalnet.data.dataset import CASE_ID_PATTERN, load_dataset, write_dataset_json
 from crossmodalnet.data.io import (
-    MAX_IMAGE_BYTES_ENV,
     Geometry,
     read_geometry,
     read_image,
@@ -105,19 +104,7 @@ def mutated_nifti(draw) -> tuple[bytes, bool]:
 @pytest.fixture
 def spy(monkeypatch) -> list[int]:
     """Bytes of every body nibabel reads, with the budget set to BUDGET; over it is refused, not allocated."""
-    monkeypatch.setenv(MAX_IMAGE_BYTES_ENV, str(BUDGET))
-    seen: list[int] = []
-    original = nibabel.arrayproxy.array_from_file
-
-    def array_from_file(shape, in_dtype, *args, **kwargs):
-        nbytes = int(np.prod(shape, dtype=np.float64) * np.dtype(in_dtype).itemsize)
-        seen.append(nbytes)
-        if nbytes > BUDGET:
-            raise MemoryError(f"fuzz spy: {nbytes} bytes requested")
-        return original(shape, in_dtype, *args, **kwargs)
-
-    monkeypatch.setattr(nibabel.arrayproxy, "array_from_file", array_from_file)
-    return seen
+    return spy_on_body_reads(monkeypatch, BUDGET)
 
 
 def _read_mmwhs_label(path: Path):

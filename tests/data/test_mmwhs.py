@@ -186,13 +186,18 @@ def test_training_image_without_label(tmp_path, capsys):
     _one_line_error(capsys, "ct_train_1001_image.nii.gz", "ct_train_1001_label.nii.gz")
 
 
+def _poison_label(path, voxel: tuple[int, int, int], code: int) -> None:
+    """Rewrite the MM-WHS label file `path` with `code` (outside the table) at `voxel`."""
+    codes, geom, _ = read_label(path, MMWHS)
+    bad = to_codes(codes)
+    bad[voxel] = code
+    write_label(path, bad, geom)
+
+
 def test_label_codes_outside_the_table(tmp_path, capsys):
     raw = _raw(tmp_path, train=(1001,))
     path = raw / "ct_train" / "ct_train_1001_label.nii.gz"
-    codes, geom, _ = read_label(path, MMWHS)
-    bad = to_codes(codes)
-    bad[0, 0, 0] = 300
-    write_label(path, bad, geom)
+    _poison_label(path, (0, 0, 0), 300)
     assert _cli(raw, tmp_path / "out") == 2
     _one_line_error(capsys, "ct_train_1001_label.nii.gz", "[300]")
     _nothing_written(tmp_path / "out")
@@ -338,10 +343,7 @@ def test_registration_raises_label_dice(tmp_path, method, least):
 def test_bad_voxels_of_the_last_pair_stop_the_run_before_the_first_case(tmp_path, capsys):
     raw = _raw(tmp_path, train=(1001, 1002))
     path = raw / "mr_train" / "mr_train_1002_label.nii.gz"
-    codes, geom, _ = read_label(path, MMWHS)
-    bad = to_codes(codes)
-    bad[1, 1, 1] = 301
-    write_label(path, bad, geom)
+    _poison_label(path, (1, 1, 1), 301)
     assert _cli(raw, tmp_path / "out") == 2
     _one_line_error(capsys, "mr_train_1002_label.nii.gz", "[301]")
     _nothing_written(tmp_path / "out")  # case 1001 comes first and was not started
