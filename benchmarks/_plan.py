@@ -93,11 +93,11 @@ def ablations(s: Settings) -> list[tuple[str, str, dict[str, Any], dict[str, Any
     m, t = ModelConfig.from_size(CMN, s.model_size), TrainConfig()
     other = "paper" if m.cross_attention == "standard" else "standard"
     on_off = {True: "on", False: "off"}
-    fine = "both" if m.fine_skips == "reference" else "reference"
+    fine = "both" if m.skip_source == "reference" else "reference"
     return [
         (f"ablation-attention-{other}", f"cross attention `{other}`", {"cross_attention": other}, {}),
-        (f"ablation-deformable-{on_off[not m.deformable]}", f"deformable {on_off[not m.deformable]}",
-         {"deformable": not m.deformable}, {}),
+        (f"ablation-deformable-{on_off[not m.uses_deformable]}", f"deformable {on_off[not m.uses_deformable]}",
+         {"deformable": not m.uses_deformable}, {}),
         (f"ablation-cross-blocks-{on_off[not m.cross_blocks]}",
          "no Cross Transformer blocks (fusion in the decoder only)" if m.cross_blocks else "Cross Transformer blocks",
          {"cross_blocks": not m.cross_blocks}, {}),

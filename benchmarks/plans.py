@@ -54,7 +54,8 @@ def measure(data: str, model: str, size: str, steps: int) -> dict:
     model_config = ModelConfig.from_size(model, size, modalities=spec.num_channels, out_channels=spec.num_outputs)
     _, plan = plan_dataset(data, model_config, "cpu")
     config = apply_plan(TrainConfig(model=model_config), plan)
-    config = replace(config, model=replace(config.model, modalities=spec.num_channels, out_channels=spec.num_outputs))
+    config = replace(config, model=replace(config.model.for_data(spec.registered), modalities=spec.num_channels,
+                                           out_channels=spec.num_outputs))
     torch.manual_seed(0)
     net = build_model(config.model.name, config.model)
     task = SegmentationTask(config, net, _RandomBatches(config, spec.num_classes), [], torch.device("cpu"), spec)

@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of the labelled cases held out as a labelled test split, drawn by --seed (default 0)")
     ds.add_argument("--seed", type=int, default=0, help="seed of the test draw (default 0)")
     ds.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
+    ds.add_argument("--unregistered", action="store_true",
+                    help="the channels may be a few voxels apart (CT and MR of separate scans); by default they are "
+                         "registered voxel to voxel (sequences of one session), and CrossModalNet then takes every "
+                         "channel's fine detail and no deformable offsets")
     ds.add_argument("--name", default=None, help="dataset name (default: the folder's name)")
     ds.set_defaults(func=_cmd_dataset)
 
@@ -237,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", default="crossmodalnet", help="registered model name (default crossmodalnet)")
     pl.add_argument("--size", default="small", help="tiny | small | base (default small)")
     pl.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="whose budget the plan fits (default cpu)")
+    pl.add_argument("--configuration", choices=["auto", "2d", "3d"], default="auto",
+                    help="2d: one-slice patches (nnU-Net's 2d); 3d; auto (default): 2d where the data have a slice "
+                         "axis over 3x the finest spacing, else 3d")
     pl.add_argument("--out", type=Path, default=None,
                     help="file for the plan and fingerprint (default DATA/plans.json)")
     pl.set_defaults(func=_cmd_plan)

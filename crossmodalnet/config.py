@@ -203,7 +203,9 @@ class ModelConfig(_Schema):
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     cross_attention: Literal["standard", "paper"] = "standard"  # "paper": Def. 2 literally
     cross_blocks: bool = True  # Cross Transformer blocks (off: decoder-only fusion)
-    deformable: bool = True  # resample the other stream with the deformable operator first
+    # Resample the other stream with the deformable operator first. None: from the data (off where the
+    # dataset says its channels are registered, else on: `for_data`).
+    deformable: bool | None = None
     deformable_points: PositiveInt = 4  # K in Def. 3
     max_offset: NonNegativeFloat = 2.0  # bound on offsets, in voxels of the stage's grid
     deep_supervision: bool = True  # heads at strides 2 and 4 in training; small structures learned sooner
@@ -212,9 +214,31 @@ class ModelConfig(_Schema):
     # What feeds the decoder's skips that no Cross Transformer block has aligned (stem maps, the input,
     # token stages before `cross_first_stage`): "reference" the CT's (the MR's where the CT is missing),
     # "both" CT ‖ MR. "reference" because unaligned MR detail there is what a misregistered MR corrupts
-    # (docs/benchmarks.md, misregistration).
-    fine_skips: Literal["reference", "both"] = "reference"
+    # (docs/benchmarks.md, misregistration). None: from the data ("both" where the dataset says its
+    # channels are registered: scar shows on LGE, edema on T2, not on the reference; else "reference").
+    fine_skips: Literal["reference", "both"] | None = None
     img_size: Annotated[int, Field(ge=16)] = 64  # fixed input edge for models with absolute position embeddings
+
+    @property
+    def uses_deformable(self) -> bool:
+        """`deformable`, None read as on (a model built without data, as before this field could be None)."""
+        return True if self.deformable is None else self.deformable
+
+    @property
+    def skip_source(self) -> str:
+        """`fine_skips`, None read as "reference"."""
+        return self.fine_skips or "reference"
+
+    def for_data(self, registered: bool | None) -> ModelConfig:
+        """The fields left None decided by the data: channels registered voxel to voxel (MyoPS's
+        sequences) take every channel's fine detail and no deformable offsets; otherwise (CT and MR of
+        separate scans, or not said) the reference channel's detail and deformable offsets. Only
+        CrossModalNet has these fields' meaning; other models are returned as they are."""
+        if self.name != "crossmodalnet":
+            return self
+        fields = {"deformable": not registered, "fine_skips": "both" if registered else "reference"}
+        updates = {k: v for k, v in fields.items() if getattr(self, k) is None}
+        return replace(self, **updates) if updates else self
 
     @model_validator(mode="before")
     @classmethod
@@ -316,6 +340,9 @@ class TrainConfig(_Schema):
     # Take what this configuration leaves open (None above, target_spacing, orientation "auto", the
     # model's strides and windows) from a plan of the training data (`crossmodalnet plan`).
     plan: bool = True
+    # The plan's configuration: "2d" (one-slice patches, as nnU-Net's 2d), "3d", or "auto": 2d where the
+    # data have a slice axis over 3x the finest spacing (MyoPS, ACDC), else 3d (train.plan).
+    configuration: Literal["auto", "2d", "3d"] = "auto"
     foreground_ratio: Probability = 0.67  # share of patches centred on a structure voxel
     optimizer: Literal["adam", "adamw"] = "adamw"
     lr: PositiveFloat = 3e-3  # Adam(W), batch 2; on the phantom 3e-3 trained CrossModalNet faster than 2e-3
@@ -354,7 +381,8 @@ class TrainConfig(_Schema):
     # against the CT and the label, which stay put; 0 turns it off.
     misalign_prob: Probability = 0.0
     misalign_voxels: NonNegativeFloat = 4.0
-    target_spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None  # mm; None: median
+    # mm per network axis; None: the median (or the plan's); an axis None: kept as stored (2D plans' slices)
+    target_spacing: tuple[PositiveFloat | None, PositiveFloat | None, PositiveFloat | None] | None = None
     # Axis order of the network: "canonical" (closest RAS), "stored" (the voxel axes as they are), or
     # "auto": canonical unless the cases' slice axes land on different canonical axes (oblique
     # short-axis MR), see `data.preprocess.choose_orientation`.

@@ -67,14 +67,18 @@ def _write_case(root: Path, case_id: str, seed: int, channels=CHANNELS) -> dict:
     return entry
 
 
-def _dataset(root: Path, n: int = 5, channels=CHANNELS, train_regions: bool = False, drop=None) -> Path:
-    """n cases: n - 2 training, 1 validation, 1 test. drop: (case index, channel index) left out."""
+def _dataset(root: Path, n: int = 5, channels=CHANNELS, train_regions: bool = False, drop=None,
+             registered: bool | None = True) -> Path:
+    """n cases: n - 2 training, 1 validation, 1 test. drop: (case index, channel index) left out.
+    registered: what dataset.json says of the channels (None: nothing)."""
     entries = [_write_case(root, f"case{i}", i, channels) for i in range(n)]
     if drop is not None:
         entries[drop[0]]["images"][drop[1]] = None
     meta = {"name": "myops-like", "channel_names": {str(i): c for i, c in enumerate(channels)},
             "labels": {"background": 0, **VALUES}, "regions": REGIONS,
             "training": entries[: n - 2], "validation": entries[n - 2: n - 1], "test": entries[n - 1:]}
+    if registered is not None:
+        meta["registered"] = registered
     if train_regions:
         meta["train_regions"] = True
         meta["regions_class_order"] = [500, 600, 200, 1220, 2221]
@@ -95,6 +99,11 @@ def test_three_channels_with_nested_regions_train_predict_and_evaluate(tmp_path,
     run = train(data, tmp_path / "run", _config())
     loaded = load_run(run)
     assert loaded.config.model.modalities == 3 and loaded.config.model.out_channels == 6
+    # Registered sequences: every channel's fine detail, no deformable offsets (recorded in the run).
+    assert (loaded.config.model.fine_skips, loaded.config.model.deformable) == ("both", False)
+    # 4 mm slices at 1 mm in plane: a 2D plan; the given 6-slice patch is never mixed across slices.
+    assert loaded.config.target_spacing[2] is None and loaded.config.model.window_size[2] == 1
+    assert all(s[2] == 1 for s in loaded.config.model.strides)
     assert loaded.spec.channels == CHANNELS and [r.name for r in loaded.spec.regions] == list(REGIONS)
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"val_dice_scar", "val_region_edema+scar", "val_region_mean"} <= set(header)
@@ -109,6 +118,13 @@ def test_three_channels_with_nested_regions_train_predict_and_evaluate(tmp_path,
     rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
     assert sum(",region," in r for r in rows) == len(REGIONS) and sum(",class," in r for r in rows) == len(VALUES)
     assert "region edema+scar" in capsys.readouterr().out
+
+
+def test_channels_not_said_to_be_registered_keep_the_reference_skips_and_offsets(tmp_path):
+    data = _dataset(tmp_path / "data", n=4, registered=None)
+    run = train(data, tmp_path / "run", _config(epochs=1, iterations_per_epoch=1))
+    model = load_run(run).config.model
+    assert (model.fine_skips, model.deformable) == ("reference", True)
 
 
 def test_one_channel_dataset_trains_a_single_stream(tmp_path):

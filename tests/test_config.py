@@ -190,4 +190,9 @@ def test_run_configs_written_before_a_field_keep_what_they_meant(tmp_path):
     path.write_text(yaml.safe_dump(older, sort_keys=False))
     run = load_run_config(path).model
     assert (run.cross_first_stage, run.fine_skips) == (0, "both")
-    assert ModelConfig.from_size("crossmodalnet", "small").fine_skips == "reference"
+    today = ModelConfig.from_size("crossmodalnet", "small")  # left to the data; without data: "reference"
+    assert today.fine_skips is None and today.skip_source == "reference" and today.uses_deformable
+    registered, unregistered = today.for_data(True), today.for_data(None)
+    assert (registered.fine_skips, registered.deformable) == ("both", False)
+    assert (unregistered.fine_skips, unregistered.deformable) == ("reference", True)
+    assert ModelConfig.from_size("crossmodalnet", "small", deformable=True).for_data(True).deformable  # given: kept

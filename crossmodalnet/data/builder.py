@@ -94,7 +94,8 @@ class BuiltDataset:
 
 
 def _spec(channels: list[str], labels: Sequence[tuple[str, int]],
-          regions: Sequence[tuple[str, Sequence[int | str]]], train_regions: bool) -> DataSpec:
+          regions: Sequence[tuple[str, Sequence[int | str]]], train_regions: bool,
+          registered: bool = True) -> DataSpec:
     """The dataset's description from the arguments, with one-line errors naming the argument."""
     for c in channels:
         if c.casefold() == LABEL:
@@ -131,7 +132,7 @@ def _spec(channels: list[str], labels: Sequence[tuple[str, int]],
     try:
         return DataSpec(channels=tuple(channels), classes=tuple(classes), regions=tuple(built),
                         train_regions=train_regions,
-                        region_order=default_region_order(built) if train_regions else ())
+                        region_order=default_region_order(built) if train_regions else (), registered=registered)
     except CrossModalNetError as exc:
         raise CrossModalNetError(str(exc).replace("dataset description:", "--channel/--labels/--region:")) from None
 
@@ -201,7 +202,7 @@ def _linked_from(globs: list[str], files: list[Path]) -> list[str]:
 def build_dataset(out: str | os.PathLike, channels: Sequence[tuple[str, str]], label_glob: str | None,
                   labels: Sequence[tuple[str, int]], regions: Sequence[tuple[str, Sequence[int | str]]] = (),
                   train_regions: bool = False, copy: bool = False, test_fraction: float = 0.0, seed: int = 0,
-                  name: str | None = None) -> BuiltDataset:
+                  name: str | None = None, registered: bool = True) -> BuiltDataset:
     """Make the dataset folder `out` from files found by globs; see the module docstring (MyoPS example).
 
     channels: (name, glob) in channel order, e.g. [("C0", "raw/Case*_C0.nii.gz"), ("LGE", ...)];
@@ -211,7 +212,9 @@ def build_dataset(out: str | os.PathLike, channels: Sequence[tuple[str, str]], l
     train_regions: train on the regions (painted back largest-exclusive-value first, see
     `spec.default_region_order`). copy: copy the files instead of linking them. test_fraction:
     share of the labelled cases held out as a labelled `test` split, drawn by `seed`. name: the
-    dataset's name (default: the folder's).
+    dataset's name (default: the folder's). registered: the channels are registered voxel to voxel
+    (sequences of one session, the usual case of files on one grid); False for channels that may be a
+    few voxels apart (CT and MR of separate scans). Recorded in dataset.json; models fuse accordingly.
 
     Returns a `BuiltDataset`: path-like, and its `str()` is a summary (cases per split, channels
     and the cases missing them, label voxels). Raises `CrossModalNetError` (one line) before writing
@@ -222,7 +225,7 @@ def build_dataset(out: str | os.PathLike, channels: Sequence[tuple[str, str]], l
     if not channels:
         raise CrossModalNetError("--channel: give at least one channel as NAME=GLOB")
     names = [str(c) for c, _ in channels]
-    spec = _spec(names, labels, regions, train_regions)
+    spec = _spec(names, labels, regions, train_regions, registered)
     if not 0.0 <= test_fraction < 1.0:
         raise CrossModalNetError(f"test fraction must lie in [0, 1), got {test_fraction}")
     globs = list(channels) + ([(LABEL, label_glob)] if label_glob is not None else [])
@@ -309,7 +312,8 @@ def build_from_cli(args) -> BuiltDataset:
     regions = [(name, [v.strip() for v in value.split(",") if v.strip()]) for name, value in args.region or []]
     built = build_dataset(args.out, channels=list(args.channel), label_glob=args.label, labels=labels,
                           regions=regions, train_regions=args.train_regions, copy=args.copy, name=args.name,
-                          test_fraction=args.test_fraction, seed=args.seed)
+                          test_fraction=args.test_fraction, seed=args.seed,
+                          registered=not getattr(args, "unregistered", False))
     print(built)
     return built
 

@@ -48,10 +48,13 @@ class Fingerprint:
     def spacing_percentile(self, q: float) -> tuple[float, float, float]:
         return tuple(float(v) for v in np.percentile(np.array(self.spacings), q, axis=0))
 
-    def median_shape_at(self, spacing: Sequence[float]) -> tuple[float, float, float]:
-        """Median extent of the cases in voxels of `spacing` (mm per axis), per axis."""
-        extents = np.array(self.shapes, dtype=np.float64) * np.array(self.spacings)
-        return tuple(float(v) for v in np.median(extents / np.asarray(spacing, dtype=np.float64), axis=0))
+    def median_shape_at(self, spacing: Sequence[float | None]) -> tuple[float, float, float]:
+        """Median extent of the cases in voxels of `spacing` (mm per axis; None: as stored), per axis."""
+        shapes = np.array(self.shapes, dtype=np.float64)
+        extents = shapes * np.array(self.spacings)
+        out = [np.median(shapes[:, a]) if s is None else np.median(extents[:, a] / float(s))
+               for a, s in enumerate(spacing)]
+        return tuple(float(v) for v in out)
 
     def to_dict(self) -> dict[str, Any]:
         return {

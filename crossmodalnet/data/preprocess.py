@@ -114,7 +114,8 @@ class Preprocessor:
     """Fitted normalisation per channel and target spacing. Build with `fit_preprocessor` or `load`."""
 
     channels: tuple[ChannelNorm, ...]
-    target_spacing: tuple[float, float, float] | None  # mm per network axis; None: keep grid
+    # mm per network axis; None: keep the grid; an axis None: that axis as stored (a 2D plan's slices)
+    target_spacing: tuple[float | None, float | None, float | None] | None
     orientation: str = "canonical"  # "canonical" (closest RAS) or "stored" (the voxel axes as they are)
 
     # --- intensity ---------------------------------------------------------------------------
@@ -134,7 +135,8 @@ class Preprocessor:
         if self.target_spacing is None:
             return tuple(canonical_shape), ornt, tuple(canonical_shape)
         shape = tuple(
-            max(1, int(round(n * s / t))) for n, s, t in zip(canonical_shape, spacing, self.target_spacing, strict=True)
+            n if t is None else max(1, int(round(n * s / t)))
+            for n, s, t in zip(canonical_shape, spacing, self.target_spacing, strict=True)
         )
         return shape, ornt, tuple(canonical_shape)
 
@@ -254,9 +256,9 @@ class Preprocessor:
         spacing = data.get("target_spacing")
         if spacing is not None:
             if not isinstance(spacing, list) or len(spacing) != 3:
-                raise _malformed(source, f"target_spacing must be null or 3 numbers (mm), got {spacing!r}")
-            spacing = tuple(number(v, "target_spacing") for v in spacing)
-            if not all(v > 0 for v in spacing):
+                raise _malformed(source, f"target_spacing must be null or 3 numbers (mm) or nulls, got {spacing!r}")
+            spacing = tuple(None if v is None else number(v, "target_spacing") for v in spacing)
+            if not all(v is None or v > 0 for v in spacing):
                 raise _malformed(source, f"target_spacing must be positive (mm), got {list(spacing)}")
         orientation = data.get("orientation", "canonical")
         if orientation == "closest canonical (RAS)":  # how format 1 and early format 2 files say it
@@ -302,14 +304,14 @@ def choose_orientation(geometries: Sequence[Geometry]) -> str:
 
 
 def fit_preprocessor(
-    cases: Sequence[dict], channels: Sequence[str], target_spacing: Sequence[float] | None = None, seed: int = 0,
+    cases: Sequence[dict], channels: Sequence[str], target_spacing: Sequence[float | None] | None = None, seed: int = 0,
     orientation: str = "auto",
 ) -> Preprocessor:
     """Fit the normalisation of every channel, the axis order and the target spacing on training cases.
 
     cases: dicts from `dataset.load_case` ({"images", "label", "geometry"}), all labelled.
     channels: the dataset's channel names; each picks its scheme (`spec.normalization_scheme`).
-    target_spacing: mm per network axis; None takes the per-axis median of the cases.
+    target_spacing: mm per network axis (an axis None: as stored); None takes the per-axis median of the cases.
     orientation: "canonical", "stored" or "auto" (`choose_orientation`).
     """
     rng = np.random.default_rng(seed)
@@ -346,7 +348,7 @@ def fit_preprocessor(
             norms.append(ChannelNorm(name, "ct"))
     if target_spacing is None and spacings:
         target_spacing = tuple(float(v) for v in np.median(np.array(spacings), axis=0))
-    spacing = None if target_spacing is None else tuple(float(s) for s in target_spacing)
+    spacing = None if target_spacing is None else tuple(None if s is None else float(s) for s in target_spacing)
     return Preprocessor(channels=tuple(norms), target_spacing=spacing, orientation=orientation)
 
 

@@ -91,6 +91,10 @@ class DataSpec:
     train_regions: bool = False
     # With train_regions: the label value painted for each region, in painting order.
     region_order: tuple[int, ...] = ()
+    # Whether the channels are registered voxel to voxel (sequences of one session: MyoPS, BraTS) or may
+    # be off by a few voxels (CT and MR of separate scans: the phantom, MM-WHS); None: not said. Models
+    # may fuse differently (`ModelConfig.for_data`).
+    registered: bool | None = None
     _lookup: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -298,6 +302,8 @@ class DataSpec:
         descriptions = {c.name: c.description for c in self.classes if c.description}
         if descriptions:
             out["descriptions"] = descriptions
+        if self.registered is not None:
+            out["registered"] = self.registered
         return out
 
     def to_json(self) -> str:
@@ -314,7 +320,7 @@ class DataSpec:
         - MSD / ours before: `modality` {"0": "FLAIR"}, `labels` {"0": "background", "1": "edema"},
           optional `label_codes` {"1": 205} (the values in the files);
         - our additions: `regions` {"scar": [2221]} (evaluation rows; a region may name labels by
-          value or by name), `train_regions`, `colors`, `encloses`, `descriptions`.
+          value or by name), `train_regions`, `colors`, `encloses`, `descriptions`, `registered`.
         """
         def fail(detail: str) -> CrossModalNetError:
             return CrossModalNetError(f"{source}: {detail}")
@@ -405,9 +411,13 @@ class DataSpec:
                 raise fail(f"encloses.{name}: must be a list of label names, got {enc!r:.60}")
             built.append(LabelClass(name, value, None if color is None else tuple(color), tuple(enc),
                                     str(descr.get(name, ""))))
+        registered = meta.get("registered")
+        if registered is not None and not isinstance(registered, bool):
+            raise fail(f"'registered' must be true or false, got {registered!r:.40}")
         try:
             return cls(channels=channels, classes=tuple(built), regions=tuple(regions),
-                       train_regions=train_regions, region_order=tuple(order) if train_regions else ())
+                       train_regions=train_regions, region_order=tuple(order) if train_regions else (),
+                       registered=registered)
         except CrossModalNetError as exc:
             raise fail(str(exc).removeprefix("dataset description: ")) from None
 

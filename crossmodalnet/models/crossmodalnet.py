@@ -150,7 +150,7 @@ class CrossModalNet(nn.Module):
         self.cross = nn.ModuleList(
             CrossTransformerBlock(
                 dims[i], cfg.num_heads[i], cfg.window_size, shift=i % 2 == 1, variant=cfg.cross_attention,
-                deformable=cfg.deformable, num_points=cfg.deformable_points, max_offset=cfg.max_offset,
+                deformable=cfg.uses_deformable, num_points=cfg.deformable_points, max_offset=cfg.max_offset,
                 mlp_ratio=cfg.mlp_ratio, streams=m,
             )
             for i in range(cfg.cross_first_stage, n)
@@ -159,7 +159,7 @@ class CrossModalNet(nn.Module):
         # cross blocks) are all streams' (hence M x); the finer ones, without a cross block behind
         # them, one stream's or all (`fine_skips`).
         stem_ch = self.streams[0].stem.channels[:-1]  # stride 2 .. patch_size/2 maps
-        k = 1 if cfg.fine_skips == "reference" else m
+        k = 1 if cfg.skip_source == "reference" else m
         self.reference_stages = cfg.cross_first_stage if self.cross is not None and k == 1 else 0
         # The fused map of each encoder stage passes through a named identity, so that a feature tap
         # (JADA's discriminators, `crossmodalnet.train.adapt`) reads it by name: `fused_skips[stage]`.
@@ -314,7 +314,7 @@ class CrossModalNet(nn.Module):
             if i < len(self.streams[0].merges):
                 feats = [s.merges[i](f) for s, f in zip(self.streams, feats, strict=True)]
         fine = list(zip(*[s[:-1] for s in stems], strict=True))  # per level, the M streams' maps
-        if self.config.fine_skips == "reference":
+        if self.config.skip_source == "reference":
             # Detail finer than the tokens comes from one image on the labels' grid; the other channels
             # reach the decoder through the (deformable) cross-attended token streams, where a few
             # voxels of misregistration are within a window. A sample without channel 0 falls back to

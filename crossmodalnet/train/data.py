@@ -65,7 +65,7 @@ class PatchSampler:
         config: TrainConfig,
         rank: int = 0,
         batch_size: int | None = None,
-        spacing: Sequence[float] | None = None,
+        spacing: Sequence[float | None] | None = None,
     ) -> None:
         if not cases:
             raise CrossModalNetError("no training cases to sample patches from")
@@ -74,7 +74,12 @@ class PatchSampler:
         self.rank = rank
         self.batch_size = batch_size or config.batch_size
         self.patch = tuple(int(p) for p in config.patch_size)
-        self.spacing = np.asarray(spacing if spacing is not None else (1.0, 1.0, 1.0), dtype=np.float64)
+        spacing = tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0)
+        finest = min((s for s in spacing if s is not None), default=1.0)
+        # Slice axes (kept as stored, or over 3x the finest spacing): spatial augmentation stays in the
+        # slices' plane, as nnU-Net's "dummy 2D" augmentation; a tilt would mix slices 10-20 mm apart.
+        self.flat = [a for a, s in enumerate(spacing) if s is None or s > 3.0 * finest]
+        self.spacing = np.asarray([1.0 if s is None else s for s in spacing], dtype=np.float64)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of training step `step` (global step count, from 0)."""
@@ -163,8 +168,12 @@ class PatchSampler:
         cfg = self.config
         angles = np.deg2rad(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees, size=3))
         zoom = 1.0 + rng.uniform(-cfg.scale_range, cfg.scale_range)
+        if self.flat:  # in the slices' plane only: rotation about the slice axis, no scaling along it
+            angles = np.array([a if i in self.flat else 0.0 for i, a in enumerate(angles)])
+            zoom = np.diag([1.0 if i in self.flat else zoom for i in range(3)])
         # Rotate in mm, not voxels, so that an anisotropic grid is not sheared.
-        matrix = np.diag(1.0 / self.spacing) @ _rotation(angles) @ np.diag(self.spacing) * zoom
+        matrix = np.diag(1.0 / self.spacing) @ _rotation(angles) @ np.diag(self.spacing)
+        matrix = matrix @ zoom if self.flat else matrix * zoom
         # Patch voxel i sits at centre - p // 2 + i, exactly as in `_crop`; rotation is about the centre.
         offsets = np.stack(
             np.meshgrid(*[np.arange(p) - p // 2 for p in self.patch], indexing="ij"), axis=-1

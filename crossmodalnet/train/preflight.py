@@ -121,14 +121,14 @@ def planned(config: TrainConfig, fp: Fingerprint, device: str) -> tuple[TrainCon
         return replace(config, patch_size=config.patch_size or DEFAULT_PATCH,
                        batch_size=config.batch_size or DEFAULT_BATCH), None
     plan = make_plan(fp, config.model, "cuda" if device == "cuda" else "cpu", target_spacing=config.target_spacing,
-                     patch_size=config.patch_size)
+                     patch_size=config.patch_size, configuration=config.configuration)
     planned_config = apply_plan(config, plan)
     if model_steps(config.model) is None:
         # On anisotropic data (a plan with per-axis strides), a model that cannot take them is not
         # applicable where it would have to pad the patch (4 slices to 32); isotropic data run as before.
         anisotropic = make_plan(fp, ModelConfig.from_size("crossmodalnet", "small"), plan.device,
                                 target_spacing=planned_config.target_spacing,
-                                patch_size=planned_config.patch_size).strides
+                                patch_size=planned_config.patch_size, configuration=plan.configuration).strides
         reason = None if anisotropic is None else supports_plan(config.model.name, anisotropic,
                                                                  planned_config.patch_size, config.model.size)
         if reason is not None:
@@ -146,17 +146,19 @@ def plan_dataset(data_dir: str | os.PathLike, model: ModelConfig, device: str = 
     train_cases, _ = dataset_splits(data_dir, config)
     loaded = [load_case(c, spec) for c in train_cases]
     fp = fingerprint(loaded, spec, config.orientation, config.seed)
-    return fp, make_plan(fp, model, device, target_spacing=config.target_spacing, patch_size=config.patch_size)
+    return fp, make_plan(fp, model, device, target_spacing=config.target_spacing, patch_size=config.patch_size,
+                         configuration=config.configuration)
 
 
 def plan_from_cli(args: argparse.Namespace) -> Path:
-    """`crossmodalnet plan DATA [--model M] [--size S] [--device cpu|cuda] [--out FILE]`: print the plan
+    """`crossmodalnet plan DATA [--model M] [--size S] [--device cpu|cuda] [--configuration C] [--out FILE]`: the plan
     and why, write it with the fingerprint to FILE (default DATA/plans.json)."""
     model = ModelConfig.from_size(args.model, args.size)
     out = Path(args.out) if args.out is not None else Path(args.data) / "plans.json"
     if out.is_dir():
         raise CrossModalNetError(f"{out}: is a folder; give a file name for the plan")
-    fp, plan = plan_dataset(args.data, model, args.device)
+    fp, plan = plan_dataset(args.data, model, args.device,
+                            TrainConfig(model=model, configuration=getattr(args, "configuration", "auto")))
     print(f"plan of {args.data} ({fp.num_cases} training cases) for {model.name}/{model.size} on the {plan.device}:")
     print(plan.describe())
     with atomic_path(out) as tmp:

@@ -184,7 +184,8 @@ def _prepare(data_dir: str | os.PathLike, run: RunFolder, config: TrainConfig, r
     Returns the configuration with the model's inputs and outputs set from the dataset and what it
     leaves open from the dataset's plan (`train.plan`), and the plan."""
     spec = ddp.main_first(lambda: preflight.dataset_spec(data_dir, run if resume else None), dist)
-    config = replace(config, model=replace(config.model, modalities=spec.num_channels, out_channels=spec.num_outputs))
+    config = replace(config, model=replace(config.model.for_data(spec.registered), modalities=spec.num_channels,
+                                           out_channels=spec.num_outputs))
     if not resume:
         ddp.main_first(run.open_new, dist)
     train_cases, val_cases = ddp.main_first(lambda: preflight.dataset_splits(data_dir, config), dist)

@@ -11,15 +11,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from crossmodalnet.config import ModelConfig, TrainConfig
+from crossmodalnet.config import ModelConfig, TrainConfig, replace
 from crossmodalnet.data.fingerprint import Fingerprint
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.models.registry import build_model
 from crossmodalnet.train.plan import (
     ANISOTROPY,
     BUDGETS,
     COVERAGE,
     DOWNSAMPLE_RATIO,
+    MIN_BATCH_2D,
     MIN_EDGE,
     apply_plan,
     make_plan,
@@ -44,9 +47,10 @@ def _steps(plan) -> list[tuple[int, int, int]]:
 
 
 @pytest.mark.parametrize("name", list(FINGERPRINTS))
-def test_every_number_follows_its_rule(name):
+def test_every_number_follows_its_rule_in_3d(name):
     fp, budget = FINGERPRINTS[name], BUDGETS["cpu"]
-    plan = make_plan(fp, CMN, "cpu")
+    plan = make_plan(fp, CMN, "cpu", configuration="3d")
+    assert plan.configuration == "3d"
     median, p10 = np.array(fp.median_spacing), np.array(fp.spacing_percentile(10))
     target = np.array(plan.target_spacing)
     # Rule 1: a slice axis takes the 10th percentile; rule 2 coarsens only the other axes, alike.
@@ -87,14 +91,60 @@ def test_every_number_follows_its_rule(name):
     json.dumps(plan.to_dict())  # plans.json holds it
 
 
+@pytest.mark.parametrize("name", ["myops", "acdc"])
+@pytest.mark.parametrize("model", ["crossmodalnet", "dynunet", "unet"])
+def test_thick_slices_make_a_2d_plan(name, model):
+    """A slice axis (over 3x the finest): slices as stored, one-slice patches, no stride, window or
+    kernel along it, a batch of at least MIN_BATCH_2D slices filling the step budget."""
+    fp, budget = FINGERPRINTS[name], BUDGETS["cpu"]
+    config = ModelConfig.from_size(model, "small")
+    plan = make_plan(fp, config, "cpu")
+    median = np.array(fp.median_spacing)
+    assert plan.configuration == "2d" and plan.target_spacing[2] is None and plan.patch_size[2] == 1
+    # In plane: the median, coarsened alike only as far as half the field of view needs to fit a patch.
+    factors = np.array(plan.target_spacing[:2]) / median[:2]
+    assert np.allclose(factors, factors[0]) and factors[0] >= 1.0
+    patch_budget = budget.step_voxels // MIN_BATCH_2D
+    shape = np.array(fp.median_shape_at(plan.target_spacing))
+    assert shape[2] == np.median([s[2] for s in fp.shapes])  # slices counted as stored
+    assert np.prod(COVERAGE * shape[:2]) <= patch_budget * 1.001
+    if factors[0] > 1.0:
+        assert np.prod(np.ceil(COVERAGE * np.array(fp.median_shape_at([*median[:2], None])[:2]))) > patch_budget
+    assert np.prod(plan.patch_size) <= patch_budget
+    assert all(s[2] == 1 for s in plan.strides) and all(s[:2] == (2, 2) for s in plan.strides)
+    assert plan.batch_size == max(MIN_BATCH_2D, budget.step_voxels // int(np.prod(plan.patch_size)))
+    if model == "crossmodalnet":
+        assert plan.window_size == (CMN.window_size, CMN.window_size, 1) and plan.kernels is None
+    else:
+        assert plan.window_size is None and all(k == (3, 3, 1) for k in plan.kernels)
+        assert len(plan.kernels) == len(plan.strides) + 1
+    assert any("2D plan" in r for r in plan.reasons)
+    assert json.loads(json.dumps(plan.to_dict()))["target_spacing"][2] is None
+    # The model builds with it and keeps a one-slice patch one slice thick.
+    planned_config, _ = planned(TrainConfig(model=config), fp, "cpu")
+    net = build_model(model, replace(planned_config.model, modalities=2 if model == "crossmodalnet" else 1))
+    c = 2 if model == "crossmodalnet" else 1
+    out = net.eval()(torch.zeros(1, c, 32, 32, 1))
+    assert out.shape[2:] == (32, 32, 1)
+
+
+def test_isotropic_data_can_be_planned_in_2d_along_the_coarsest_axis():
+    fp = Fingerprint("canonical", ((1.0, 1.0, 1.5),) * 10, ((128, 128, 100),) * 10)
+    plan = make_plan(fp, CMN, "cpu", configuration="2d")
+    assert plan.configuration == "2d" and plan.target_spacing[2] is None and plan.patch_size[2] == 1
+    assert make_plan(fp, CMN, "cpu").configuration == "3d"  # auto: no slice axis, 3d
+    with pytest.raises(CrossModalNetError, match="configuration must be one of"):
+        make_plan(fp, CMN, "cpu", configuration="2.5d")
+
+
 def test_the_phantom_plan_is_the_unplanned_cpu_model():
     plan = make_plan(FINGERPRINTS["phantom"], CMN, "cpu")
     assert plan.target_spacing == (2.25, 2.25, 2.25) and plan.patch_size == (48, 48, 48) and plan.batch_size == 2
     assert plan.strides is None and plan.window_size == CMN.window_size and plan.kernels is None
 
 
-def test_thick_slices_stay_whole_and_are_not_downsampled_first():
-    plan = make_plan(FINGERPRINTS["myops"], CMN, "cpu")
+def test_thick_slices_stay_whole_and_are_not_downsampled_first_in_3d():
+    plan = make_plan(FINGERPRINTS["myops"], CMN, "cpu", configuration="3d")
     median_slices = np.median([s[2] for s in FINGERPRINTS["myops"].shapes])
     assert plan.orientation == "stored" and plan.target_spacing[2] == 12.0
     assert plan.patch_size[2] >= median_slices  # every slice of the median case in one patch
@@ -106,7 +156,7 @@ def test_thick_slices_stay_whole_and_are_not_downsampled_first():
 def test_an_axis_never_downsampled_is_one_window():
     # Two slices of 20 mm at 1 mm in plane: the slice axis keeps stride 1 through all four steps.
     fp = Fingerprint("stored", ((1.0, 1.0, 20.0),) * 10, ((100, 100, 2),) * 10)
-    plan = make_plan(fp, CMN, "cpu")
+    plan = make_plan(fp, CMN, "cpu", configuration="3d")
     assert all(s[2] == 1 for s in plan.strides) and plan.patch_size[2] == 2
     assert plan.window_size == (4, 4, 2)
 

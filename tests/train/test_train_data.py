@@ -227,3 +227,18 @@ def test_bad_augmentation_settings_are_refused():
         fast_config(misalign_prob=1.5)
     with pytest.raises(ValidationError, match="misalign_voxels\n  Input should be greater than or equal to 0"):
         fast_config(misalign_voxels=-1.0)
+
+
+@pytest.mark.parametrize("spacing, mixed", [((1.0, 1.0, None), False), ((1.0, 1.0, 12.0), False),
+                                            ((1.0, 1.0, 1.0), True)])
+def test_augmentation_stays_in_the_plane_of_thick_or_stored_slices(spacing, mixed):
+    # Label = slice number + 1 on every voxel: a patch slice showing two values was sampled across slices.
+    shape = (32, 32, 8)
+    label = np.broadcast_to(np.arange(1, 9, dtype=np.uint8), shape).copy()
+    pre = Preprocessor((ChannelNorm("MR", "zscore"),), None)
+    case = pre.prepare([label.astype(np.float32)], Geometry.from_spacing(shape, (1, 1, 1)), label, "slices")
+    cfg = replace(fast_config(patch_size=(16, 16, 4), batch_size=16), spatial_prob=1.0, rotation_degrees=30.0,
+                  scale_range=0.2, foreground_ratio=0.0)
+    labels = PatchSampler([case], cfg, spacing=spacing).batch(0)["label"][:, 0]  # (B, 16, 16, 4)
+    per_slice = [len(set(torch.unique(labels[b, ..., k]).tolist()) - {0}) for b in range(16) for k in range(4)]
+    assert (max(per_slice) > 1) == mixed
