@@ -1,0 +1,99 @@
+"""nnU-Net v2's trainer stopped by a wall-clock budget, for `benchmarks/real.py` (imports nnunetv2 only).
+
+Copied by real.py into the nnU-Net venv as `nnunetv2/training/nnUNetTrainer/nnUNetTrainer_WallBudget.py`:
+nnU-Net finds a trainer (`-tr nnUNetTrainer_WallBudget`) by class name in that package.
+
+What changes against `nnUNetTrainer` (2.8.1), and nothing else:
+- short epochs (`NNUNET_WALL_ITERATIONS` training iterations, default 25; 5 validation
+  iterations), so that epoch-level bookkeeping (the EMA pseudo-Dice that picks
+  `checkpoint_best.pth`, `on_epoch_end`) happens often;
+- `run_training` is nnU-Net's loop with a clock: training starts after `on_train_start` (data
+  loaders, unpacking) and stops at the first iteration past `NNUNET_WALL_MINUTES`; the epoch then
+  ends as usual (its validation iterations, `on_epoch_end`: best checkpoint), then
+  `on_train_end` (`checkpoint_final.pth`);
+- the poly learning-rate schedule spans the epochs the budget allows: after every epoch the
+  number of epochs is re-estimated from the mean epoch time so far (`num_epochs` and the
+  scheduler's `max_steps`), so that the rate decays towards 0 at the budget as it does at
+  nnU-Net's 1000th epoch;
+- `perform_actual_validation` (nnU-Net's full-volume prediction of the fold after training) is
+  skipped: real.py predicts the fold's cases with `nnUNetv2_predict` and `checkpoint_best.pth`;
+- `wall_budget.json` in the fold's output folder: iterations, epochs, seconds, best epoch.
+"""
+
+import json
+import os
+from os.path import join
+from time import monotonic
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+_CUDA = torch.device("cuda")  # nnUNetTrainer's default device
+
+
+class nnUNetTrainer_WallBudget(nnUNetTrainer):
+    """nnUNetTrainer that trains for `NNUNET_WALL_MINUTES` of wall time (see the module docstring)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = _CUDA):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.budget_s = 60.0 * float(os.environ.get("NNUNET_WALL_MINUTES", "20"))
+        self.num_iterations_per_epoch = int(os.environ.get("NNUNET_WALL_ITERATIONS", "25"))
+        self.num_val_iterations_per_epoch = 5
+        self.num_epochs = 100_000  # an upper bound; the budget stops training
+        self.iterations_done = 0
+        self.best_epoch = -1
+
+    def _fit_schedule(self, elapsed: float) -> None:
+        """Epochs the budget allows at the mean epoch time so far; the poly schedule spans them."""
+        done = self.current_epoch + 1
+        expected = done + int(max(self.budget_s - elapsed, 0.0) / (elapsed / done))
+        self.num_epochs = max(expected, done + 1)
+        self.lr_scheduler.max_steps = self.num_epochs
+
+    def on_epoch_end(self):
+        best_before = self._best_ema
+        super().on_epoch_end()
+        if self._best_ema is not None and self._best_ema != best_before:
+            self.best_epoch = self.current_epoch - 1  # on_epoch_end has counted the epoch already
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("nnUNetTrainer_WallBudget: full validation skipped (predicted by real.py)")
+
+    def run_training(self):
+        self.on_train_start()
+        start = monotonic()
+        over = False
+        for _ in range(self.current_epoch, self.num_epochs):
+            self.on_epoch_start()
+            self.on_train_epoch_start()
+            train_outputs = []
+            for _ in range(self.num_iterations_per_epoch):
+                train_outputs.append(self.train_step(next(self.dataloader_train)))
+                self.iterations_done += 1
+                if monotonic() - start > self.budget_s:
+                    over = True
+                    break
+            self.on_train_epoch_end(train_outputs)
+            with torch.no_grad():
+                self.on_validation_epoch_start()
+                val_outputs = []
+                for _ in range(self.num_val_iterations_per_epoch):
+                    val_outputs.append(self.validation_step(next(self.dataloader_val)))
+                self.on_validation_epoch_end(val_outputs)
+            self.on_epoch_end()
+            elapsed = monotonic() - start
+            if over or elapsed > self.budget_s:
+                break
+            self._fit_schedule(elapsed)
+        train_s = monotonic() - start
+        self.on_train_end()
+        record = {"budget_s": self.budget_s, "train_s": train_s, "iterations": self.iterations_done,
+                  "epochs": self.current_epoch, "iterations_per_epoch": self.num_iterations_per_epoch,
+                  "val_iterations_per_epoch": self.num_val_iterations_per_epoch,
+                  "s_per_iteration": train_s / max(self.iterations_done, 1), "best_epoch": self.best_epoch,
+                  "best_ema_pseudo_dice": None if self._best_ema is None else float(self._best_ema),
+                  "batch_size": self.batch_size, "patch_size": list(self.configuration_manager.patch_size),
+                  "spacing": list(self.configuration_manager.spacing), "torch_threads": torch.get_num_threads()}
+        with open(join(self.output_folder, "wall_budget.json"), "w") as fh:
+            json.dump(record, fh, indent=2)
