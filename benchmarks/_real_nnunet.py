@@ -12,7 +12,9 @@ Two rows:
   -c CONF` (the three steps of `nnUNetv2_plan_and_preprocess -d ID -c CONF`), plans `nnUNetPlans`;
 - `nnunet-cpu`: `nnUNetv2_plan_experiment -overwrite_target_spacing` (in plane: the spacing the
   crossmodalnet plan of DATA uses; slice axis: nnU-Net's own 3d_fullres spacing)
-  `-gpu_memory_target G` (a batch that suits a CPU) `-overwrite_plans_name nnUNetPlans_cpu`,
+  `-gpu_memory_target G` (default 0.5 GB: on MyoPS a 2d patch of 256x320 at batch 2, about the
+  voxels per step of our CPU plan; 2 GB gave 320x320 at batch 6, about 40 s per iteration on one
+  loaded core) `-overwrite_plans_name nnUNetPlans_cpu`,
   then `nnUNetv2_preprocess -plans_name nnUNetPlans_cpu -c CONF`.
 Both train `nnUNetv2_train ID CONF FOLD -tr nnUNetTrainer_WallBudget -p PLANS -device cpu` (the
 trainer module `_real_nnunet_trainer.py`, copied into the venv's nnunetv2 package, stops at the
@@ -61,7 +63,7 @@ class NnunetSetup:
     venv: Path
     root: Path  # DIR/nnunet
     configuration: str = "2d"
-    gpu_memory_gb: float = 2.0  # -gpu_memory_target of the nnunet-cpu plan
+    gpu_memory_gb: float = 0.5  # -gpu_memory_target of the nnunet-cpu plan
     processes: int = 1  # preprocessing and prediction worker processes
 
     def env(self) -> dict[str, str]:
@@ -189,16 +191,20 @@ class NnunetDataset:
                                          env, self.log)
         if not (self.preprocessed / "nnUNetPlans.json").is_file():
             took["plan_s"] = _run(["nnUNetv2_plan_experiment", "-d", str(self.id)], env, self.log)
-        if plans != "nnUNetPlans" and not (self.preprocessed / f"{plans}.json").is_file():
+        marker = self.preprocessed / f".{plans}_{s.configuration}.done"
+        if plans != "nnUNetPlans":
             default = json.loads((self.preprocessed / "nnUNetPlans.json").read_text())
             fullres = default["configurations"]["3d_fullres"]["spacing"]  # transposed axis order
             backward = default["transpose_backward"]
             spacing = cpu_spacing([fullres[i] for i in backward], our_spacing)
-            took["plan_cpu_s"] = _run(["nnUNetv2_plan_experiment", "-d", str(self.id),
-                                       "-overwrite_target_spacing", *map(str, spacing),
-                                       "-gpu_memory_target", str(s.gpu_memory_gb), "-overwrite_plans_name", plans],
-                                      env, self.log)
-        marker = self.preprocessed / f".{plans}_{s.configuration}.done"
+            cmd = ["nnUNetv2_plan_experiment", "-d", str(self.id), "-overwrite_target_spacing", *map(str, spacing),
+                   "-gpu_memory_target", str(s.gpu_memory_gb), "-overwrite_plans_name", plans]
+            made_by = self.preprocessed / f".{plans}.command.json"
+            # Plans made by another command (another --nnunet-gpu-memory) are made again, and preprocessed again.
+            if not (self.preprocessed / f"{plans}.json").is_file() or read_json(made_by) != cmd:
+                marker.unlink(missing_ok=True)
+                took["plan_cpu_s"] = _run(cmd, env, self.log)
+                write_json(made_by, cmd)
         if not marker.is_file():
             took["preprocess_s"] = _run(["nnUNetv2_preprocess", "-d", str(self.id), "-plans_name", plans,
                                          "-c", s.configuration, "-np", str(s.processes)], env, self.log)

@@ -147,16 +147,18 @@ def _run_ours(spec_path: Path, log: Path, minutes: float) -> None:
         raise CrossModalNetError(f"failed: {tail[0][:300] if tail else 'no output'} (log {log})")
 
 
-def _finished(out: Path, jobs: list[Job]) -> list[dict[str, Any]]:
-    results = [read_json(out / "jobs" / j.name / "result.json") for j in jobs]
-    return [r for r in results if r and r.get("status") == "ok"]
+def _finished(out: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every finished job in DIR (not only this command's) measured with the header's data, seed, budget."""
+    results = [read_json(p) for p in sorted((out / "jobs").glob("*/result.json"))]
+    return [r for r in results if r and r.get("status") == "ok"
+            and (r["data"], r["seed"], r["minutes"]) == (header["data"], header["seed"], header["minutes"])]
 
 
-def _table(out: Path, jobs: list[Job], header: dict[str, Any], write: bool = True) -> str:
-    text = render_table(_finished(out, jobs), header)
-    if write:
-        with atomic_path(out / "table.md") as tmp:
-            tmp.write_text(text)
+def _table(out: Path, header: dict[str, Any]) -> str:
+    """The table of the finished jobs, written to DIR/table.md (atomically) and returned."""
+    text = render_table(_finished(out, header), header)
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(text)
     return text
 
 
@@ -178,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"environment with nnunetv2 (default {DEFAULT_NNUNET_VENV})")
     p.add_argument("--nnunet-config", dest="nnunet_config", default="2d",
                    help="nnU-Net configuration trained by both nnU-Net rows (default 2d)")
-    p.add_argument("--nnunet-gpu-memory", dest="nnunet_gpu_memory", type=float, default=2.0,
-                   help="-gpu_memory_target (GB) of the nnunet-cpu plan (default 2)")
+    p.add_argument("--nnunet-gpu-memory", dest="nnunet_gpu_memory", type=float, default=0.5,
+                   help="-gpu_memory_target (GB) of the nnunet-cpu plan: sizes its patch and batch (default 0.5)")
     p.add_argument("--workers", type=int, default=1, help="nnU-Net preprocessing/prediction processes (default 1)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the jobs; write nothing")
     p.add_argument("--table", action="store_true", help="only rebuild DIR/table.md from the finished jobs")
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                   + (" (finished)" if done else ""))
         return
     if a.table:
-        print(_table(a.out, jobs, header))
+        print(_table(a.out, header))
         return
     a.out.mkdir(parents=True, exist_ok=True)
     write_json(a.out / "folds.json", {"seed": a.seed, "folds": all_folds})
@@ -252,8 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         result = read_json(job_dir / "result.json") or {}
         print(f"{tag}: mean Dice {result['score']['mean_dice']}, {result.get('steps_done')} steps "
               f"({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
-        print(_table(a.out, jobs, header), flush=True)
-    print(_table(a.out, jobs, header))
+        print(_table(a.out, header), flush=True)
+    print(_table(a.out, header))
     print(f"done in {(time.monotonic() - start) / 60:.1f} min; table {a.out / 'table.md'}", file=sys.stderr)
 
 
