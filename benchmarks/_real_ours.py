@@ -14,6 +14,7 @@ scored with the package's evaluator.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -138,7 +139,8 @@ def score_fold(pred_dir: Path, data_dir: Path, eval_dir: Path) -> dict[str, Any]
     from crossmodalnet.evaluate import evaluate_paths
 
     spec = read_spec(data_dir)
-    summary = evaluate_paths(pred_dir, data_dir, eval_dir, spec=spec, split="validation", progress=False)
+    with open(eval_dir.with_name("evaluate.log"), "w") as log, contextlib.redirect_stdout(log):  # its table
+        summary = evaluate_paths(pred_dir, data_dir, eval_dir, spec=spec, split="validation", progress=False)
     kind = "region" if spec.regions else "class"
     entries = summary["per_region"] if spec.regions else summary["per_structure"]
     with open(eval_dir / "metrics.csv", newline="") as fh:

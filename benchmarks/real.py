@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
                   + (" (finished)" if done else ""))
         return
     if a.table:
+        if not (a.out / "jobs").is_dir():
+            print(f"error: {a.out}: no jobs/ folder (nothing has run there)", file=sys.stderr)
+            sys.exit(2)
         print(_table(a.out, header))
         return
     a.out.mkdir(parents=True, exist_ok=True)
@@ -247,9 +250,10 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 write_json(job_dir / "job.json", spec)
                 _run_ours(job_dir / "job.json", job_dir / "log.txt", a.minutes)
-        except CrossModalNetError as exc:
-            write_json(job_dir / "failed.json", {**spec, "status": "failed", "error": str(exc)})
-            print(f"{tag}: {exc}", file=sys.stderr, flush=True)
+        except Exception as exc:  # the failure is this job's (failed.json; rerun retries it); the others go on
+            error = str(exc) if isinstance(exc, CrossModalNetError) else f"{type(exc).__name__}: {exc}"
+            write_json(job_dir / "failed.json", {**spec, "status": "failed", "error": error})
+            print(f"{tag}: {error}", file=sys.stderr, flush=True)
             continue
         result = read_json(job_dir / "result.json") or {}
         print(f"{tag}: mean Dice {result['score']['mean_dice']}, {result.get('steps_done')} steps "
