@@ -17,7 +17,9 @@ What changes against `nnUNetTrainer` (2.8.1), and nothing else:
   nnU-Net's 1000th epoch;
 - `perform_actual_validation` (nnU-Net's full-volume prediction of the fold after training) is
   skipped: real.py predicts the fold's cases with `nnUNetv2_predict` and `checkpoint_best.pth`;
-- `wall_budget.json` in the fold's output folder: iterations, epochs, seconds, best epoch.
+- `wall_budget.json` in the fold's output folder: iterations, epochs, seconds (`s_per_iteration`:
+  training iterations only, waiting for the batch included; `wall_s_per_iteration`: the training
+  wall time, validation iterations and epoch bookkeeping included, per iteration), best epoch.
 """
 
 import json
@@ -42,6 +44,7 @@ class nnUNetTrainer_WallBudget(nnUNetTrainer):
         self.num_val_iterations_per_epoch = 5
         self.num_epochs = 100_000  # an upper bound; the budget stops training
         self.iterations_done = 0
+        self.iteration_s = 0.0  # seconds in training iterations (next batch + train_step), validation excluded
         self.best_epoch = -1
 
     def _fit_schedule(self, elapsed: float) -> None:
@@ -69,8 +72,10 @@ class nnUNetTrainer_WallBudget(nnUNetTrainer):
             self.on_train_epoch_start()
             train_outputs = []
             for _ in range(self.num_iterations_per_epoch):
+                t = monotonic()
                 train_outputs.append(self.train_step(next(self.dataloader_train)))
                 self.iterations_done += 1
+                self.iteration_s += monotonic() - t
                 if monotonic() - start > self.budget_s:
                     over = True
                     break
@@ -91,7 +96,8 @@ class nnUNetTrainer_WallBudget(nnUNetTrainer):
         record = {"budget_s": self.budget_s, "train_s": train_s, "iterations": self.iterations_done,
                   "epochs": self.current_epoch, "iterations_per_epoch": self.num_iterations_per_epoch,
                   "val_iterations_per_epoch": self.num_val_iterations_per_epoch,
-                  "s_per_iteration": train_s / max(self.iterations_done, 1), "best_epoch": self.best_epoch,
+                  "s_per_iteration": self.iteration_s / max(self.iterations_done, 1),
+                  "wall_s_per_iteration": train_s / max(self.iterations_done, 1), "best_epoch": self.best_epoch,
                   "best_ema_pseudo_dice": None if self._best_ema is None else float(self._best_ema),
                   "batch_size": self.batch_size, "patch_size": list(self.configuration_manager.patch_size),
                   "spacing": list(self.configuration_manager.spacing), "torch_threads": torch.get_num_threads()}
