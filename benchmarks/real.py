@@ -147,6 +147,16 @@ def _run_ours(spec_path: Path, log: Path, minutes: float) -> None:
         raise CrossModalNetError(f"failed: {tail[0][:300] if tail else 'no output'} (log {log})")
 
 
+def _check_settings(a: argparse.Namespace, jobs: list[Job]) -> None:
+    """Refuse a DIR whose finished jobs were measured with other data, seed or budget: a rerun would
+    skip them as if they were this command's."""
+    for job in jobs:
+        done = read_json(a.out / "jobs" / job.name / "result.json")
+        if done and (done.get("data"), done.get("seed"), done.get("minutes")) != (str(a.data), a.seed, a.minutes):
+            raise CrossModalNetError(f"{a.out}: job {job.name} finished with data {done.get('data')}, seed "
+                                     f"{done.get('seed')}, --minutes {done.get('minutes')}; use another --out")
+
+
 def _finished(out: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     """Every finished job in DIR (not only this command's) measured with the header's data, seed, budget."""
     results = [read_json(p) for p in sorted((out / "jobs").glob("*/result.json"))]
@@ -194,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         setup = NnunetSetup(a.nnunet_venv, a.out.resolve() / "nnunet", a.nnunet_config, a.nnunet_gpu_memory, a.workers)
         if any(j.row in NNUNET_ROWS for j in jobs) and not a.table:
             setup.check()
+        _check_settings(a, jobs)
     except CrossModalNetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -188,3 +188,15 @@ def test_dry_run_lists_jobs_and_writes_nothing(dataset: Path, tmp_path: Path, ca
     assert lines[0].startswith("[1/8] dynunet+model.deformable=false__A__fold0: train 9, validation 3 cases")
     assert "nnunet-cpu__A+B__fold4: train 10, validation 2 cases" in lines[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_rerun_with_other_settings_is_refused(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    job = out / "jobs" / "dynunet__A+B__fold0"
+    job.mkdir(parents=True)
+    (job / "result.json").write_text(json.dumps({"status": "ok", "data": str(dataset), "seed": 0, "minutes": 20.0}))
+    with pytest.raises(SystemExit) as exc:
+        real.main([str(dataset), "--out", str(out), "--rows", "dynunet", "--folds", "0", "--minutes", "1"])
+    assert exc.value.code == 2 and "--minutes 20.0" in capsys.readouterr().err
+    real.main([str(dataset), "--out", str(out), "--rows", "dynunet", "--folds", "0", "--dry-run"])
+    assert "(finished)" in capsys.readouterr().out
