@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         setup = NnunetSetup(a.nnunet_venv, a.out.resolve() / "nnunet", a.nnunet_config, a.nnunet_gpu_memory, a.workers)
         if any(j.row in NNUNET_ROWS for j in jobs) and not a.table:
             setup.check()
-        _check_settings(a, jobs)
+        if not a.table:  # the table only shows the jobs of the given settings
+            _check_settings(a, jobs)
     except CrossModalNetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
