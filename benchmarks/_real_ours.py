@@ -104,7 +104,7 @@ def _validation_windows(data_dir: Path, config: TrainConfig) -> int:
         count = 1
         for n, s, t, roi in zip(geometry.shape, geometry.spacing, config.target_spacing, config.patch_size,
                                 strict=True):
-            edge = max(1, round(n * s / t))
+            edge = n if t is None else max(1, round(n * s / t))  # None: slices as stored (2D plans)
             interval = max(int(roi * (1 - config.sw_overlap)), 1)
             count *= 1 if roi >= edge else math.ceil((edge - roi) / interval) + 1
         total += count
@@ -117,7 +117,9 @@ def sized_config(data_dir: Path, config: TrainConfig, budget_s: float) -> tuple[
     from crossmodalnet.train import preflight
 
     spec = read_spec(data_dir)
-    config = replace(config, model=replace(config.model, modalities=spec.num_channels, out_channels=spec.num_outputs))
+    # As the trainer: the model's data-decided fields from the dataset (registered channels).
+    config = replace(config, model=replace(config.model.for_data(spec.registered), modalities=spec.num_channels,
+                                           out_channels=spec.num_outputs))
     fp, _ = preflight.plan_dataset(data_dir, config.model, "cpu", config)
     planned, _ = preflight.planned(config, fp, "cpu")
     step_s = _probe(planned, spec)
