@@ -140,11 +140,12 @@ def indices_to_values(pred: Path, reference: Path, spec: DataSpec, out: Path) ->
     return write_label(out, spec.to_values(indices.astype(np.uint8)), geometry)
 
 
-def cpu_spacing(nnunet_fullres: Sequence[float], ours: Sequence[float]) -> list[float]:
+def cpu_spacing(nnunet_fullres: Sequence[float], ours: Sequence[float | None]) -> list[float]:
     """nnU-Net's 3d_fullres target spacing (its axis order) with every axis but its coarsest (the
-    slice axis) set to the in-plane spacing of our plan (its two finest axes)."""
+    slice axis) set to the in-plane spacing of our plan (its two finest axes; a 2D plan's slice axis,
+    None, is not one of them)."""
     slice_axis = int(np.argmax(nnunet_fullres))
-    in_plane = iter(sorted(ours)[:2])
+    in_plane = iter(sorted(s for s in ours if s is not None)[:2])
     return [float(s) if i == slice_axis else round(float(next(in_plane)), 4) for i, s in enumerate(nnunet_fullres)]
 
 

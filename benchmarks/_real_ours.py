@@ -187,7 +187,7 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     if out["plan"]:
         p = out["plan"]
         out["note"] = (f"plan: patch {'x'.join(map(str, p['patch_size']))}, batch {p['batch_size']}, spacing "
-                       f"{'x'.join(f'{s:.3g}' for s in p['target_spacing'])} mm")
+                       f"{'x'.join('stored' if s is None else f'{s:.3g}' for s in p['target_spacing'])} mm")
     return out
 
 

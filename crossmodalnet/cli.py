@@ -232,11 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser(
         "plan", help="the dataset's plan: spacing, patch, per-axis strides and windows, batch, and why",
         description="Fingerprint the labelled training cases of DATA (spacings, shapes, foreground intensities, "
-                    "class volumes) and derive the training plan for a model and device, nnU-Net style: target "
-                    "spacing (a thick-slice axis takes its 10th percentile), the in-plane spacing coarsened until "
-                    "half the field of view fits the device, the patch, per-axis strides (an axis is halved only "
-                    "while at most twice the finest), windows and batch. `train` makes the same plan itself "
-                    "for whatever its configuration leaves open; this command shows it first.")
+                    "class volumes) and derive the training plan for a model and device, nnU-Net style: the "
+                    "configuration (2d where a slice axis is over 3x the finest spacing, as MyoPS and ACDC: slices "
+                    "kept as stored, one-slice patches, at least 8 per step; else 3d), target spacing, the in-plane "
+                    "spacing coarsened until half the field of view fits the device, the patch, per-axis strides "
+                    "(an axis is halved only while at most twice the finest), windows, kernels and batch. `train` "
+                    "makes the same plan itself for whatever its configuration leaves open; this command shows it "
+                    "first.")
     pl.add_argument("data", type=Path, help="dataset folder with dataset.json")
     pl.add_argument("--model", default="crossmodalnet", help="registered model name (default crossmodalnet)")
     pl.add_argument("--size", default="small", help="tiny | small | base (default small)")

@@ -132,6 +132,7 @@ def test_nnunet_splits_are_our_folds(tmp_path: Path) -> None:
 def test_cpu_spacing_keeps_the_slice_axis() -> None:
     # nnU-Net's order (z, y, x) with z the slice axis; ours (x, y, z) in the stored order.
     assert _real_nnunet.cpu_spacing([12.0, 0.73, 0.73], [1.19, 1.19, 12.0]) == [12.0, 1.19, 1.19]
+    assert _real_nnunet.cpu_spacing([12.0, 0.73, 0.73], [0.97, 0.97, None]) == [12.0, 0.97, 0.97]  # a 2D plan
 
 
 def test_config_set_validated() -> None:

@@ -49,6 +49,7 @@ __all__ = [
 _FORMAT = 2  # of state.pt
 # Parameters of 2+ dimensions that are still offsets, not weights: position biases and embeddings.
 _NO_DECAY_NAMES = ("position", "pos_embed", "bias.table", "placeholder", "token")
+_PACE_STEPS = 10  # steps of a session before its pace re-fits the schedule to a time budget
 
 
 class BatchSource(Protocol):
@@ -201,13 +202,17 @@ class Engine:
                 find_unused_parameters=getattr(task.model, "may_leave_parameters_unused", False))
         self.autocast_dtype, scaled = training_autocast(settings.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaled)
+        # The schedule's length in steps: `total_steps`, or with a time budget the steps the budget
+        # allows at the pace measured so far (`_budget_horizon`), so that the learning rate reaches
+        # the end of its schedule when the budget stops training, not at a step it never gets to.
+        self.horizon = settings.total_steps
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(
-            o, lambda step: task.lr_factor(step, settings.total_steps)) for o in task.optimizers]
+            o, lambda step: task.lr_factor(step, self.horizon)) for o in task.optimizers]
         self.step, self.best, self.elapsed = 0, -math.inf, 0.0
         self.history: list[dict[str, Any]] = []
         self.step_log: list[list[float]] = []
         self.skipped = 0  # fp16 steps the gradient scaler skipped (non-finite gradients)
-        self._start, self._elapsed0 = time.monotonic(), 0.0
+        self._start, self._elapsed0, self._step0 = time.monotonic(), 0.0, 0
         if resume_state is not None:
             self.load_state_dict(resume_state)
 
@@ -253,7 +258,7 @@ class Engine:
     def fit(self) -> Engine:
         """Step until `total_steps` or the time budget, validating and checkpointing at epoch ends."""
         s, main = self.settings, self.dist.is_main
-        self._start, self._elapsed0 = time.monotonic(), self.elapsed
+        self._start, self._elapsed0, self._step0 = time.monotonic(), self.elapsed, self.step
         bar = tqdm(total=s.total_steps, initial=self.step, disable=not main or s.desc == "", unit="step",
                    dynamic_ncols=True, desc=s.desc)
         batches = batch_iterator(self.task.batches, self.step, s.total_steps,
@@ -287,13 +292,14 @@ class Engine:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             total, logs = task.loss(self.model, batch, self.step)
-        over = s.max_minutes is not None and time.monotonic() - self._start > 60 * s.max_minutes
+        spent = time.monotonic() - self._start
+        over = s.max_minutes is not None and spent > 60 * s.max_minutes
         values = [float(logs[c]) if c in logs else math.nan for c in task.columns]
-        # One small all-reduce gives every process the same logs, NaN verdict and stop flag.
+        # One small all-reduce gives every process the same logs, NaN verdict, time spent and stop flag.
         finite = bool(torch.isfinite(total.detach()))
-        vec = ddp.all_reduce_sum(torch.tensor([*values, 0.0 if finite else 1.0, float(over)], dtype=torch.float64),
-                                 self.dist)
-        nonfinite = bool(vec[-2] > 0)
+        vec = ddp.all_reduce_sum(torch.tensor([*values, 0.0 if finite else 1.0, spent, float(over)],
+                                              dtype=torch.float64), self.dist)
+        nonfinite = bool(vec[-3] > 0)
         if nonfinite and not self.scaler.is_enabled():  # under fp16 the scaler skips such a step instead
             raise self._fault(f"loss is {float(total.detach())}")
         for o in task.optimizers:
@@ -313,9 +319,11 @@ class Engine:
         self.scaler.update()
         if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
             self.skipped += 1
+        n = self.dist.world_size
+        if s.max_minutes is not None:
+            self.horizon = self._budget_horizon(float(vec[-2]) / n, 60 * s.max_minutes)
         for x in self.schedulers:
             x.step()
-        n = self.dist.world_size
         logged = {c: float(v) / n for c, v in zip(task.columns, vec[: len(task.columns)], strict=True)}
         task.after_step(logged)
         epoch = self.step // s.iterations_per_epoch + 1
@@ -323,6 +331,16 @@ class Engine:
         self.step += 1
         self.elapsed = self._elapsed0 + time.monotonic() - self._start
         return bool(vec[-1] > 0)
+
+    def _budget_horizon(self, spent: float, budget_s: float) -> int:
+        """The schedule's length when `budget_s` seconds (this session's) stop training: the steps done
+        plus those the time left allows at this session's pace so far (validations included), never
+        over `total_steps` nor before the next step. Kept until `_PACE_STEPS` steps have set a pace."""
+        done = self.step + 1 - self._step0
+        if done < _PACE_STEPS or spent <= 0:
+            return self.horizon
+        left = max(budget_s - spent, 0.0)
+        return max(self.step + 2, min(self.settings.total_steps, self.step + 1 + int(left * done / spent)))
 
     def _fault(self, what: str) -> CrossModalNetError:
         where = self.run.path if self.run is not None else self.settings.desc

@@ -143,3 +143,45 @@ def test_validation_cases_are_split_across_ranks():
     cases = list(range(7))
     shares = [split_by_rank(cases, DistInfo(rank=r, world_size=3)) for r in range(3)]
     assert sorted(x for s in shares for x in s) == cases and [len(s) for s in shares] == [3, 2, 2]
+
+
+class _Quadratic(Task):
+    """A linear model, SGD, and a linear decay to zero over the schedule's horizon."""
+
+    columns = ("loss",)
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = nn.Linear(3, 1)
+        self.optimizers = [torch.optim.SGD(self.model.parameters(), lr=1.0)]
+        self.batches = _Counting()
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        return max(0.0, 1.0 - step / total_steps)
+
+    def loss(self, model, batch, step):
+        out = model(batch["x"]).pow(2).mean()
+        return out, {"loss": out.detach()}
+
+
+def test_a_time_budget_fits_the_schedule_to_the_steps_it_allows(monkeypatch):
+    # A fake clock of 1 s per step: a 1-minute budget allows 60 of the 1000 steps asked for, and the
+    # schedule's horizon follows the pace (after the first steps) instead of staying at 1000.
+    clock = {"t": 0.0}
+    monkeypatch.setattr("crossmodalnet.train.engine.time.monotonic", lambda: clock["t"])
+    task = _Quadratic()
+    engine = Engine(task, LoopSettings(total_steps=1000, iterations_per_epoch=1000, max_minutes=1.0, desc=""),
+                    dist=DistInfo())
+    stopped, lrs = False, []
+    while not stopped:
+        clock["t"] += 1.0
+        stopped = engine.train_step(task.batches.batch(engine.step))
+        lrs.append(task.optimizers[0].param_groups[0]["lr"])
+    assert engine.step == 61 and engine.horizon == 62  # stopped past 60 s; the schedule ends there
+    assert lrs[5] == pytest.approx(1.0 - 6 / 1000)  # before the pace is known: the full schedule
+    assert lrs[-1] < 0.05  # annealed at the budget (it would be 0.94 on the 1000-step schedule)
+    # Without a budget the horizon is total_steps: the schedule of before, step for step.
+    plain = Engine(_Quadratic(), LoopSettings(total_steps=1000, iterations_per_epoch=1000, desc=""), dist=DistInfo())
+    for step in range(20):
+        plain.train_step(plain.task.batches.batch(step))
+    assert plain.horizon == 1000 and plain.task.optimizers[0].param_groups[0]["lr"] == pytest.approx(1 - 20 / 1000)
