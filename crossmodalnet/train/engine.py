@@ -26,20 +26,20 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.runs import RunFolder
 from crossmodalnet.train import distributed as ddp
+from crossmodalnet.train.batches import BatchSource, batch_iterator, resolve_workers, step_seed
 
 __all__ = [
     "BatchSource", "Task", "LoopSettings", "Engine", "PreparedRun", "batch_iterator", "param_groups", "step_seed",
@@ -50,17 +50,6 @@ _FORMAT = 2  # of state.pt
 # Parameters of 2+ dimensions that are still offsets, not weights: position biases and embeddings.
 _NO_DECAY_NAMES = ("position", "pos_embed", "bias.table", "placeholder", "token")
 _PACE_STEPS = 10  # steps of a session before its pace re-fits the schedule to a time budget
-
-
-class BatchSource(Protocol):
-    """Anything whose batch of a step is a pure function of the step (and its own seed and rank)."""
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]: ...
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A torch seed for the model's own randomness in one step (dropout, drop-path, modality dropout)."""
-    return int(np.random.SeedSequence([seed, rank, step, 2**31]).generate_state(1)[0])
 
 
 def param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
@@ -154,34 +143,6 @@ class LoopSettings:
     desc: str = "train"
 
 
-def resolve_workers(num_workers: int | None, device: torch.device) -> int:
-    """The number of patch-sampling processes: as configured, or (None) 0 on a CPU and 2 on a GPU."""
-    if num_workers is not None:
-        return num_workers
-    return 2 if device.type == "cuda" else 0
-
-
-class _Steps(Dataset):
-    """Step i of the loop -> the batch of step `start + i` (for a DataLoader with batch_size=None)."""
-
-    def __init__(self, source: BatchSource, start: int, stop: int) -> None:
-        self.source, self.start, self.stop = source, start, stop
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.source.batch(self.start + i)
-
-
-def batch_iterator(source: BatchSource, start: int, stop: int, num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches of steps start..stop-1 in order, drawn by `num_workers` background processes
-    (0: in this thread). Order and content do not depend on the number of workers."""
-    loader = DataLoader(_Steps(source, start, stop), batch_size=None, shuffle=False, num_workers=num_workers,
-                        prefetch_factor=2 if num_workers else None, persistent_workers=False)
-    return iter(loader)
-
-
 class Engine:
     """Runs a `Task` (see the module docstring). `run`: where checkpoints and logs go (None: in memory
     only, e.g. an experiment); `resume_state`: a state from `RunFolder.load_checkpoint`."""
@@ -202,10 +163,7 @@ class Engine:
                 find_unused_parameters=getattr(task.model, "may_leave_parameters_unused", False))
         self.autocast_dtype, scaled = training_autocast(settings.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaled)
-        # The schedule's length in steps: `total_steps`, or with a time budget the steps the budget
-        # allows at the pace measured so far (`_budget_horizon`), so that the learning rate reaches
-        # the end of its schedule when the budget stops training, not at a step it never gets to.
-        self.horizon = settings.total_steps
+        self.horizon = settings.total_steps  # the schedule's length (a time budget's: `_budget_horizon`)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(
             o, lambda step: task.lr_factor(step, self.horizon)) for o in task.optimizers]
         self.step, self.best, self.elapsed = 0, -math.inf, 0.0
@@ -320,7 +278,7 @@ class Engine:
         if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
             self.skipped += 1
         n = self.dist.world_size
-        if s.max_minutes is not None:
+        if s.max_minutes is not None:  # every rank the same horizon: the mean time spent
             self.horizon = self._budget_horizon(float(vec[-2]) / n, 60 * s.max_minutes)
         for x in self.schedulers:
             x.step()
@@ -333,14 +291,14 @@ class Engine:
         return bool(vec[-1] > 0)
 
     def _budget_horizon(self, spent: float, budget_s: float) -> int:
-        """The schedule's length when `budget_s` seconds (this session's) stop training: the steps done
-        plus those the time left allows at this session's pace so far (validations included), never
-        over `total_steps` nor before the next step. Kept until `_PACE_STEPS` steps have set a pace."""
+        """The schedule's length that ends it when `budget_s` seconds of this session stop training (not at
+        a step never reached): the steps done plus those the time left allows at this session's pace
+        (validations included), at most `total_steps`; kept until `_PACE_STEPS` steps set a pace."""
         done = self.step + 1 - self._step0
         if done < _PACE_STEPS or spent <= 0:
             return self.horizon
-        left = max(budget_s - spent, 0.0)
-        return max(self.step + 2, min(self.settings.total_steps, self.step + 1 + int(left * done / spent)))
+        ahead = int(max(budget_s - spent, 0.0) * done / spent)
+        return max(self.step + 2, min(self.settings.total_steps, self.step + 1 + ahead))
 
     def _fault(self, what: str) -> CrossModalNetError:
         where = self.run.path if self.run is not None else self.settings.desc
