@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from _files import write_json
+from _probe import engine_step_times
 from _schedule import budget_schedule
 from _train_job import _training_record
 
@@ -63,36 +63,10 @@ def base_config(row: str, minutes: float, seed: int, overrides: dict[str, str]) 
     return apply_overrides(config, overrides)
 
 
-class _RandomBatches:
-    """The same random batch at every step: the probe times the step, not the data."""
-
-    def __init__(self, config: TrainConfig, spec: DataSpec) -> None:
-        m, shape = config.model.modalities, (config.batch_size, 1, *config.patch_size)
-        self.fixed = {"image": torch.randn(config.batch_size, m, *config.patch_size),
-                      "present": torch.ones(config.batch_size, m, dtype=torch.bool),
-                      "label": torch.randint(0, spec.num_classes, shape)}
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        return self.fixed
-
-
 def _probe(config: TrainConfig, spec: DataSpec, steps: int = 3) -> float:
     """Seconds of one training step of the engine at the planned patch and batch, the fastest of
     `steps` after one warm-up (the fastest: another process on the CPU would shorten the schedule)."""
-    from crossmodalnet.models.registry import build_model
-    from crossmodalnet.train.engine import Engine, LoopSettings
-    from crossmodalnet.train.trainer import SegmentationTask
-
-    torch.manual_seed(config.seed)
-    model = build_model(config.model.name, config.model)
-    task = SegmentationTask(config, model, _RandomBatches(config, spec), [], torch.device("cpu"), spec)
-    engine = Engine(task, LoopSettings(total_steps=steps + 1, iterations_per_epoch=steps + 1,
-                                       grad_clip=config.grad_clip, desc=""))
-    times = []
-    for step in range(steps + 1):
-        t = time.perf_counter()
-        engine.train_step(task.batches.batch(step))
-        times.append(time.perf_counter() - t)
+    times, _ = engine_step_times(config, spec, steps)
     return min(times[1:])
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _probe import engine_step_times
 from _schedule import budget_schedule, sliding_windows
 from _scoring import load_test_split, score_record
 from safetensors import safe_open
@@ -24,25 +25,9 @@ from safetensors import safe_open
 from crossmodalnet.config import TrainConfig, from_dict
 from crossmodalnet.data.dataset import load_dataset, read_spec
 from crossmodalnet.data.spec import MMWHS
-from crossmodalnet.models.registry import build_model
 from crossmodalnet.runs import RunFolder
-from crossmodalnet.train.engine import Engine, LoopSettings
-from crossmodalnet.train.trainer import SegmentationTask
 
 __all__ = ["train_job"]
-
-
-class _RandomBatches:
-    """The same random batch at every step: a probe times the step, not the data."""
-
-    def __init__(self, config: TrainConfig) -> None:
-        m, shape = config.model.modalities, (config.batch_size, 1, *config.patch_size)
-        self.fixed = {"image": torch.randn(config.batch_size, m, *config.patch_size),
-                      "present": torch.ones(config.batch_size, m, dtype=torch.bool),
-                      "label": torch.randint(0, MMWHS.num_classes, shape)}
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        return self.fixed
 
 
 def _probe(config: TrainConfig, steps: int = 3) -> tuple[float, float]:
@@ -55,22 +40,14 @@ def _probe(config: TrainConfig, steps: int = 3) -> tuple[float, float]:
     the schedule too short, and training would end before the budget. Too fast an estimate only
     leaves the cosine unfinished.
     """
-    torch.manual_seed(config.seed)
-    model = build_model(config.model.name, config.model)
-    task = SegmentationTask(config, model, _RandomBatches(config), [], torch.device("cpu"), MMWHS)
-    engine = Engine(task, LoopSettings(total_steps=steps + 1, iterations_per_epoch=steps + 1,
-                                       grad_clip=config.grad_clip, desc=""))
-    train_times, infer_times = [], []
-    for step in range(steps + 1):  # the first step pays for allocator and kernel warm-up
-        t = time.perf_counter()
-        engine.train_step(task.batches.batch(step))
-        train_times.append(time.perf_counter() - t)
+    train_times, model = engine_step_times(config, MMWHS, steps)
+    infer_times = []
     model.eval()
-    x = torch.randn(config.sw_batch_size, 1, *config.patch_size)
+    x = torch.randn(config.sw_batch_size, config.model.modalities, *config.patch_size)  # every channel present
     with torch.no_grad():
         for _ in range(3):
             t = time.perf_counter()
-            model(x, x)
+            model(x)
             infer_times.append(time.perf_counter() - t)
     return min(train_times[1:]), min(infer_times[1:])
 

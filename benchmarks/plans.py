@@ -19,33 +19,16 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
-import torch
+from _probe import engine_step_times
 
 from crossmodalnet.config import ModelConfig, TrainConfig, replace
 from crossmodalnet.data.dataset import read_spec
-from crossmodalnet.models.registry import build_model
-from crossmodalnet.train.engine import Engine, LoopSettings
 from crossmodalnet.train.plan import apply_plan
 from crossmodalnet.train.preflight import plan_dataset
-from crossmodalnet.train.trainer import SegmentationTask
 
 HEADER = ("| dataset | model | channels | target spacing (mm) | patch | batch | strides | s / step | peak RSS (MiB) |\n"
           "|---|---|---:|---|---|---:|---|---:|---:|")
-
-
-class _RandomBatches:
-    """One fixed random batch of the planned shape: the step is timed, not the data."""
-
-    def __init__(self, config: TrainConfig, classes: int) -> None:
-        b, m, p = config.batch_size, config.model.modalities, config.patch_size
-        g = torch.Generator().manual_seed(0)
-        self.fixed = {"image": torch.randn(b, m, *p, generator=g), "present": torch.ones(b, m, dtype=torch.bool),
-                      "label": torch.randint(0, classes, (b, 1, *p), generator=g)}
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        return self.fixed
 
 
 def measure(data: str, model: str, size: str, steps: int) -> dict:
@@ -56,25 +39,18 @@ def measure(data: str, model: str, size: str, steps: int) -> dict:
     config = apply_plan(TrainConfig(model=model_config), plan)
     config = replace(config, model=replace(config.model.for_data(spec.registered), modalities=spec.num_channels,
                                            out_channels=spec.num_outputs))
-    torch.manual_seed(0)
-    net = build_model(config.model.name, config.model)
-    task = SegmentationTask(config, net, _RandomBatches(config, spec.num_classes), [], torch.device("cpu"), spec)
-    engine = Engine(task, LoopSettings(total_steps=steps + 1, iterations_per_epoch=steps + 1,
-                                       grad_clip=config.grad_clip, desc=""))
-    times = []
-    for step in range(steps + 1):
-        t = time.perf_counter()
-        engine.train_step(task.batches.batch(step))
-        times.append(time.perf_counter() - t)
+    times, _ = engine_step_times(replace(config, seed=0), spec, steps)
     return {"dataset": data, "model": f"{model}/{size}", "channels": spec.num_channels,
-            "spacing": [round(s, 2) for s in plan.target_spacing], "patch": list(config.patch_size),
+            "spacing": [None if s is None else round(s, 2) for s in plan.target_spacing],
+            "patch": list(config.patch_size),
             "batch": config.batch_size, "strides": plan.strides, "s_per_step": statistics.median(times[1:]),
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "plan": plan.describe()}
 
 
 def _row(r: dict) -> str:
     strides = "2x2x2 (isotropic)" if r["strides"] is None else " ".join("x".join(map(str, s)) for s in r["strides"])
-    return (f"| {r['dataset']} | {r['model']} | {r['channels']} | {' x '.join(map(str, r['spacing']))} | "
+    spacing = " x ".join("stored" if s is None else str(s) for s in r["spacing"])
+    return (f"| {r['dataset']} | {r['model']} | {r['channels']} | {spacing} | "
             f"{'x'.join(map(str, r['patch']))} | {r['batch']} | {strides} | {r['s_per_step']:.2f} | "
             f"{r['peak_mib']:.0f} |")
 

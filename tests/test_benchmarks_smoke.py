@@ -214,3 +214,15 @@ def test_plans_benchmark_measures_the_planned_step(tiny_dataset) -> None:
     assert r["patch"] == [32, 32, 32] and r["batch"] >= 2 and r["channels"] == 2 and r["strides"] is None
     assert r["s_per_step"] > 0 and r["peak_mib"] > 0 and "why:" in r["plan"]
     assert plans._row(r).count("|") == 10
+
+
+@pytest.mark.parametrize("name", ["unet", "crossmodalnet"])
+def test_the_schedule_probe_times_a_training_step_and_an_inference_batch(name, one_thread):
+    import _train_job
+
+    from crossmodalnet.config import ModelConfig, TrainConfig
+
+    config = TrainConfig(model=ModelConfig.from_size(name, "tiny"), patch_size=(32, 32, 32), batch_size=2,
+                         sw_batch_size=2)
+    step_s, forward_s = _train_job._probe(config, steps=1)
+    assert 0 < forward_s < step_s  # a no-grad forward of 2 windows costs less than a training step of 2

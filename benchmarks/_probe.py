@@ -1,0 +1,46 @@
+"""One training step of the package's engine timed on a fixed random batch (the step, not the data):
+the probe that sizes time-budget schedules (`_train_job.py`, `_real_ours.py`) and the planned-step
+benchmark (`plans.py`)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from crossmodalnet.config import TrainConfig
+from crossmodalnet.data.spec import DataSpec
+from crossmodalnet.models.registry import build_model
+from crossmodalnet.train.engine import Engine, LoopSettings
+from crossmodalnet.train.trainer import SegmentationTask
+
+__all__ = ["RandomBatches", "engine_step_times"]
+
+
+class RandomBatches:
+    """The same random batch of the configuration's patch, batch and channels at every step."""
+
+    def __init__(self, config: TrainConfig, classes: int) -> None:
+        b, m, p = config.batch_size, config.model.modalities, config.patch_size
+        g = torch.Generator().manual_seed(0)
+        self.fixed = {"image": torch.randn(b, m, *p, generator=g), "present": torch.ones(b, m, dtype=torch.bool),
+                      "label": torch.randint(0, classes, (b, 1, *p), generator=g)}
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        return self.fixed
+
+
+def engine_step_times(config: TrainConfig, spec: DataSpec, steps: int = 3) -> tuple[list[float], torch.nn.Module]:
+    """Seconds of `steps` + 1 engine steps (forward, loss, backward, clipping, AdamW; the first pays for
+    allocator and kernel warm-up), and the model built with `config.seed`."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model.name, config.model)
+    task = SegmentationTask(config, model, RandomBatches(config, spec.num_classes), [], torch.device("cpu"), spec)
+    engine = Engine(task, LoopSettings(total_steps=steps + 1, iterations_per_epoch=steps + 1,
+                                       grad_clip=config.grad_clip, desc=""))
+    times = []
+    for step in range(steps + 1):
+        t = time.perf_counter()
+        engine.train_step(task.batches.batch(step))
+        times.append(time.perf_counter() - t)
+    return times, model
