@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from crossmodalnet.config import TrainConfig
 from crossmodalnet.data.preprocess import PreparedCase
 from crossmodalnet.errors import CrossModalNetError
+from crossmodalnet.train.plan import slice_axes
 
 __all__ = ["PatchSampler", "step_generator"]
 
@@ -75,10 +76,9 @@ class PatchSampler:
         self.batch_size = batch_size or config.batch_size
         self.patch = tuple(int(p) for p in config.patch_size)
         spacing = tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0)
-        finest = min((s for s in spacing if s is not None), default=1.0)
-        # Slice axes (kept as stored, or over 3x the finest spacing): spatial augmentation stays in the
-        # slices' plane, as nnU-Net's "dummy 2D" augmentation; a tilt would mix slices 10-20 mm apart.
-        self.flat = [a for a, s in enumerate(spacing) if s is None or s > 3.0 * finest]
+        # Slice axes (the plan's rule: kept as stored, or over ANISOTROPY x the finest): spatial augmentation
+        # stays in the slices' plane, as nnU-Net's "dummy 2D" augmentation; a tilt would mix slices 10-20 mm apart.
+        self.flat = sorted(slice_axes(spacing))
         self.spacing = np.asarray([1.0 if s is None else s for s in spacing], dtype=np.float64)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:

@@ -53,7 +53,7 @@ from crossmodalnet.data.fingerprint import Fingerprint
 from crossmodalnet.errors import CrossModalNetError
 
 __all__ = ["Budget", "BUDGETS", "CONFIGURATIONS", "COVERAGE", "MIN_BATCH_2D", "Plan", "make_plan", "apply_plan",
-           "model_steps", "DEFAULT_PATCH",
+           "model_steps", "slice_axes", "DEFAULT_PATCH",
            "DEFAULT_BATCH"]
 
 COVERAGE = 0.5  # share of the median extent of each axis a patch must see
@@ -156,7 +156,7 @@ def _target_spacing(fp: Fingerprint, reasons: list[str]) -> list[float]:
     return target
 
 
-def _slice_axes(target: Sequence[float | None]) -> set[int]:
+def slice_axes(target: Sequence[float | None]) -> set[int]:
     """Axes over ANISOTROPY x the finest spacing, and axes kept as stored (None)."""
     finest = min(t for t in target if t is not None)
     return {a for a, s in enumerate(target) if s is None or s > ANISOTROPY * finest}
@@ -182,7 +182,7 @@ def make_plan(fp: Fingerprint, model: ModelConfig, device: str = "cpu", budget: 
         reasons.append("target spacing: the configuration's")
     else:
         target = _target_spacing(fp, reasons)
-    thin = _slice_axes(target)
+    thin = slice_axes(target)
     flat: set[int] = set()
     if configuration == "2d" or (configuration == "auto" and thin):
         # A 2D plan (module docstring): slices as stored, one-slice patches, a batch of many slices.
