@@ -30,11 +30,12 @@ class RandomBatches:
         return self.fixed
 
 
-def engine_step_times(config: TrainConfig, spec: DataSpec, steps: int = 3) -> tuple[list[float], torch.nn.Module]:
+def engine_step_times(config: TrainConfig, spec: DataSpec, steps: int = 3,
+                      fold: bool = True) -> tuple[list[float], torch.nn.Module]:
     """Seconds of `steps` + 1 engine steps (forward, loss, backward, clipping, AdamW; the first pays for
-    allocator and kernel warm-up), and the model built with `config.seed`."""
+    allocator and kernel warm-up), and the model built with `config.seed` (`fold`: `build_model`'s)."""
     torch.manual_seed(config.seed)
-    model = build_model(config.model.name, config.model)
+    model = build_model(config.model.name, config.model, fold=fold)
     task = SegmentationTask(config, model, RandomBatches(config, spec.num_classes), [], torch.device("cpu"), spec)
     engine = Engine(task, LoopSettings(total_steps=steps + 1, iterations_per_epoch=steps + 1,
                                        grad_clip=config.grad_clip, desc=""))

@@ -4,9 +4,13 @@ For each dataset folder given, the plan `crossmodalnet train` would make for the
 printed), then in a fresh process per row: the model built with the plan, `--steps` training steps
 of the engine (forward, Dice + CE, backward, clipping, AdamW) on random patches of the planned
 shape and batch, timed (median after one warm-up step), and the process's peak resident memory.
+In the same run, a second process times the same step with the convolutions left 3D (`build_model(...,
+fold=False)`): what `models.folding` saves where the planned model is flat along an axis (a 2D plan); a
+model that is not (an isotropic plan) is the same model in both columns.
 Rows print as markdown:
 
-    | dataset | model | channels | target spacing (mm) | patch | batch | strides | s / step | peak RSS (MiB) |
+    | dataset | model | channels | target spacing (mm) | patch | batch | strides | s / step
+      | s / step, 3D convs | peak RSS (MiB) |
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/plans.py DATA [DATA ...] --model crossmodalnet --size small
 """
@@ -27,19 +31,20 @@ from crossmodalnet.data.dataset import read_spec
 from crossmodalnet.train.plan import apply_plan
 from crossmodalnet.train.preflight import plan_dataset
 
-HEADER = ("| dataset | model | channels | target spacing (mm) | patch | batch | strides | s / step | peak RSS (MiB) |\n"
-          "|---|---|---:|---|---|---:|---|---:|---:|")
+HEADER = ("| dataset | model | channels | target spacing (mm) | patch | batch | strides | s / step "
+          "| s / step, 3D convs | peak RSS (MiB) |\n|---|---|---:|---|---|---:|---|---:|---:|---:|")
 
 
-def measure(data: str, model: str, size: str, steps: int) -> dict:
-    """Plan, build, time `steps` engine steps; runs in its own process (peak RSS is per process)."""
+def measure(data: str, model: str, size: str, steps: int, fold: bool = True) -> dict:
+    """Plan, build (2D plans' convolutions folded unless `fold` is False), time `steps` engine steps;
+    runs in its own process (peak RSS is per process)."""
     spec = read_spec(data)
     model_config = ModelConfig.from_size(model, size, modalities=spec.num_channels, out_channels=spec.num_outputs)
     _, plan = plan_dataset(data, model_config, "cpu")
     config = apply_plan(TrainConfig(model=model_config), plan)
     config = replace(config, model=replace(config.model.for_data(spec.registered), modalities=spec.num_channels,
                                            out_channels=spec.num_outputs))
-    times, _ = engine_step_times(replace(config, seed=0), spec, steps)
+    times, _ = engine_step_times(replace(config, seed=0), spec, steps, fold=fold)
     return {"dataset": data, "model": f"{model}/{size}", "channels": spec.num_channels,
             "spacing": [None if s is None else round(s, 2) for s in plan.target_spacing],
             "patch": list(config.patch_size),
@@ -52,7 +57,7 @@ def _row(r: dict) -> str:
     spacing = " x ".join("stored" if s is None else str(s) for s in r["spacing"])
     return (f"| {r['dataset']} | {r['model']} | {r['channels']} | {spacing} | "
             f"{'x'.join(map(str, r['patch']))} | {r['batch']} | {strides} | {r['s_per_step']:.2f} | "
-            f"{r['peak_mib']:.0f} |")
+            f"{r['s_per_step_3d']:.2f} | {r['peak_mib']:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,15 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="small", choices=["tiny", "small", "base"])
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
+    p.add_argument("--unfolded", action="store_true", help=argparse.SUPPRESS)  # the child, 3D convolutions
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(measure(a.data[0], a.model, a.size, a.steps)))
+        print(json.dumps(measure(a.data[0], a.model, a.size, a.steps, fold=not a.unfolded)))
         return 0
     print(HEADER)
     for data in a.data:
-        out = subprocess.run([sys.executable, __file__, data, "--model", a.model, "--size", a.size, "--steps",
-                              str(a.steps), "--one"], capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        runs = []
+        for extra in ([], ["--unfolded"]):
+            out = subprocess.run([sys.executable, __file__, data, "--model", a.model, "--size", a.size, "--steps",
+                                  str(a.steps), "--one", *extra], capture_output=True, text=True, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = {**runs[0], "s_per_step_3d": runs[1]["s_per_step"]}
         print(_row(r), flush=True)
         print(r["plan"], file=sys.stderr)
     return 0

@@ -213,7 +213,8 @@ def test_plans_benchmark_measures_the_planned_step(tiny_dataset) -> None:
     r = plans.measure(str(tiny_dataset), "crossmodalnet", "tiny", steps=1)
     assert r["patch"] == [32, 32, 32] and r["batch"] >= 2 and r["channels"] == 2 and r["strides"] is None
     assert r["s_per_step"] > 0 and r["peak_mib"] > 0 and "why:" in r["plan"]
-    assert plans._row(r).count("|") == 10
+    row = plans._row({**r, "s_per_step_3d": 2.5})
+    assert row.count("|") == 11 and "| 2.50 |" in row
 
 
 @pytest.mark.parametrize("name", ["unet", "crossmodalnet"])

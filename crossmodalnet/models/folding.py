@@ -40,7 +40,12 @@ class FoldedConv3d(nn.Conv3d):
 
     axis: int
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, folded_axis={self.axis}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:  # unbatched (C, D, H, W): nn.Conv3d's own path
+            return super().forward(x)
         a = self.axis
         weight = self.weight.squeeze(2 + a)
         return _folded(x, a, lambda y: F.conv2d(y, weight, self.bias, _drop(self.stride, a), _drop(self.padding, a),
@@ -53,9 +58,12 @@ class FoldedConvTranspose3d(nn.ConvTranspose3d):
 
     axis: int
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, folded_axis={self.axis}"
+
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if output_size is not None:
-            raise ValueError("FoldedConvTranspose3d takes no output_size")
+        if x.dim() != 5 or output_size is not None:  # unbatched, or an explicit size: the 3D path
+            return super().forward(x, output_size)
         a = self.axis
         weight = self.weight.squeeze(2 + a)
         return _folded(x, a, lambda y: F.conv_transpose2d(
@@ -72,7 +80,9 @@ def _flat(conv: nn.Module, axis: int) -> bool:
 
 
 def _convs(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m) in (nn.Conv3d, nn.ConvTranspose3d)]
+    """The 3D (transposed) convolutions, folded or not; subclasses such as parametrized ones are left alone."""
+    kinds = (nn.Conv3d, nn.ConvTranspose3d, FoldedConv3d, FoldedConvTranspose3d)
+    return [m for m in model.modules() if type(m) in kinds]
 
 
 def flat_axis(model: nn.Module) -> int | None:
@@ -85,7 +95,8 @@ def flat_axis(model: nn.Module) -> int | None:
 
 def fold_flat_axis(model: nn.Module) -> int | None:
     """Make every convolution of `model` flat along `flat_axis(model)` a folded one, in place; returns
-    the axis, or None (the model untouched). Parameters, buffers and state-dict keys do not change."""
+    the axis, or None (the model untouched). Parameters, buffers and state-dict keys do not change;
+    folding a folded model again changes nothing and returns its axis."""
     axis = flat_axis(model)
     if axis is None:
         return None

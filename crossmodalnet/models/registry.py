@@ -31,8 +31,12 @@ Triple = tuple[int, int, int]
 MODEL_NAMES: tuple[str, ...] = ("crossmodalnet", *BASELINE_SIZES)
 
 
-def build_model(name: str, config: ModelConfig | None = None, size: str = "small") -> nn.Module:
-    """Build registered model `name`. Without `config`, the named `size` with defaults."""
+def build_model(name: str, config: ModelConfig | None = None, size: str = "small", fold: bool = True) -> nn.Module:
+    """Build registered model `name`. Without `config`, the named `size` with defaults.
+
+    `fold`: a model flat along one axis (a 2D plan) runs its convolutions as 2D ones
+    (`models.folding`; same parameters and function); False keeps them 3D (benchmarks compare the two).
+    """
     if name not in MODEL_NAMES:
         raise CrossModalNetError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")
     if config is None:
@@ -40,7 +44,8 @@ def build_model(name: str, config: ModelConfig | None = None, size: str = "small
     elif config.name != name:
         raise CrossModalNetError(f"config is for model {config.name!r}, not {name!r}")
     model = CrossModalNet(config) if name == "crossmodalnet" else build_baseline(config)
-    fold_flat_axis(model)  # a 2D plan's convolutions run as 2D ones: same weights, several times faster
+    if fold:
+        fold_flat_axis(model)
     return model
 
 

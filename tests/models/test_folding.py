@@ -53,9 +53,11 @@ def test_a_2d_plan_model_is_folded_and_computes_the_same(name):
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-6, msg=key)
 
 
-def test_isotropic_models_are_not_folded():
+def test_isotropic_models_are_not_folded_nor_when_asked_not_to():
     for name in PLAN_2D:
         assert not _folded(build_model(name, ModelConfig.from_size(name, "tiny")))
+        plan_2d = ModelConfig.from_size(name, "tiny", **PLAN_2D[name])
+        assert _folded(build_model(name, plan_2d)) and not _folded(build_model(name, plan_2d, fold=False))
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
@@ -74,9 +76,14 @@ def test_folded_convolutions_along_each_axis(axis):
     model = nn.Sequential(conv, up)
     assert fold_flat_axis(model) == axis
     assert isinstance(model[0], FoldedConv3d) and isinstance(model[1], FoldedConvTranspose3d)
-    x = torch.randn(2, 4, 6, 8, 10)
-    torch.testing.assert_close(model(x), ref_up(ref_conv(x)), rtol=1e-4, atol=1e-5)
-    assert model(x).shape == x.shape
+    for shape in ((2, 4, 6, 8, 10), tuple(1 if d == 2 + axis else n for d, n in enumerate((2, 4, 6, 8, 10)))):
+        x = torch.randn(*shape)  # several slices along the folded axis, and one (the view path)
+        torch.testing.assert_close(model(x), ref_up(ref_conv(x)), rtol=1e-4, atol=1e-5)
+        assert model(x).shape == x.shape
+    x = torch.randn(4, 6, 8, 10)  # unbatched input: nn.Conv3d's own path
+    torch.testing.assert_close(model[0](x), ref_conv(x))
+    assert fold_flat_axis(model) == axis and isinstance(model[0], FoldedConv3d)  # folding again: no change
+    assert f"folded_axis={axis}" in repr(model[0])
 
 
 def test_a_convolution_that_mixes_an_axis_keeps_the_model_3d():
