@@ -105,9 +105,9 @@ def ablations(s: Settings) -> list[tuple[str, str, dict[str, Any], dict[str, Any
          {}, {"loss_balancing": not t.loss_balancing}),
         (f"ablation-fine-skips-{fine}", f"fine skips `{fine}`", {"fine_skips": fine}, {}),
         *([("ablation-cross-from-stage-2", "Cross Transformer blocks from stage 2 on (none at the finest tokens)",
-            {"cross_first_stage": 1}, {})] if m.cross_blocks and m.cross_first_stage == 0 else []),
+            {"cross_first_stage": 1}, {})] if m.cross_blocks and m.first_cross_stage == 0 else []),
         *([("ablation-cross-every-stage", "Cross Transformer blocks after every stage (the paper's)",
-            {"cross_first_stage": 0}, {})] if m.cross_blocks and m.cross_first_stage > 0 else []),
+            {"cross_first_stage": 0}, {})] if m.cross_blocks and m.first_cross_stage > 0 else []),
     ]
 
 

@@ -70,11 +70,13 @@ MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
         # Tests: the smallest model that still has every mechanism.
         "tiny": dict(feature_size=12, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4, patch_size=4,
                      cross_first_stage=0),
-        # CPU default (demo, benchmark): tokens at stride 4, three stages. Cross Transformer blocks after
-        # stages 2 and 3 only (strides 8, 16): the one at stride 4 cost a seventh of a CPU training step
-        # and bought no Dice (docs/benchmarks.md, "Reading the comparison").
+        # CPU default (demo, benchmark): tokens at stride 4, three stages. Cross Transformer blocks from
+        # the data (`ModelConfig.for_data`): after every stage where the channels are registered (MyoPS's
+        # sequences: the stride-4 block raised the mean Dice, docs/benchmarks.md), else after stages 2
+        # and 3 only (the phantom's CT/MR: the stride-4 block cost a seventh of a CPU training step and
+        # bought no Dice, docs/benchmarks.md, "Reading the comparison").
         "small": dict(feature_size=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4, patch_size=4,
-                      cross_first_stage=1),
+                      cross_first_stage=None),
         # GPU: tokens at stride 2, four stages, as Swin-UNETR's published configuration; the paper's
         # Cross Transformer block after every stage.
         "base": dict(feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=4, patch_size=2,
@@ -198,7 +200,8 @@ class ModelConfig(_Schema):
     # Conv kernel per level (len(strides) + 1 levels, the full resolution first), 3 or 1 per axis, for
     # the conv models (unet: one kernel for all levels; dynunet: per level). None: 3 everywhere.
     kernels: tuple[Kernel, ...] | None = None
-    cross_first_stage: NonNegativeInt | None = None  # first encoder stage (0-based) with a Cross Transformer block
+    # First encoder stage (0-based) with a Cross Transformer block. None: from the data (`for_data`).
+    cross_first_stage: NonNegativeInt | None = None
     mlp_ratio: PositiveFloat = 4.0
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     cross_attention: Literal["standard", "paper"] = "standard"  # "paper": Def. 2 literally
@@ -229,14 +232,22 @@ class ModelConfig(_Schema):
         """`fine_skips`, None read as "reference"."""
         return self.fine_skips or "reference"
 
+    @property
+    def first_cross_stage(self) -> int:
+        """`cross_first_stage`, None read as 1 (the choice for channels not known to be registered)."""
+        return 1 if self.cross_first_stage is None else self.cross_first_stage
+
     def for_data(self, registered: bool | None) -> ModelConfig:
         """The fields left None decided by the data: channels registered voxel to voxel (MyoPS's
-        sequences) take every channel's fine detail and no deformable offsets; otherwise (CT and MR of
-        separate scans, or not said) the reference channel's detail and deformable offsets. Only
-        CrossModalNet has these fields' meaning; other models are returned as they are."""
+        sequences) take every channel's fine detail, no deformable offsets and a Cross Transformer
+        block after every stage (scar shows on LGE, edema on T2, each a few tokens wide); otherwise
+        (CT and MR of separate scans, or not said) the reference channel's detail, deformable offsets
+        and blocks from stage 1 on. Only CrossModalNet has these fields' meaning; other models are
+        returned as they are."""
         if self.name != "crossmodalnet":
             return self
-        fields = {"deformable": not registered, "fine_skips": "both" if registered else "reference"}
+        fields = {"deformable": not registered, "fine_skips": "both" if registered else "reference",
+                  "cross_first_stage": 0 if registered else 1}
         updates = {k: v for k, v in fields.items() if getattr(self, k) is None}
         return replace(self, **updates) if updates else self
 
@@ -299,7 +310,7 @@ class ModelConfig(_Schema):
                                  f"{heads} heads (feature_size {self.feature_size})")
         if self.patch_size & (self.patch_size - 1):
             raise ValueError(f"patch_size must be a power of two (a stem of stride-2 convs), got {self.patch_size}")
-        if self.cross_first_stage >= stages:
+        if self.cross_first_stage is not None and self.cross_first_stage >= stages:
             raise ValueError(f"cross_first_stage must be below the {stages} stages, got {self.cross_first_stage}")
         if self.strides is not None:
             stem = self.patch_size.bit_length() - 1

@@ -116,7 +116,9 @@ def test_sizes_come_from_the_one_table():
     assert all(getattr(unet, k) is None for k in CROSSMODALNET_FIELDS)
     assert set(MODEL_NAMES) == set(MODEL_SIZES) and all(set(v) == {"tiny", "small", "base"}
                                                           for v in MODEL_SIZES.values())
-    assert [MODEL_SIZES["crossmodalnet"][k]["cross_first_stage"] for k in ("tiny", "small", "base")] == [0, 1, 0]
+    # small leaves it to the data (for_data); read without data as 1.
+    assert [MODEL_SIZES["crossmodalnet"][k]["cross_first_stage"] for k in ("tiny", "small", "base")] == [0, None, 0]
+    assert ModelConfig().first_cross_stage == 1 and ModelConfig(size="tiny").first_cross_stage == 0
     with pytest.raises(CrossModalNetError, match="unknown size 'huge'"):
         ModelConfig.from_size("crossmodalnet", "huge")
     with pytest.raises(CrossModalNetError, match=r"depth: unknown key"):
@@ -170,15 +172,16 @@ def test_legacy_amp_key_reads_as_precision(tmp_path):
 
 def test_run_configs_written_before_a_field_keep_what_they_meant(tmp_path):
     # A run's config.yaml is a full dump; one from before `cross_first_stage` existed was trained with
-    # a Cross Transformer block after every stage, though `small` now starts them at stage 1.
-    full = to_dict(TrainConfig(model=ModelConfig.from_size("crossmodalnet", "small")))
+    # a Cross Transformer block after every stage, though `small` now starts them at stage 1 on
+    # unregistered data. A run saves its model as `for_data` decided it (None never reaches a run).
+    full = to_dict(TrainConfig(model=ModelConfig.from_size("crossmodalnet", "small").for_data(None)))
     old = {**full, "model": {k: v for k, v in full["model"].items() if k != "cross_first_stage"}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(old, sort_keys=False))
     assert load_run_config(path).model.cross_first_stage == 0
-    assert load_yaml(TrainConfig, path).model.cross_first_stage == 1  # a plain read takes today's size
+    assert load_yaml(TrainConfig, path).model.cross_first_stage is None  # a plain read takes today's size
     assert load_config_file(path, saved=True).model.cross_first_stage == 0
-    assert load_config_file(path).model.cross_first_stage == 1  # a hand-written file: the size decides
+    assert load_config_file(path).model.cross_first_stage is None  # a hand-written file: the size (and data) decide
     # A field that is there is never overridden, and baselines are left alone.
     path.write_text(yaml.safe_dump(full, sort_keys=False))
     assert load_run_config(path).model.cross_first_stage == 1
@@ -193,6 +196,10 @@ def test_run_configs_written_before_a_field_keep_what_they_meant(tmp_path):
     today = ModelConfig.from_size("crossmodalnet", "small")  # left to the data; without data: "reference"
     assert today.fine_skips is None and today.skip_source == "reference" and today.uses_deformable
     registered, unregistered = today.for_data(True), today.for_data(None)
-    assert (registered.fine_skips, registered.deformable) == ("both", False)
-    assert (unregistered.fine_skips, unregistered.deformable) == ("reference", True)
+    assert (registered.fine_skips, registered.deformable, registered.cross_first_stage) == ("both", False, 0)
+    assert (unregistered.fine_skips, unregistered.deformable, unregistered.cross_first_stage) == ("reference", True, 1)
+    assert today.cross_first_stage is None and today.first_cross_stage == 1
     assert ModelConfig.from_size("crossmodalnet", "small", deformable=True).for_data(True).deformable  # given: kept
+    given = ModelConfig.from_size("crossmodalnet", "small", cross_first_stage=1).for_data(True)
+    assert given.cross_first_stage == 1  # given: kept
+    assert ModelConfig.from_size("crossmodalnet", "tiny").for_data(True).cross_first_stage == 0  # the size's 0

@@ -153,14 +153,14 @@ class CrossModalNet(nn.Module):
                 deformable=cfg.uses_deformable, num_points=cfg.deformable_points, max_offset=cfg.max_offset,
                 mlp_ratio=cfg.mlp_ratio, streams=m,
             )
-            for i in range(cfg.cross_first_stage, n)
+            for i in range(cfg.first_cross_stage, n)
         ) if cfg.cross_blocks and m > 1 else None
         # Decoder, coarse to fine. Skips from a Cross Transformer block (and all of them without
         # cross blocks) are all streams' (hence M x); the finer ones, without a cross block behind
         # them, one stream's or all (`fine_skips`).
         stem_ch = self.streams[0].stem.channels[:-1]  # stride 2 .. patch_size/2 maps
         k = 1 if cfg.skip_source == "reference" else m
-        self.reference_stages = cfg.cross_first_stage if self.cross is not None and k == 1 else 0
+        self.reference_stages = cfg.first_cross_stage if self.cross is not None and k == 1 else 0
         # The fused map of each encoder stage passes through a named identity, so that a feature tap
         # (JADA's discriminators, `crossmodalnet.train.adapt`) reads it by name: `fused_skips[stage]`.
         self.fused_skips = nn.ModuleList(nn.Identity() for _ in range(n))
@@ -303,8 +303,8 @@ class CrossModalNet(nn.Module):
             feats = [s.stages[i](f) for s, f in zip(self.streams, feats, strict=True)]
             if keep_layers:
                 layers.append((f"stage{i + 1}", feats))
-            if self.cross is not None and i >= self.config.cross_first_stage:
-                feats = list(self.cross[i - self.config.cross_first_stage](*feats))
+            if self.cross is not None and i >= self.config.first_cross_stage:
+                feats = list(self.cross[i - self.config.first_cross_stage](*feats))
                 if keep_layers:
                     layers.append((f"cross{i + 1}", feats))
             if i < self.reference_stages:  # no cross block yet: the other channels would enter unaligned

@@ -23,7 +23,8 @@ The rules, in order (each number of a plan comes with the sentence that says why
    patch mergings).
 5. **Windows** (Swin models): the model's window on every axis, except an axis that is never
    downsampled and has fewer than two windows of tokens: one window spans it (4-6 slices are
-   one window, not padded to 8).
+   one window, not padded to 8). A 2D plan's window keeps the token count of the model's cube in
+   plane (4^3 -> 8 x 8 x 1); a per-axis window is taken as given.
 6. **Kernels** (conv models): 3 on an axis, 1 where its spacing at that level is over twice the
    finest (nnU-Net).
 7. **Batch**: the device's voxels per step divided by the patch's voxels, within [2, 16].
@@ -312,6 +313,16 @@ def _window(model: ModelConfig, strides, patch: np.ndarray, flat: set[int],
     tokens = patch // np.prod(np.array(strides[:stem]), axis=0) if stem else patch
     never = [a for a in range(3) if all(s[a] == 1 for s in strides)]
     window = [base] * 3
+    if flat and isinstance(ws, int):
+        # A 2D plan's window holds as many tokens as the model's cube, base^3 over the in-plane axes
+        # (4^3 -> 8x8x1): a 4x4 window sees a quarter of the context the model was designed with
+        # (docs/benchmarks.md, MyoPS). A per-axis window is taken as given.
+        plane = [a for a in range(3) if a not in flat]
+        edge = round(base ** (3 / len(plane)))
+        for a in plane:
+            window[a] = edge
+        reasons.append(f"window {edge} in plane: a 2D plan's window holds the {base ** 3} tokens of the model's "
+                       f"{base}^3 window")
     for a in never:
         if a in flat and tokens[a] > 1:  # a 2D plan given a thicker patch: still no attention across slices
             window[a] = 1

@@ -114,7 +114,8 @@ def test_thick_slices_make_a_2d_plan(name, model):
     assert all(s[2] == 1 for s in plan.strides) and all(s[:2] == (2, 2) for s in plan.strides)
     assert plan.batch_size == max(MIN_BATCH_2D, budget.step_voxels // int(np.prod(plan.patch_size)))
     if model == "crossmodalnet":
-        assert plan.window_size == (CMN.window_size, CMN.window_size, 1) and plan.kernels is None
+        # The cube's tokens in plane: 4^3 = 64 -> 8 x 8 x 1.
+        assert plan.window_size == (8, 8, 1) and CMN.window_size == 4 and plan.kernels is None
     else:
         assert plan.window_size is None and all(k == (3, 3, 1) for k in plan.kernels)
         assert len(plan.kernels) == len(plan.strides) + 1
@@ -159,6 +160,13 @@ def test_an_axis_never_downsampled_is_one_window():
     plan = make_plan(fp, CMN, "cpu", configuration="3d")
     assert all(s[2] == 1 for s in plan.strides) and plan.patch_size[2] == 2
     assert plan.window_size == (4, 4, 2)
+
+
+def test_a_2d_plan_keeps_a_per_axis_window_as_given():
+    # A cube is widened in plane (test above); three numbers are the user's window, not a cube to widen.
+    config = replace(CMN, window_size=(6, 6, 1))
+    assert make_plan(FINGERPRINTS["myops"], config, "cpu").window_size == (6, 6, 1)
+    assert make_plan(FINGERPRINTS["myops"], replace(CMN, window_size=2), "cpu").window_size == (3, 3, 1)  # 2^1.5
 
 
 def test_apply_plan_fills_only_what_the_configuration_leaves_open():

@@ -87,7 +87,7 @@ def check_cross_attention(
     rows: list[dict[str, Any]] = []
     example: dict[str, Any] = {}
     example_scale = next((c for c in scales if c > 1), next(c for c in scales if c != 1))
-    first = model.config.cross_first_stage
+    first = model.config.first_cross_stage
     for i, feats in enumerate(stage_features(model, cases[0])):
         if i < first:  # no Cross Transformer block after this stage
             continue

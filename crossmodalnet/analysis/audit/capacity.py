@@ -20,7 +20,7 @@ def check_deformable_capacity(model: nn.Module, case: AnalysisCase) -> ClaimResu
     """Parameters of every DeformableOp vs the paper's 3KHW (and 3KDHW in 3D) at the map sizes it sees."""
     statement = "the deformable operator adds O(3KHW) parameters per layer (|Θ_D| = 3KHW)"
     blocks = [] if getattr(model, "cross", None) is None else list(model.cross)
-    first = model.config.cross_first_stage if blocks else 0
+    first = model.config.first_cross_stage if blocks else 0
     ops = [(f"cross{first + i + 1}.refine.{r}", refine.deform)
            for i, blk in enumerate(blocks) for r, refine in enumerate(blk.refine)]
     ops = [(n, op) for n, op in ops if op is not None]
