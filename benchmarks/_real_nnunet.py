@@ -19,7 +19,8 @@ Two rows:
 Both train `nnUNetv2_train ID CONF FOLD -tr nnUNetTrainer_WallBudget -p PLANS -device cpu` (the
 trainer module `_real_nnunet_trainer.py`, copied into the venv's nnunetv2 package, stops at the
 budget) and predict the fold's cases with `nnUNetv2_predict ... -f FOLD -chk checkpoint_best.pth
--device cpu`, with nnU-Net's default test-time mirroring. Data augmentation runs in
+-device cpu` (`score`, as our rows: chosen on these cases), then with `checkpoint_final.pth`
+(`score_last`), with nnU-Net's default test-time mirroring. Data augmentation runs in
 `nnUNet_n_proc_DA` = 1 background process (unless set in the environment): two cores, one of them
 for the network. The index predictions are mapped back to the dataset's label values on the
 reference label's grid and scored with our evaluator, exactly as our rows.
@@ -48,7 +49,7 @@ from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 
 __all__ = ["NNUNET_ROWS", "TRAINER", "NnunetSetup", "dataset_json", "write_raw", "write_splits", "indices_to_values",
-           "cpu_spacing", "run_nnunet_job"]
+           "cpu_spacing", "run_nnunet_job", "nnunet_score"]
 
 NNUNET_ROWS: dict[str, str] = {"nnunet-default": "nnUNetPlans", "nnunet-cpu": "nnUNetPlans_cpu"}
 TRAINER = "nnUNetTrainer_WallBudget"
@@ -236,12 +237,10 @@ def install_trainer(venv: Path) -> Path:
 
 def run_nnunet_job(job: dict[str, Any], setup: NnunetSetup, dataset: NnunetDataset, pool: Sequence[Case],
                    spec: DataSpec) -> dict[str, Any]:
-    """Train one fold with the wall budget, predict the fold's cases with the best checkpoint, map
-    the predictions to the dataset's values, score them with our evaluator."""
-    from _real_ours import score_fold
-
+    """Train one fold with the wall budget, predict the fold's cases with the best and the final
+    checkpoint, map the predictions to the dataset's values, score them with our evaluator."""
     plans, fold, conf = NNUNET_ROWS[job["row"]], job["fold"], setup.configuration
-    job_dir, data_dir = Path(job["job_dir"]), Path(job["data_dir"])
+    job_dir = Path(job["job_dir"])
     env = {**setup.env(), "NNUNET_WALL_MINUTES": str(job["minutes"])}
     log = job_dir / "nnunet.log"
     install_trainer(setup.venv)
@@ -254,21 +253,40 @@ def run_nnunet_job(job: dict[str, Any], setup: NnunetSetup, dataset: NnunetDatas
     out["train_wall_s"] = _run(["nnUNetv2_train", str(dataset.id), conf, str(fold), "-tr", TRAINER, "-p", plans,
                                 "-device", "cpu"], env, log, timeout=60 * job["minutes"] + 1800)
     out["training"] = json.loads((fold_dir / "wall_budget.json").read_text())
-    inputs, raw_pred, pred = job_dir / "inputs", job_dir / "nnunet_predictions", job_dir / "predictions"
-    val_ids = job["all_folds"][fold]
-    for case_id in val_ids:
+    inputs = job_dir / "inputs"
+    for case_id in job["all_folds"][fold]:
         for k in range(len(dataset.subset.indices)):
             name = f"{case_id}_{k:04d}.nii.gz"
             inputs.mkdir(parents=True, exist_ok=True)
             os.symlink((dataset.raw / "imagesTr" / name).resolve(), inputs / name)
-    out["predict_wall_s"] = _run(["nnUNetv2_predict", "-i", str(inputs), "-o", str(raw_pred), "-d", str(dataset.id),
-                                  "-c", conf, "-tr", TRAINER, "-p", plans, "-f", str(fold), "-chk",
-                                  "checkpoint_best.pth", "-device", "cpu", "-npp", str(setup.processes),
-                                  "-nps", str(setup.processes), "--disable_progress_bar"], env, log)
+    out["score"], out["predict_wall_s"] = nnunet_score(job, setup, dataset, pool, spec, "best")
+    out["score_last"], _ = nnunet_score(job, setup, dataset, pool, spec, "last")
+    return out
+
+
+# Per checkpoint: nnU-Net's file, and the raw predictions, label maps and evaluation folders of the job.
+_CHECKPOINTS = {"best": ("checkpoint_best.pth", "nnunet_predictions", "predictions", "evaluation"),
+                "last": ("checkpoint_final.pth", "nnunet_predictions_last", "predictions_last", "evaluation_last")}
+
+
+def nnunet_score(job: dict[str, Any], setup: NnunetSetup, dataset: NnunetDataset, pool: Sequence[Case],
+                 spec: DataSpec, checkpoint: str) -> tuple[dict[str, Any], float]:
+    """Predict the fold's cases (`job_dir/inputs`, written by the job) with nnU-Net's `checkpoint`
+    ("best": checkpoint_best.pth, chosen on these cases; "last": checkpoint_final.pth), map them to
+    the dataset's values and score them with our evaluator; the score and the seconds of prediction."""
+    from _real_ours import score_fold
+
+    chk, raw_name, pred_name, eval_name = _CHECKPOINTS[checkpoint]
+    plans, fold, conf = NNUNET_ROWS[job["row"]], job["fold"], setup.configuration
+    job_dir, data_dir = Path(job["job_dir"]), Path(job["data_dir"])
+    raw_pred, pred = job_dir / raw_name, job_dir / pred_name
+    seconds = _run(["nnUNetv2_predict", "-i", str(job_dir / "inputs"), "-o", str(raw_pred), "-d", str(dataset.id),
+                    "-c", conf, "-tr", TRAINER, "-p", plans, "-f", str(fold), "-chk", chk, "-device", "cpu",
+                    "-npp", str(setup.processes), "-nps", str(setup.processes), "--disable_progress_bar"],
+                   setup.env(), job_dir / "nnunet.log")
     by_id = {c.id: c for c in pool}
-    for case_id in val_ids:
+    for case_id in job["all_folds"][fold]:
         label = by_id[case_id].label
         assert label is not None
         indices_to_values(raw_pred / f"{case_id}.nii.gz", label, spec, pred / f"{case_id}.nii.gz")
-    out["score"] = score_fold(pred, data_dir, job_dir / "evaluation")
-    return out
+    return score_fold(pred, data_dir, job_dir / eval_name), seconds

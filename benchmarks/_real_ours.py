@@ -9,7 +9,8 @@ cases. The schedule is sized so that the budget, not the epoch count, stops trai
 are timed through the package's own engine at the planned patch (`probe_step_s`), then
 `_schedule.budget_schedule` (as compare.py). The trainer keeps the checkpoint of the best
 validation Dice on the fold's cases (its `validation` split); these are predicted with it and
-scored with the package's evaluator.
+scored with the package's evaluator (`score`: optimistic, the checkpoint was chosen on these
+cases), and again with the final step's weights (`score_last`: nothing chosen on them).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.runs import RunFolder
 
-__all__ = ["apply_overrides", "base_config", "score_fold", "run_ours"]
+__all__ = ["apply_overrides", "base_config", "score_fold", "score_checkpoint", "run_ours"]
 
 VALIDATIONS = 10  # whole-volume validations on the fold's cases per run (checkpoint selection)
 
@@ -115,7 +116,7 @@ def score_fold(pred_dir: Path, data_dir: Path, eval_dir: Path) -> dict[str, Any]
     from crossmodalnet.evaluate import evaluate_paths
 
     spec = read_spec(data_dir)
-    with open(eval_dir.with_name("evaluate.log"), "w") as log, contextlib.redirect_stdout(log):  # its table
+    with open(eval_dir.with_name(f"{eval_dir.name}.log"), "w") as log, contextlib.redirect_stdout(log):  # its table
         summary = evaluate_paths(pred_dir, data_dir, eval_dir, spec=spec, split="validation", progress=False)
     kind = "region" if spec.regions else "class"
     entries = summary["per_region"] if spec.regions else summary["per_structure"]
@@ -136,13 +137,30 @@ def score_fold(pred_dir: Path, data_dir: Path, eval_dir: Path) -> dict[str, Any]
             "per_case": per_case}
 
 
-def run_ours(job: dict[str, Any]) -> dict[str, Any]:
-    """Train (time budget), predict the fold's cases with the best checkpoint, score them."""
+# Per checkpoint: the predictions and evaluation folders under the job folder.
+_OUTPUTS = {"best": ("predictions", "evaluation"), "last": ("predictions_last", "evaluation_last")}
+
+
+def score_checkpoint(job: dict[str, Any], checkpoint: str) -> tuple[dict[str, Any], float]:
+    """Predict the fold's cases with the job's run at `checkpoint` ("best" or "last") and score them;
+    the score and the seconds of prediction."""
     from crossmodalnet.infer import predict
+
+    data_dir, job_dir = Path(job["data_dir"]), Path(job["job_dir"])
+    pred_dir, eval_dir = (job_dir / name for name in _OUTPUTS[checkpoint])
+    t = time.monotonic()
+    predict(job_dir / "run", pred_dir, data_dir=data_dir, split="validation", labels="values", device="cpu",
+            checkpoint=checkpoint)
+    seconds = time.monotonic() - t
+    return score_fold(pred_dir, data_dir, eval_dir), seconds
+
+
+def run_ours(job: dict[str, Any]) -> dict[str, Any]:
+    """Train (time budget), predict the fold's cases with the best and the last checkpoint, score them."""
     from crossmodalnet.train.trainer import train
 
     data_dir, job_dir = Path(job["data_dir"]), Path(job["job_dir"])
-    run_dir, pred_dir, eval_dir = job_dir / "run", job_dir / "predictions", job_dir / "evaluation"
+    run_dir = job_dir / "run"
     config = base_config(job["row"], job["minutes"], job["seed"], job["config_set"])
     out: dict[str, Any] = {}
     if not {"epochs", "iterations_per_epoch"} & set(job["config_set"]):
@@ -154,10 +172,8 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     out.update(_training_record(run_dir))
     plan_path = RunFolder(run_dir).path / RunFolder.PLAN
     out["plan"] = json.loads(plan_path.read_text()) if plan_path.is_file() else None
-    t = time.monotonic()
-    predict(run_dir, pred_dir, data_dir=data_dir, split="validation", labels="values", device="cpu")
-    out["predict_wall_s"] = time.monotonic() - t
-    out["score"] = score_fold(pred_dir, data_dir, eval_dir)
+    out["score"], out["predict_wall_s"] = score_checkpoint(job, "best")
+    out["score_last"], _ = score_checkpoint(job, "last")
     if out["plan"]:
         p = out["plan"]
         out["note"] = (f"plan: patch {'x'.join(map(str, p['patch_size']))}, batch {p['batch_size']}, spacing "

@@ -2,8 +2,9 @@
 
 Each fold's number is the evaluator's mean over the fold's cases; the table gives, per structure,
 the mean and sd (population) of those fold means, the mean over structures, HD95 per structure,
-and each fold's mean Dice. Markdown, with a header naming data, folds, budget, seed, machine and
-command.
+and each fold's mean Dice; all with the best checkpoint (chosen on the fold's cases), and the mean
+over structures again with the last checkpoint (nothing chosen on the scored cases).
+Markdown, with a header naming data, folds, budget, seed, machine and command.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def render_table(results: Sequence[dict[str, Any]], header: dict[str, Any]) -> s
              f"- data: `{header['data']}` ({header['cases']} labelled cases), {header['num_folds']} folds by case "
              f"(seed {header['seed']}), folds run: {header['folds']}",
              f"- budget: {header['minutes']:g} min of training per job (one process, jobs one after another); "
-             "checkpoint chosen on the fold's cases; those cases predicted and scored with crossmodalnet's evaluator",
+             "the fold's cases predicted and scored with crossmodalnet's evaluator, with the checkpoint of the best "
+             "validation Dice (chosen on those cases: optimistic, every row alike) and with the last (the final "
+             "step's weights, nothing chosen on them: the \"last\" column)",
              f"- machine: {header['machine']['cpu']}, {header['machine']['cores']} cores, torch "
              f"{header['machine']['torch']}",
              f"- command: `{header['command']}`", ""]
@@ -57,7 +60,7 @@ def render_table(results: Sequence[dict[str, Any]], header: dict[str, Any]) -> s
     kind = results[0]["score"]["kind"]
     lines += [f"Mean ± sd over folds of the per-fold mean over cases ({'regions' if kind == 'region' else 'classes'}"
               "); HD95 in mm.", ""]
-    head = ["row", "channels", "folds", *[f"Dice {s}" for s in structures], "mean Dice",
+    head = ["row", "channels", "folds", *[f"Dice {s}" for s in structures], "mean Dice", "mean Dice, last",
             *[f"HD95 {s}" for s in structures], "per-fold mean Dice", "steps (s/step)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for (label, channels), rs in groups.items():
@@ -69,9 +72,12 @@ def render_table(results: Sequence[dict[str, Any]], header: dict[str, Any]) -> s
         step_s = [r.get("s_per_step") for r in rs]
         speed = (f"{np.mean(steps):.0f} ({np.mean(step_s):.2f})"
                  if all(v is not None for v in steps + step_s) else "–")
+        # Over the folds that have it (jobs finished before it existed lack it until --score-last).
+        last = [r["score_last"]["mean_dice"] for r in rs if "score_last" in r]
+        last_text = _pm(last) + ("" if len(last) in (0, len(rs)) else f" ({len(last)} folds)")
         lines.append("| " + " | ".join([label, channels, str(len(rs)), *dice,
-                                         f"**{_pm([r['score']['mean_dice'] for r in rs])}**", *hd95, per_fold,
-                                         speed]) + " |")
+                                         f"**{_pm([r['score']['mean_dice'] for r in rs])}**", last_text, *hd95,
+                                         per_fold, speed]) + " |")
     notes = [f"- {label} [{channels}]: {r['note']}" for (label, channels), rs in groups.items() for r in rs[:1]
              if r.get("note")]
     return "\n".join([*lines, "", *notes, ""]) if notes else "\n".join([*lines, ""])

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/real.py DATA --out DIR [--rows crossmodalnet,dynunet,unet,nnunet-default,nnunet-cpu]
         [--folds 0,1,2,3,4] [--minutes 20] [--seed 0] [--channels C0] [--channels LGE,T2] ...
-        [--config-set model.deformable=false ...] [--nnunet-venv PATH] [--dry-run] [--table]
+        [--config-set model.deformable=false ...] [--nnunet-venv PATH] [--dry-run] [--table] [--score-last]
 
 DATA: a crossmodalnet dataset folder (its labelled cases, all splits, form the pool). Folds by
 case: ids sorted, permuted with `default_rng(seed)`, cut in 5 (`_real_folds.py`; the same folds
@@ -11,9 +11,13 @@ are nnU-Net's `splits_final.json`). One job = (row, fold, channel subset), run o
   the other folds; validation: the fold, which picks the checkpoint), the package's plan, size
   small, `max_minutes` = --minutes, defaults plus --config-set; predict and score the fold's cases;
 - `nnunet-default`, `nnunet-cpu`: nnU-Net v2 through its own CLI (`_real_nnunet.py`).
+Every job scores the fold's cases twice: with the checkpoint of the best validation Dice (`score`;
+chosen on these very cases, so optimistic, for every row alike: nnU-Net's checkpoint_best.pth is
+chosen the same way) and with the final step's weights (`score_last`; nothing chosen on them).
 Each finished job writes DIR/jobs/<job>/result.json (atomically); a rerun skips those and restarts
-unfinished ones from scratch. After each job and at the end the table (`_real_table.py`) is
-printed and written to DIR/table.md. --table only rebuilds it; --dry-run lists the jobs, writes nothing.
+unfinished ones from scratch; --score-last adds `score_last` to jobs finished before it existed.
+After each job and at the end the table (`_real_table.py`) is printed and written to DIR/table.md.
+--table only rebuilds it; --dry-run lists the jobs, writes nothing.
 """
 
 from __future__ import annotations
@@ -147,6 +151,28 @@ def _run_ours(spec_path: Path, log: Path, minutes: float) -> None:
         raise CrossModalNetError(f"failed: {tail[0][:300] if tail else 'no output'} (log {log})")
 
 
+def _score_last(a: argparse.Namespace, jobs: list[Job], all_folds: list[list[str]], pool: list[Case],
+                dataset: Dataset, setup: NnunetSetup) -> None:
+    """Add `score_last` (the fold's cases predicted with the final step's weights) to the given
+    finished jobs that lack it; result.json is rewritten atomically, one job at a time."""
+    from _real_nnunet import nnunet_score
+    from _real_ours import score_checkpoint
+
+    todo = [(job, r) for job in jobs if (r := read_json(a.out / "jobs" / job.name / "result.json"))
+            and r.get("status") == "ok" and "score_last" not in r]
+    datasets = {s.name: NnunetDataset(setup, s) for s in {j.subset for j, _ in todo if j.row in NNUNET_ROWS}}
+    for n, (job, result) in enumerate(todo, 1):
+        t = time.monotonic()
+        if job.row in NNUNET_ROWS:
+            score, _ = nnunet_score({**result, "all_folds": all_folds}, setup, datasets[job.subset.name], pool,
+                                    dataset.spec, "last")
+        else:
+            score, _ = score_checkpoint(result, "last")
+        write_json(a.out / "jobs" / job.name / "result.json", {**result, "score_last": score})
+        print(f"[{n}/{len(todo)}] {job.name}: mean Dice {result['score']['mean_dice']:.3f} best, "
+              f"{score['mean_dice']:.3f} last ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
+
+
 def _check_settings(a: argparse.Namespace, jobs: list[Job]) -> None:
     """Refuse a DIR whose finished jobs were measured with other data, seed or budget: a rerun would
     skip them as if they were this command's."""
@@ -195,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1, help="nnU-Net preprocessing/prediction processes (default 1)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the jobs; write nothing")
     p.add_argument("--table", action="store_true", help="only rebuild DIR/table.md from the finished jobs")
+    p.add_argument("--score-last", dest="score_last", action="store_true",
+                   help="only score the given finished jobs that lack it with their last checkpoint (jobs "
+                        "finished before both checkpoints were scored), then rebuild the table")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     command = ".venv/bin/python benchmarks/real.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -224,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
         if not (a.out / "jobs").is_dir():
             print(f"error: {a.out}: no jobs/ folder (nothing has run there)", file=sys.stderr)
             sys.exit(2)
+        print(_table(a.out, header))
+        return
+    if a.score_last:
+        _score_last(a, jobs, all_folds, pool, dataset, setup)
         print(_table(a.out, header))
         return
     a.out.mkdir(parents=True, exist_ok=True)

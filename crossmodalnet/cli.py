@@ -321,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="inference precision: auto (default) = fp16 autocast on CUDA, fp32 on the CPU; bf16 is "
                         "faster on CPUs with AVX-512 BF16/AMX at a measured Dice change (docs/benchmarks.md)")
+    r.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="weights: best (default; model.safetensors, the best validation Dice) or last (RUN/last/, "
+                        "the final step of a finished run, as nnU-Net's -chk checkpoint_final.pth): use last when "
+                        "the cases you score are the validation cases that chose best")
     r.set_defaults(func=_cmd_predict)
 
     d = sub.add_parser("demo", help="synthesize, train, predict and evaluate on phantoms, in minutes")

@@ -28,6 +28,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -81,11 +82,13 @@ class LoadedRun:
         return bool(getattr(self.model, "supports_missing_modality", False)) and self.config.model.modality_dropout > 0
 
 
-def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> LoadedRun:
-    """Rebuild the model of run folder `run_dir` from config.yaml + model.safetensors (best)."""
+def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None,
+             checkpoint: Literal["best", "last"] = "best") -> LoadedRun:
+    """Rebuild the model of run folder `run_dir` from config.yaml and its weights: model.safetensors
+    ("best", by validation Dice) or RUN/last/ ("last": the final step's of a finished run)."""
     run = RunFolder(run_dir)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    model, config = run.load_model(dev)
+    model, config = run.load_model(dev, checkpoint)
     try:  # the sliding window's roi is the training patch
         check_input_size(config.model, config.patch_size)
     except CrossModalNetError as exc:
@@ -129,6 +132,7 @@ def predict(
     device: str | torch.device | None = None,
     overlap: float | None = None,
     precision: str = "auto",
+    checkpoint: Literal["best", "last"] = "best",
 ) -> list[Path]:
     """Predict a dataset split (`data_dir`) or one case (`images`: channel name -> file) into `out`.
 
@@ -140,6 +144,9 @@ def predict(
     (0..K-1), for both. probabilities: also write `<name>_probabilities.nii.gz`, a 4D float map
     (X, Y, Z, K: classes, or regions for a model trained on regions), on the input grid only.
     precision: see `sliding_window_probabilities` (bf16 on a CPU with AVX-512 BF16: docs/benchmarks.md).
+    checkpoint: "best" (model.safetensors: the best validation Dice) or "last" (RUN/last/: the final
+    step's weights of a finished run; nnU-Net's `-chk checkpoint_final.pth`). When the validation
+    cases are the ones being scored, "best" was chosen on them and its score is optimistic.
     Returns the label map paths on the input grids, one per case.
 
     All or nothing: every input (case ids, files, headers and voxels, records, the run) and --out are
@@ -149,6 +156,8 @@ def predict(
     """
     if labels not in ("values", "codes", "indices"):
         raise CrossModalNetError(f"labels must be 'values' or 'indices', got {labels!r}")
+    if checkpoint not in ("best", "last"):
+        raise CrossModalNetError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     if (data_dir is None) == (not images):
         raise CrossModalNetError("give either a dataset folder or --image files, not both or neither")
     out = Path(out)
@@ -191,7 +200,7 @@ def predict(
     inputs = [Case(c.id, c.images) for c in cases]  # predict never reads a label
     for case in tqdm(inputs, desc="check inputs", unit="case", disable=None if len(cases) > 1 else True):
         load_case(case, spec, with_label=False)  # the voxels too: a truncated file or NaN stops here, not mid-way
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, checkpoint)
     autocast_dtype(precision, run.device)  # a bad precision fails before the first case
     single = [c for c in cases if not all(c.present)]
     if single and not run.supports_missing_modality:
@@ -344,7 +353,7 @@ def predict_from_cli(args: argparse.Namespace) -> None:
             images[name.upper()] = getattr(args, name)
     written = predict(args.run, args.out, data_dir=args.input, split=args.split, images=images or None,
                       labels=args.labels, probabilities=args.probabilities, device=args.device,
-                      precision=args.precision)
+                      precision=args.precision, checkpoint=args.checkpoint)
     where = written[0] if len(written) == 1 else written[0].parent
     print(f"wrote {len(written)} label map(s) ({args.labels}) to {where}")
     original = [p.parent / ORIGINAL_DIR / p.name for p in written if args.input is not None

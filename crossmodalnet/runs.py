@@ -33,7 +33,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import safetensors
 import safetensors.torch
@@ -234,12 +234,28 @@ class RunFolder:
         """RUN/name (default model.safetensors) from `model`'s state dict, atomically."""
         return save_weights(model, self.path / name, model_config, **metadata)
 
-    def load_model(self, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
-        """The trained model (eval mode, on `device`) and the config it was trained with."""
+    def load_model(self, device: torch.device | str = "cpu",
+                   checkpoint: Literal["best", "last"] = "best") -> tuple[nn.Module, TrainConfig]:
+        """The trained model (eval mode, on `device`) and the config it was trained with.
+
+        checkpoint: "best" (model.safetensors, the best validation Dice) or "last" (the weights of the
+        newest resume checkpoint, RUN/last/: at the end of a finished run, the final step's)."""
         config = self.read_config()
-        if not self.has_weights():
-            raise CrossModalNetError(f"{self.weights_path}: no trained weights yet (training has not validated once)")
-        model = load_weights(build_model(config.model.name, config.model), self.weights_path)
+        if checkpoint == "last":
+            # Read-only (predict writes nothing into the run): `find_checkpoint`'s choice without its repairs.
+            found = next((d for d in (self.path / self.LAST, self.path / f"{self.LAST}.old")
+                          if (d / _MANIFEST).is_file()), None)
+            if found is None:
+                raise CrossModalNetError(f"{self.path / self.LAST}: no complete checkpoint (training has not "
+                                         "finished an epoch)")
+            path = found / _WEIGHTS
+        elif checkpoint == "best":
+            path = self.weights_path
+            if not self.has_weights():
+                raise CrossModalNetError(f"{path}: no trained weights yet (training has not validated once)")
+        else:
+            raise CrossModalNetError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+        model = load_weights(build_model(config.model.name, config.model), path)
         return model.to(device).eval(), config
 
     # --- resume checkpoint -----------------------------------------------------------------------

@@ -153,17 +153,20 @@ def _result(label: str, fold: int, dice: dict[str, float], hd95: float = 4.0) ->
 
 def test_table_from_fabricated_results() -> None:
     results = [_result("dynunet", 0, {"LV": 0.8, "scar": 0.4}), _result("dynunet", 1, {"LV": 0.6, "scar": 0.2}, 6.0),
-               _result("nnunet-cpu", 0, {"LV": 0.5, "scar": 0.1})]
+               _result("nnunet-cpu", 0, {"LV": 0.5, "scar": 0.1}), _result("unet", 0, {"LV": 0.9, "scar": 0.5})]
+    results[0]["score_last"] = {"mean_dice": 0.45}  # fold 1 finished before the last checkpoint was scored
+    results[3]["score_last"] = {"mean_dice": 0.65}
     header = {"data": "ds", "cases": 25, "num_folds": 5, "seed": 0, "folds": "0,1", "minutes": 20.0,
               "machine": {"cpu": "cpu", "cores": 2, "torch": "2.13"}, "command": "real.py ds"}
     text = _real_table.render_table(results, header)
     dyn = next(line for line in text.splitlines() if line.startswith("| dynunet"))
     cells = [c.strip() for c in dyn.strip("|").split("|")]
     assert cells[:3] == ["dynunet", "A+B", "2"]
-    assert cells[3:6] == ["0.700 ± 0.100", "0.300 ± 0.100", "**0.500 ± 0.100**"]
-    assert cells[6:8] == ["5.0 ± 1.0", "5.0 ± 1.0"]
-    assert cells[8] == "0: 0.600, 1: 0.400"
-    assert "| nnunet-cpu | A+B | 1 | 0.500 | 0.100 | **0.300** |" in text
+    assert cells[3:7] == ["0.700 ± 0.100", "0.300 ± 0.100", "**0.500 ± 0.100**", "0.450 (1 folds)"]
+    assert cells[7:9] == ["5.0 ± 1.0", "5.0 ± 1.0"]
+    assert cells[9] == "0: 0.600, 1: 0.400"
+    assert "| nnunet-cpu | A+B | 1 | 0.500 | 0.100 | **0.300** | – |" in text
+    assert "| unet | A+B | 1 | 0.900 | 0.500 | **0.700** | 0.650 |" in text
     assert "seed 0" in text and "20 min" in text and "`real.py ds`" in text
     mean, sd, n = _real_table.fold_stats([0.2, None, math.nan, 0.4])
     assert n == 2 and mean == pytest.approx(0.3) and sd == pytest.approx(0.1)
@@ -201,3 +204,45 @@ def test_rerun_with_other_settings_is_refused(dataset: Path, tmp_path: Path, cap
     assert exc.value.code == 2 and "--minutes 20.0" in capsys.readouterr().err
     real.main([str(dataset), "--out", str(out), "--rows", "dynunet", "--folds", "0", "--dry-run"])
     assert "(finished)" in capsys.readouterr().out
+
+
+def test_score_last_adds_the_final_weights_score_to_finished_jobs(dataset: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A job finished before `score_last` existed: --score-last predicts its fold with the run's
+    last/ weights, scores them, and leaves `score` (the best checkpoint's) as it was."""
+    import torch
+
+    from crossmodalnet.config import ModelConfig, TrainConfig
+    from crossmodalnet.models.registry import build_model
+    from crossmodalnet.runs import RunFolder, save_weights
+    from crossmodalnet.train.trainer import train
+
+    out = tmp_path / "out"
+    pool = _real_folds.cv_pool(load_dataset(dataset))
+    spec = load_dataset(dataset).spec
+    all_folds = _real_folds.folds([c.id for c in pool], 0)
+    train_ids, val_ids = _real_folds.fold_split(all_folds, 0)
+    subset = _real_folds.parse_subset("A,B", spec)
+    data_dir = _real_folds.write_fold_dataset(out / "folds" / "A+B" / "fold0", pool, spec, subset, train_ids,
+                                              val_ids, "tiny-fold0")
+    job_dir = out / "jobs" / "unet__A+B__fold0"
+    config = TrainConfig(model=ModelConfig.from_size("unet", "tiny"), epochs=2, iterations_per_epoch=2,
+                         val_every=1, batch_size=2, patch_size=(8, 8, 3), plan=False, device="cpu")
+    train(data_dir, job_dir / "run", config)
+    # "best" made different from the final weights: an untrained network in model.safetensors.
+    trained = RunFolder(job_dir / "run").read_config().model  # with the data's channels and outputs
+    torch.manual_seed(5)
+    save_weights(build_model("unet", trained), job_dir / "run" / "model.safetensors", trained)
+    job = {"name": job_dir.name, "label": "unet", "row": "unet", "fold": 0, "channels": "A+B", "config_set": {},
+           "minutes": 20.0, "seed": 0, "data": str(dataset), "data_dir": str(data_dir), "job_dir": str(job_dir),
+           "train_cases": train_ids, "val_cases": val_ids, "status": "ok"}
+    best, _ = _real_ours.score_checkpoint(job, "best")
+    (job_dir / "result.json").write_text(json.dumps({**job, "score": best}))
+    real.main([str(dataset), "--out", str(out), "--rows", "unet", "--folds", "0", "--score-last"])
+    result = json.loads((job_dir / "result.json").read_text())
+    assert result["score"] == best
+    last = result["score_last"]
+    assert last["num_cases"] == len(val_ids) == 3 and 0.0 <= last["mean_dice"] <= 1.0
+    assert last["mean_dice"] != best["mean_dice"]
+    assert sorted(p.name for p in (job_dir / "predictions_last").iterdir()) == [f"{c}.nii.gz" for c in val_ids]
+    assert "unet | A+B | 1 |" in capsys.readouterr().out

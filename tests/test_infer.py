@@ -23,7 +23,7 @@ from crossmodalnet.data.spec import MMWHS
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.infer import load_run, predict, predict_case
 from crossmodalnet.models.registry import build_model
-from crossmodalnet.runs import save_weights
+from crossmodalnet.runs import RunFolder, save_weights
 
 SHAPE = (18, 14, 10)
 # CT clipped to +-1000 HU, mean 0, std 100; MR z-scored per image.
@@ -133,6 +133,37 @@ def test_dataset_split_with_index_labels(tmp_path):
     assert values.shape == (12, 10, 9) and values.max() <= 7
     with pytest.raises(CrossModalNetError, match="lists no 'validation' cases"):
         predict(tmp_path / "run", tmp_path / "p2", data_dir=data, split="validation")
+
+
+def _files(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_checkpoint_last_predicts_with_the_final_weights_and_writes_nothing_into_the_run(tmp_path, capsys):
+    run = _run(tmp_path / "run")  # model.safetensors: seed 0 ("best")
+    cfg = TrainConfig(model=ModelConfig.from_size("unet", "tiny"))
+    torch.manual_seed(1)
+    final = build_model(cfg.model.name, cfg.model)
+    with pytest.raises(CrossModalNetError, match="no complete checkpoint"):
+        load_run(run, "cpu", checkpoint="last")
+    RunFolder(run).save_checkpoint(final, {"step": 7, "epoch": 1}, cfg.model)
+    (run / "last").rename(run / "last.old")  # as a run killed between the two renames leaves it
+    before = _files(run)
+    best, last = load_run(run, "cpu").model.state_dict(), load_run(run, "cpu", checkpoint="last").model.state_dict()
+    for key, value in final.state_dict().items():
+        assert torch.equal(last[key], value)
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+    ct, mr = _inputs(tmp_path)
+    main(["predict", str(run), "--image", f"CT={ct}", "--image", f"MR={mr}", "--out", str(tmp_path / "last.nii.gz"),
+          "--checkpoint", "last", "--probabilities"])
+    predict(run, tmp_path / "best.nii.gz", images={"CT": ct, "MR": mr}, probabilities=True)
+    p_last = np.asarray(nib.load(tmp_path / "last_probabilities.nii.gz").dataobj)
+    p_best = np.asarray(nib.load(tmp_path / "best_probabilities.nii.gz").dataobj)
+    assert p_last.shape == p_best.shape == (*SHAPE, 8) and np.abs(p_last - p_best).max() > 1e-3
+    assert _files(run) == before  # the read-only lookup: last.old/ is used, not repaired
+    with pytest.raises(CrossModalNetError, match="checkpoint must be 'best' or 'last'"):
+        predict(run, tmp_path / "x.nii.gz", images={"CT": ct, "MR": mr}, checkpoint="final")
+    assert not (tmp_path / "x.nii.gz").exists()
 
 
 def test_single_modality_needs_a_model_trained_for_it(tmp_path):
