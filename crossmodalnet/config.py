@@ -213,7 +213,9 @@ class ModelConfig(_Schema):
     max_offset: NonNegativeFloat = 2.0  # bound on offsets, in voxels of the stage's grid
     deep_supervision: bool = True  # heads at strides 2 and 4 in training; small structures learned sooner
     modality_dropout: Probability = 0.0  # probability, per sample in training, of dropping one modality
-    light_decoder_levels: PositiveInt = 2  # finest decoder blocks with one conv, not a residual pair
+    # Finest decoder blocks (the full-resolution one first) with one conv, not a residual pair; 0: none,
+    # and the full-resolution block as wide as the stride-2 one instead of half.
+    light_decoder_levels: NonNegativeInt = 2
     # What feeds the decoder's skips that no Cross Transformer block has aligned (stem maps, the input,
     # token stages before `cross_first_stage`): "reference" the CT's (the MR's where the CT is missing),
     # "both" CT ‖ MR. "reference" because unaligned MR detail there is what a misregistered MR corrupts

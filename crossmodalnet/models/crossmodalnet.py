@@ -178,9 +178,13 @@ class CrossModalNet(nn.Module):
         light = [len(stem_ch) - j < cfg.light_decoder_levels for j in range(len(stem_ch))]
         ups += [_UpBlock(chans[j], k * chans[j + 1], chans[j + 1], light=light[j], factors=steps[p - 1 - j],
                          kernel=kernels[p - 1 - j]) for j in range(len(stem_ch))]
-        full = max(chans[-1] // 2, 8)
-        ups.append(_UpBlock(chans[-1], k * cfg.in_channels, full, light=True, channels_last=True, factors=steps[0],
-                            kernel=kernels[0]))
+        # The full-resolution block counts as the finest light level: light (one conv, half the width of
+        # the level above) unless `light_decoder_levels` is 0, where the 2D plans of thin-walled
+        # anatomy (myocardium, scar) can afford a residual pair as wide as the stride-2 level.
+        full_light = cfg.light_decoder_levels > 0
+        full = max(chans[-1] // 2, 8) if full_light else chans[-1]
+        ups.append(_UpBlock(chans[-1], k * cfg.in_channels, full, light=full_light, channels_last=True,
+                            factors=steps[0], kernel=kernels[0]))
         self.ups = nn.ModuleList(ups)
         # The logits are coarse + fine: a head on the stride-2 decoder map, upsampled, plus a
         # full-resolution correction. Why: the full-resolution map is narrow (`full` channels, to

@@ -250,7 +250,7 @@ def test_same_seed_same_output_and_different_seed_differs():
 @pytest.mark.parametrize(
     "overrides",
     [dict(cross_attention="paper"), dict(deformable=False), dict(cross_blocks=False), dict(patch_size=2),
-     dict(light_decoder_levels=1), dict(light_decoder_levels=3), dict(fine_skips="both"),
+     dict(light_decoder_levels=0), dict(light_decoder_levels=1), dict(light_decoder_levels=3), dict(fine_skips="both"),
      dict(cross_first_stage=1), dict(modalities=3, cross_attention="paper"), dict(modalities=4, deformable=False)],
 )
 def test_variants_run(overrides):
@@ -258,6 +258,22 @@ def test_variants_run(overrides):
     with torch.no_grad():
         out = model(_image((20, 24, 28), model.modalities))
     assert out.shape == (1, 8, 20, 24, 28) and torch.isfinite(out).all()
+
+
+def test_light_decoder_levels_count_from_the_full_resolution_block():
+    from monai.networks.blocks import UnetResBlock
+    from monai.networks.blocks.convolutions import Convolution
+
+    kinds = {}
+    for levels in (0, 1, 2):
+        ups = _model(light_decoder_levels=levels).ups
+        kinds[levels] = [(type(u.block), u.out_channels) for u in ups[-2:]]  # stride 2, full resolution
+    stride2 = _model().ups[-2].out_channels
+    assert kinds[2] == [(Convolution, stride2), (Convolution, max(stride2 // 2, 8))]
+    assert kinds[1] == [(UnetResBlock, stride2), (Convolution, max(stride2 // 2, 8))]
+    # 0: no light block, and the full-resolution one as wide as the stride-2 one.
+    assert kinds[0] == [(UnetResBlock, stride2), (UnetResBlock, stride2)]
+    assert _model(light_decoder_levels=0).head.conv.conv.in_channels == stride2
 
 
 def test_ablation_without_cross_blocks_has_no_cross_parameters():
@@ -298,7 +314,7 @@ def test_bad_config_and_inputs_are_refused():
     with pytest.raises(CrossModalNetError, match="cross_attention"):
         _model(cross_attention="sideways")
     with pytest.raises(CrossModalNetError, match="light_decoder_levels"):
-        _model(light_decoder_levels=0)
+        _model(light_decoder_levels=-1)
     with pytest.raises(CrossModalNetError, match="fine_skips"):
         _model(fine_skips="mr")
     with pytest.raises(CrossModalNetError, match="modalities"):
