@@ -185,8 +185,17 @@ def test_cli_errors_exit_2_before_writing(dataset: Path, tmp_path: Path, capsys:
 
 
 def test_dry_run_lists_jobs_and_writes_nothing(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    real.main([str(dataset), "--out", str(tmp_path / "out"), "--rows", "dynunet,nnunet-cpu", "--folds", "0,4",
-               "--channels", "A", "--channels", "A,B", "--config-set", "model.deformable=false", "--dry-run"])
+    args = [str(dataset), "--out", str(tmp_path / "out"), "--rows", "dynunet,nnunet-cpu", "--folds", "0,4",
+            "--channels", "A", "--channels", "A,B", "--config-set", "model.deformable=false", "--dry-run"]
+    # nnU-Net rows need an environment with nnunetv2, checked before anything is listed or written;
+    # a stand-in with its entry point keeps this test independent of the machine's.
+    with pytest.raises(SystemExit) as exc:
+        real.main([*args, "--nnunet-venv", str(tmp_path / "no-venv")])
+    assert exc.value.code == 2 and "no bin/nnUNetv2_train" in capsys.readouterr().err
+    venv = tmp_path / "nnunet-venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "nnUNetv2_train").touch()
+    real.main([*args, "--nnunet-venv", str(venv)])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 8
     assert lines[0].startswith("[1/8] dynunet+model.deformable=false__A__fold0: train 9, validation 3 cases")
