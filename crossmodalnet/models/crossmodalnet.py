@@ -179,8 +179,8 @@ class CrossModalNet(nn.Module):
         ups += [_UpBlock(chans[j], k * chans[j + 1], chans[j + 1], light=light[j], factors=steps[p - 1 - j],
                          kernel=kernels[p - 1 - j]) for j in range(len(stem_ch))]
         # The full-resolution block counts as the finest light level: light (one conv, half the width of
-        # the level above) unless `light_decoder_levels` is 0, where the 2D plans of thin-walled
-        # anatomy (myocardium, scar) can afford a residual pair as wide as the stride-2 level.
+        # the level above) unless `light_decoder_levels` is 0: a residual pair as wide as the stride-2
+        # level, for thin-walled anatomy where a 2D plan can afford it (not better on MyoPS so far: docs/model.md).
         full_light = cfg.light_decoder_levels > 0
         full = max(chans[-1] // 2, 8) if full_light else chans[-1]
         ups.append(_UpBlock(chans[-1], k * cfg.in_channels, full, light=full_light, channels_last=True,
