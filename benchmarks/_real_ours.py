@@ -10,7 +10,9 @@ are timed through the package's own engine at the planned patch (`probe_step_s`)
 `_schedule.budget_schedule` (as compare.py). The trainer keeps the checkpoint of the best
 validation Dice on the fold's cases (its `validation` split); these are predicted with it and
 scored with the package's evaluator (`score`: optimistic, the checkpoint was chosen on these
-cases), and again with the final step's weights (`score_last`: nothing chosen on them).
+cases), and again with the final step's weights (`score_last`: nothing chosen on them). Both follow
+the postprocessing training chose on the same cases (`postprocess`: keep the largest foreground
+component or not, as nnU-Net); `score_raw` is the best checkpoint without it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.runs import RunFolder
 
-__all__ = ["apply_overrides", "base_config", "score_fold", "score_checkpoint", "run_ours"]
+__all__ = ["apply_overrides", "base_config", "score_fold", "score_checkpoint", "run_ours", "postprocess_finished"]
 
 VALIDATIONS = 10  # whole-volume validations on the fold's cases per run (checkpoint selection)
 
@@ -137,20 +139,22 @@ def score_fold(pred_dir: Path, data_dir: Path, eval_dir: Path) -> dict[str, Any]
             "per_case": per_case}
 
 
-# Per checkpoint: the predictions and evaluation folders under the job folder.
-_OUTPUTS = {"best": ("predictions", "evaluation"), "last": ("predictions_last", "evaluation_last")}
+# Per (checkpoint, postprocessing): the predictions and evaluation folders under the job folder.
+_OUTPUTS = {("best", "auto"): ("predictions", "evaluation"), ("last", "auto"): ("predictions_last", "evaluation_last"),
+            ("best", "none"): ("predictions_raw", "evaluation_raw")}
 
 
-def score_checkpoint(job: dict[str, Any], checkpoint: str) -> tuple[dict[str, Any], float]:
-    """Predict the fold's cases with the job's run at `checkpoint` ("best" or "last") and score them;
-    the score and the seconds of prediction."""
+def score_checkpoint(job: dict[str, Any], checkpoint: str, postprocess: str = "auto") -> tuple[dict[str, Any], float]:
+    """Predict the fold's cases with the job's run at `checkpoint` ("best" or "last") and `postprocess`
+    ("auto": what training chose on the validation cases; "none") and score them; the score and the
+    seconds of prediction."""
     from crossmodalnet.infer import predict
 
     data_dir, job_dir = Path(job["data_dir"]), Path(job["job_dir"])
-    pred_dir, eval_dir = (job_dir / name for name in _OUTPUTS[checkpoint])
+    pred_dir, eval_dir = (job_dir / name for name in _OUTPUTS[checkpoint, postprocess])
     t = time.monotonic()
     predict(job_dir / "run", pred_dir, data_dir=data_dir, split="validation", labels="values", device="cpu",
-            checkpoint=checkpoint)
+            checkpoint=checkpoint, postprocess=postprocess)
     seconds = time.monotonic() - t
     return score_fold(pred_dir, data_dir, eval_dir), seconds
 
@@ -174,10 +178,41 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     out["plan"] = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     out["score"], out["predict_wall_s"] = score_checkpoint(job, "best")
     out["score_last"], _ = score_checkpoint(job, "last")
+    # The postprocessing training chose on the fold's cases (optimistic as the checkpoint), and the
+    # score without it: what the choice bought.
+    out["postprocess"] = RunFolder(run_dir).read_postprocess()
+    out["score_raw"] = score_checkpoint(job, "best", "none")[0] if out["postprocess"]["largest_component"] \
+        else out["score"]
     if out["plan"]:
         p = out["plan"]
         out["note"] = (f"plan: patch {'x'.join(map(str, p['patch_size']))}, batch {p['batch_size']}, spacing "
                        f"{'x'.join('stored' if s is None else f'{s:.3g}' for s in p['target_spacing'])} mm")
+    return out
+
+
+def postprocess_finished(result: dict[str, Any]) -> dict[str, Any]:
+    """A job finished before training chose the postprocessing: choose it now as training would (the
+    best weights on the fold's validation cases, `choose_postprocessing`), record it in the run, and
+    score the fold again with it (best and last checkpoints); the old `score` becomes `score_raw`."""
+    import torch
+
+    from crossmodalnet.data.dataset import load_case
+    from crossmodalnet.train.trainer import choose_postprocessing
+
+    data_dir, run = Path(result["data_dir"]), RunFolder(Path(result["job_dir"]) / "run")
+    model, config = run.load_model("cpu")
+    spec, preprocessor = run.read_spec(), run.read_preprocess()
+    cases = []
+    for case in load_dataset(data_dir)["validation"]:
+        loaded = load_case(case, spec)
+        cases.append(preprocessor.prepare(loaded["images"], loaded["geometry"], loaded["label"], case.id))
+    record = choose_postprocessing(model, cases, config, torch.device("cpu"), spec)
+    run.write_postprocess(record)
+    out = {**result, "postprocess": record, "score_raw": result["score"]}
+    if record["largest_component"]:
+        out["score"], _ = score_checkpoint(result, "best")
+        if "score_last" in result:
+            out["score_last"], _ = score_checkpoint(result, "last")
     return out
 
 

@@ -3,7 +3,8 @@
 Each fold's number is the evaluator's mean over the fold's cases; the table gives, per structure,
 the mean and sd (population) of those fold means, the mean over structures, HD95 per structure,
 and each fold's mean Dice; all with the best checkpoint (chosen on the fold's cases), and the mean
-over structures again with the last checkpoint (nothing chosen on the scored cases).
+over structures again with the last checkpoint (nothing chosen on the scored cases) and, for this
+package's rows, without the postprocessing training chose (the network's output).
 Markdown, with a header naming data, folds, budget, seed, machine and command.
 """
 
@@ -61,6 +62,7 @@ def render_table(results: Sequence[dict[str, Any]], header: dict[str, Any]) -> s
     lines += [f"Mean ± sd over folds of the per-fold mean over cases ({'regions' if kind == 'region' else 'classes'}"
               "); HD95 in mm.", ""]
     head = ["row", "channels", "folds", *[f"Dice {s}" for s in structures], "mean Dice", "mean Dice, last",
+            "mean Dice, no postprocessing",
             *[f"HD95 {s}" for s in structures], "per-fold mean Dice", "steps (s/step)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for (label, channels), rs in groups.items():
@@ -75,8 +77,12 @@ def render_table(results: Sequence[dict[str, Any]], header: dict[str, Any]) -> s
         # Over the folds that have it (jobs finished before it existed lack it until --score-last).
         last = [r["score_last"]["mean_dice"] for r in rs if "score_last" in r]
         last_text = _pm(last) + ("" if len(last) in (0, len(rs)) else f" ({len(last)} folds)")
+        # Our rows since the postprocessing choice; nnU-Net's predictions are its network's output.
+        raw = [r["score_raw"]["mean_dice"] for r in rs if "score_raw" in r]
+        raw_text = _pm(raw) + ("" if len(raw) in (0, len(rs)) else f" ({len(raw)} folds)")
         lines.append("| " + " | ".join([label, channels, str(len(rs)), *dice,
-                                         f"**{_pm([r['score']['mean_dice'] for r in rs])}**", last_text, *hd95,
+                                         f"**{_pm([r['score']['mean_dice'] for r in rs])}**", last_text, raw_text,
+                                         *hd95,
                                          per_fold, speed]) + " |")
     notes = [f"- {label} [{channels}]: {r['note']}" for (label, channels), rs in groups.items() for r in rs[:1]
              if r.get("note")]

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/real.py DATA --out DIR [--rows crossmodalnet,dynunet,unet,nnunet-default,nnunet-cpu]
         [--folds 0,1,2,3,4] [--minutes 20] [--seed 0] [--channels C0] [--channels LGE,T2] ...
         [--config-set model.deformable=false ...] [--nnunet-venv PATH] [--dry-run] [--table] [--score-last]
+        [--postprocess-finished]
 
 DATA: a crossmodalnet dataset folder (its labelled cases, all splits, form the pool). Folds by
 case: ids sorted, permuted with `default_rng(seed)`, cut in 5 (`_real_folds.py`; the same folds
@@ -14,6 +15,9 @@ are nnU-Net's `splits_final.json`). One job = (row, fold, channel subset), run o
 Every job scores the fold's cases twice: with the checkpoint of the best validation Dice (`score`;
 chosen on these very cases, so optimistic, for every row alike: nnU-Net's checkpoint_best.pth is
 chosen the same way) and with the final step's weights (`score_last`; nothing chosen on them).
+Our rows' predictions follow the postprocessing their training chose on the same cases (keep the
+largest foreground component or not; `score_raw`: without it); --postprocess-finished makes that
+choice for jobs finished before it existed.
 Each finished job writes DIR/jobs/<job>/result.json (atomically); a rerun skips those and restarts
 unfinished ones from scratch; --score-last adds `score_last` to jobs finished before it existed.
 After each job and at the end the table (`_real_table.py`) is printed and written to DIR/table.md.
@@ -151,6 +155,22 @@ def _run_ours(spec_path: Path, log: Path, minutes: float) -> None:
         raise CrossModalNetError(f"failed: {tail[0][:300] if tail else 'no output'} (log {log})")
 
 
+def _postprocess_finished(a: argparse.Namespace, jobs: list[Job]) -> None:
+    """Choose the postprocessing for the given finished jobs of our rows that lack it and score them
+    again (`_real_ours.postprocess_finished`); result.json is rewritten atomically, one job at a time."""
+    from _real_ours import postprocess_finished
+
+    todo = [(job, r) for job in jobs if job.row not in NNUNET_ROWS
+            and (r := read_json(a.out / "jobs" / job.name / "result.json"))
+            and r.get("status") == "ok" and "postprocess" not in r]
+    for n, (job, result) in enumerate(todo, 1):
+        updated = postprocess_finished(result)
+        write_json(a.out / "jobs" / job.name / "result.json", updated)
+        chosen = "largest component" if updated["postprocess"]["largest_component"] else "none"
+        print(f"[{n}/{len(todo)}] {job.name}: {chosen}; mean Dice {updated['score_raw']['mean_dice']:.3f} -> "
+              f"{updated['score']['mean_dice']:.3f}", file=sys.stderr, flush=True)
+
+
 def _score_last(a: argparse.Namespace, jobs: list[Job], all_folds: list[list[str]], pool: list[Case],
                 dataset: Dataset, setup: NnunetSetup) -> None:
     """Add `score_last` (the fold's cases predicted with the final step's weights) to the given
@@ -224,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--score-last", dest="score_last", action="store_true",
                    help="only score the given finished jobs that lack it with their last checkpoint (jobs "
                         "finished before both checkpoints were scored), then rebuild the table")
+    p.add_argument("--postprocess-finished", dest="postprocess_finished", action="store_true",
+                   help="only, for the given finished jobs of our rows that lack it, choose the postprocessing "
+                        "as training now does (on the fold's cases) and score them again with it, then rebuild "
+                        "the table")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     command = ".venv/bin/python benchmarks/real.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -257,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.score_last:
         _score_last(a, jobs, all_folds, pool, dataset, setup)
+        print(_table(a.out, header))
+        return
+    if a.postprocess_finished:
+        _postprocess_finished(a, jobs)
         print(_table(a.out, header))
         return
     a.out.mkdir(parents=True, exist_ok=True)

@@ -325,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights: best (default; model.safetensors, the best validation Dice) or last (RUN/last/, "
                         "the final step of a finished run, as nnU-Net's -chk checkpoint_final.pth): use last when "
                         "the cases you score are the validation cases that chose best")
+    r.add_argument("--postprocess", choices=["auto", "none", "largest-component"], default="auto",
+                   help="label-map postprocessing: auto (default) = what training chose on its validation cases "
+                        "(RUN/postprocess.json, as nnU-Net: keep only the largest foreground component where that "
+                        "raised the validation Dice), largest-component, or none (the network's output)")
     r.set_defaults(func=_cmd_predict)
 
     d = sub.add_parser("demo", help="synthesize, train, predict and evaluate on phantoms, in minutes")

@@ -43,13 +43,19 @@ from crossmodalnet.data.preprocess import Preprocessor
 from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.errors import CrossModalNetError
 from crossmodalnet.files import check_output_folder
-from crossmodalnet.models.inference import PRECISIONS, autocast_dtype, sliding_window_probabilities
+from crossmodalnet.models.inference import (
+    PRECISIONS,
+    autocast_dtype,
+    keep_largest_foreground,
+    sliding_window_probabilities,
+)
 from crossmodalnet.models.registry import check_input_size
 from crossmodalnet.runs import RunFolder
 from crossmodalnet.train.distributed import resolve_device
 
 __all__ = [
     "ORIGINAL_DIR",
+    "POSTPROCESS",
     "LoadedRun",
     "load_run",
     "PRECISIONS",
@@ -62,6 +68,8 @@ __all__ = [
 
 # Sub-folder of predict's output with the label maps on the original fixed-image grids (prepare-mmwhs folders).
 ORIGINAL_DIR = "original"
+# predict's label-map postprocessing: the run's own choice, none, or the largest foreground component.
+POSTPROCESS = ("auto", "none", "largest-component")
 # A case id becomes a file name in --out: nothing that could leave it (separators, "..") or hide.
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -133,6 +141,7 @@ def predict(
     overlap: float | None = None,
     precision: str = "auto",
     checkpoint: Literal["best", "last"] = "best",
+    postprocess: Literal["auto", "none", "largest-component"] = "auto",
 ) -> list[Path]:
     """Predict a dataset split (`data_dir`) or one case (`images`: channel name -> file) into `out`.
 
@@ -147,6 +156,11 @@ def predict(
     checkpoint: "best" (model.safetensors: the best validation Dice) or "last" (RUN/last/: the final
     step's weights of a finished run; nnU-Net's `-chk checkpoint_final.pth`). When the validation
     cases are the ones being scored, "best" was chosen on them and its score is optimistic.
+    postprocess: "auto" follows the run's choice (RUN/postprocess.json, made on its validation cases
+    after training: nnU-Net's; a run without one: none), "largest-component" keeps only the largest
+    foreground component of every label map (`keep_largest_foreground`), "none" keeps the network's
+    output. The choice was made with the best weights; "last" follows the same one. Probability maps
+    are never postprocessed.
     Returns the label map paths on the input grids, one per case.
 
     All or nothing: every input (case ids, files, headers and voxels, records, the run) and --out are
@@ -158,10 +172,15 @@ def predict(
         raise CrossModalNetError(f"labels must be 'values' or 'indices', got {labels!r}")
     if checkpoint not in ("best", "last"):
         raise CrossModalNetError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    if postprocess not in POSTPROCESS:
+        raise CrossModalNetError(f"postprocess must be one of {', '.join(POSTPROCESS)}, got {postprocess!r}")
     if (data_dir is None) == (not images):
         raise CrossModalNetError("give either a dataset folder or --image files, not both or neither")
     out = Path(out)
     spec = RunFolder(run_dir).read_spec()
+    keep_largest = (RunFolder(run_dir).read_postprocess()["largest_component"] if postprocess == "auto"
+                    else postprocess == "largest-component")
+    post = keep_largest_foreground if keep_largest else (lambda indices: indices)
     records: dict[str, dict] = {}  # case id -> prepare-mmwhs record, for the way back to the original scan
     if data_dir is not None:
         dataset = load_dataset(data_dir)
@@ -223,10 +242,10 @@ def predict(
             except MemoryError as exc:  # a volume too large for this machine: say which one
                 raise CrossModalNetError(f"{case.first_image()}: out of memory predicting case {case.id!r} of "
                                          f"shape {data['geometry'].shape} ({exc})") from None
-            write_label(staging / name, encode(spec.decide(probs)), data["geometry"])
+            write_label(staging / name, encode(post(spec.decide(probs))), data["geometry"])
             if case.id in records:
                 original, original_grid = restore_to_original(probs, records[case.id], data["geometry"])
-                write_label(staging / ORIGINAL_DIR / name, encode(original), original_grid)
+                write_label(staging / ORIGINAL_DIR / name, encode(post(original)), original_grid)
             if probabilities:
                 write_probabilities(staging / _probabilities_name(name), probs, data["geometry"])
         _publish(staging, dest)
@@ -353,7 +372,7 @@ def predict_from_cli(args: argparse.Namespace) -> None:
             images[name.upper()] = getattr(args, name)
     written = predict(args.run, args.out, data_dir=args.input, split=args.split, images=images or None,
                       labels=args.labels, probabilities=args.probabilities, device=args.device,
-                      precision=args.precision, checkpoint=args.checkpoint)
+                      precision=args.precision, checkpoint=args.checkpoint, postprocess=args.postprocess)
     where = written[0] if len(written) == 1 else written[0].parent
     print(f"wrote {len(written)} label map(s) ({args.labels}) to {where}")
     original = [p.parent / ORIGINAL_DIR / p.name for p in written if args.input is not None

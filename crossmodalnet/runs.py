@@ -14,6 +14,8 @@ Layout (a trained run; an adapted run adds the `adapt*` files):
     RUN/plans.json                       the plan the run took its open settings from, with the reasons
     RUN/model.safetensors                weights to predict with (best by validation Dice, or the
                                          adaptation's final ones); metadata: the ModelConfig
+    RUN/postprocess.json                 the postprocessing chosen on the validation cases after training
+                                         (keep the largest foreground component, or nothing); predict follows it
     RUN/last/                            resume checkpoint: model.safetensors, state.pt, manifest.json
     RUN/metrics.csv, steps.csv, curves.png   logs, rewritten whole at every epoch end
     RUN/adapt.yaml, adapt.json           adaptation settings and inputs; its end-of-run summary
@@ -84,6 +86,7 @@ class RunFolder:
     ADAPT_CONFIG = "adapt.yaml"
     ADAPT_SUMMARY = "adapt.json"
     BEST_SOURCE = "model_best_source.safetensors"
+    POSTPROCESS = "postprocess.json"
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -194,6 +197,24 @@ class RunFolder:
 
     def write_plan(self, plan: dict[str, Any]) -> Path:
         return self._write_text(self.PLAN, json.dumps(plan, indent=2))
+
+    def write_postprocess(self, record: dict[str, Any]) -> Path:
+        """The postprocessing choice (`train.trainer.choose_postprocessing`'s record)."""
+        return self._write_text(self.POSTPROCESS, json.dumps(record, indent=2))
+
+    def read_postprocess(self) -> dict[str, Any]:
+        """The postprocessing choice; a run without one (trained before it existed, or adapted) has none:
+        {"largest_component": False}."""
+        path = self.path / self.POSTPROCESS
+        if not path.is_file():
+            return {"largest_component": False}
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CrossModalNetError(f"{path}: not a JSON file ({exc})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("largest_component"), bool):
+            raise CrossModalNetError(f"{path}: expected an object with a true/false \"largest_component\"")
+        return record
 
     def copy_definition_from(self, source: RunFolder) -> None:
         """Copy what `predict` needs besides weights (config, preprocessing, dataset description)."""

@@ -156,17 +156,18 @@ def test_table_from_fabricated_results() -> None:
                _result("nnunet-cpu", 0, {"LV": 0.5, "scar": 0.1}), _result("unet", 0, {"LV": 0.9, "scar": 0.5})]
     results[0]["score_last"] = {"mean_dice": 0.45}  # fold 1 finished before the last checkpoint was scored
     results[3]["score_last"] = {"mean_dice": 0.65}
+    results[3]["score_raw"] = {"mean_dice": 0.68}  # our row without the chosen postprocessing
     header = {"data": "ds", "cases": 25, "num_folds": 5, "seed": 0, "folds": "0,1", "minutes": 20.0,
               "machine": {"cpu": "cpu", "cores": 2, "torch": "2.13"}, "command": "real.py ds"}
     text = _real_table.render_table(results, header)
     dyn = next(line for line in text.splitlines() if line.startswith("| dynunet"))
     cells = [c.strip() for c in dyn.strip("|").split("|")]
     assert cells[:3] == ["dynunet", "A+B", "2"]
-    assert cells[3:7] == ["0.700 ± 0.100", "0.300 ± 0.100", "**0.500 ± 0.100**", "0.450 (1 folds)"]
-    assert cells[7:9] == ["5.0 ± 1.0", "5.0 ± 1.0"]
-    assert cells[9] == "0: 0.600, 1: 0.400"
-    assert "| nnunet-cpu | A+B | 1 | 0.500 | 0.100 | **0.300** | – |" in text
-    assert "| unet | A+B | 1 | 0.900 | 0.500 | **0.700** | 0.650 |" in text
+    assert cells[3:8] == ["0.700 ± 0.100", "0.300 ± 0.100", "**0.500 ± 0.100**", "0.450 (1 folds)", "–"]
+    assert cells[8:10] == ["5.0 ± 1.0", "5.0 ± 1.0"]
+    assert cells[10] == "0: 0.600, 1: 0.400"
+    assert "| nnunet-cpu | A+B | 1 | 0.500 | 0.100 | **0.300** | – | – |" in text
+    assert "| unet | A+B | 1 | 0.900 | 0.500 | **0.700** | 0.650 | 0.680 |" in text
     assert "seed 0" in text and "20 min" in text and "`real.py ds`" in text
     mean, sd, n = _real_table.fold_stats([0.2, None, math.nan, 0.4])
     assert n == 2 and mean == pytest.approx(0.3) and sd == pytest.approx(0.1)
@@ -255,3 +256,14 @@ def test_score_last_adds_the_final_weights_score_to_finished_jobs(dataset: Path,
     assert last["mean_dice"] != best["mean_dice"]
     assert sorted(p.name for p in (job_dir / "predictions_last").iterdir()) == [f"{c}.nii.gz" for c in val_ids]
     assert "unet | A+B | 1 |" in capsys.readouterr().out
+    # Finished before training chose the postprocessing: chosen now on the fold's cases, as training does.
+    (job_dir / "run" / "postprocess.json").unlink()
+    real.main([str(dataset), "--out", str(out), "--rows", "unet", "--folds", "0", "--postprocess-finished"])
+    result = json.loads((job_dir / "result.json").read_text())
+    record = json.loads((job_dir / "run" / "postprocess.json").read_text())
+    assert result["postprocess"] == record and record["cases"] == 3
+    assert record["largest_component"] == (record["score_largest_component"] > record["score"])
+    assert result["score_raw"] == best and (result["score"] == best) == (not record["largest_component"])
+    assert "| unet | A+B | 1 |" in capsys.readouterr().out
+    real.main([str(dataset), "--out", str(out), "--rows", "unet", "--folds", "0", "--postprocess-finished"])
+    assert json.loads((job_dir / "result.json").read_text()) == result  # done once

@@ -316,3 +316,40 @@ def test_bfloat16_inference_agrees_with_float32_and_bad_precisions_are_named(tmp
     assert infer.autocast_dtype("auto", torch.device("cpu")) is None
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     assert infer.autocast_dtype("auto", torch.device("cuda")) is (torch.bfloat16 if bf16 else torch.float16)
+
+
+def test_postprocess_follows_the_run_choice_or_the_option(tmp_path, monkeypatch):
+    from scipy import ndimage
+
+    run = _run(tmp_path / "run")
+    # The oracle segments where CT is bright: a box of 343 voxels and one of 12 far from it.
+    monkeypatch.setattr(RunFolder, "load_model", lambda self, device, checkpoint: (_Oracle(), self.read_config()))
+    geom = Geometry.from_spacing(SHAPE, (1.0, 1.0, 1.0))
+    bright = np.zeros(SHAPE)
+    bright[1:8, 1:8, 1:8], bright[14:17, 11:13, 7:9] = 100.0, 100.0
+    ct, mr = write_image(tmp_path / "ct.nii.gz", bright, geom), write_image(tmp_path / "mr.nii.gz", bright, geom)
+    images = {"CT": ct, "MR": mr}
+
+    def pieces(path):
+        labels = np.asarray(nib.load(path).dataobj)
+        return labels, ndimage.label(labels > 0, structure=np.ones((3, 3, 3)))[1]
+
+    raw, n_raw = pieces(predict(run, tmp_path / "none.nii.gz", images=images, postprocess="none")[0])
+    assert n_raw == 2
+    auto, _ = pieces(predict(run, tmp_path / "auto.nii.gz", images=images)[0])
+    np.testing.assert_array_equal(auto, raw)  # a run without postprocess.json: nothing
+    kept, n_kept = pieces(predict(run, tmp_path / "kept.nii.gz", images=images, postprocess="largest-component")[0])
+    assert n_kept == 1 and np.array_equal(kept[kept > 0], raw[kept > 0]) and (kept > 0).sum() < (raw > 0).sum()
+    RunFolder(run).write_postprocess({"largest_component": True, "cases": 3, "score": 0.5,
+                                      "score_largest_component": 0.6})
+    main(["predict", str(run), "--image", f"CT={ct}", "--image", f"MR={mr}", "--out", str(tmp_path / "cli.nii.gz")])
+    np.testing.assert_array_equal(pieces(tmp_path / "cli.nii.gz")[0], kept)  # auto: the run's choice
+    main(["predict", str(run), "--image", f"CT={ct}", "--image", f"MR={mr}", "--out", str(tmp_path / "cli2.nii.gz"),
+          "--postprocess", "none"])
+    np.testing.assert_array_equal(pieces(tmp_path / "cli2.nii.gz")[0], raw)
+    (run / "postprocess.json").write_text('{"largest_component": "yes"}')
+    with pytest.raises(CrossModalNetError, match=r"postprocess.json: expected an object"):
+        predict(run, tmp_path / "bad.nii.gz", images=images)
+    with pytest.raises(CrossModalNetError, match="postprocess must be one of"):
+        predict(run, tmp_path / "bad.nii.gz", images=images, postprocess="lcc")
+    assert not (tmp_path / "bad.nii.gz").exists()

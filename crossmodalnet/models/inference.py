@@ -1,6 +1,8 @@
-"""A model applied to a whole volume: MONAI's sliding window with Gaussian blending, in a chosen precision.
+"""A model applied to a whole volume: MONAI's sliding window with Gaussian blending, in a chosen precision,
+and the one postprocessing of its label map.
 
     probs = sliding_window_probabilities(model, image, present, roi_size=(64, 64, 64))   # (B, C, D, H, W)
+    indices = keep_largest_foreground(spec.decide(probs[0].numpy()))                      # (D, H, W)
 
 Here, below both training (validation) and prediction, so that both import it without a cycle.
 Shapes: image (B, M, D, H, W) (M channels in the dataset's order, zeros where missing), present
@@ -11,13 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
+from scipy import ndimage
 from torch import nn
 
 from crossmodalnet.errors import CrossModalNetError
 
-__all__ = ["PRECISIONS", "autocast_dtype", "sliding_window_probabilities"]
+__all__ = ["PRECISIONS", "autocast_dtype", "keep_largest_foreground", "sliding_window_probabilities"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -93,3 +97,22 @@ def sliding_window_probabilities(
     if activation == "sigmoid":
         return torch.sigmoid(logits.float()).cpu()
     return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def keep_largest_foreground(indices: np.ndarray) -> np.ndarray:
+    """Class indices (D, H, W) with every foreground voxel outside the largest foreground component set
+    to background (0): nnU-Net's "remove all but the largest foreground component", for false
+    positives far from the organ. Components are 26-connected, all foreground classes together (a
+    structure touching another stays). Returns a new array of the same dtype; all background is
+    returned unchanged.
+    """
+    # MONAI's KeepLargestConnectedComponent does the same but needs scikit-image (or cuCIM) at run time;
+    # scipy's labelling is already a dependency.
+    foreground = np.asarray(indices) != 0
+    components, n = ndimage.label(foreground, structure=np.ones((3,) * foreground.ndim, dtype=bool))
+    out = np.array(indices, copy=True)
+    if n > 1:
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0  # background
+        out[(components != 0) & (components != int(np.argmax(sizes)))] = 0
+    return out

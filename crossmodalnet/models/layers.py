@@ -159,7 +159,7 @@ def window_attention(
     """
     bias = bias.to(q.dtype)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))  # 1, heads, N, N
+        return _attention(q, k, v, bias.unsqueeze(0))  # 1, heads, N, N
     n_w, (bn, heads, n, _), n_k = mask.shape[0], q.shape, k.shape[2]
     if bn != batch * n_w:
         raise ValueError(f"q has {bn} windows, expected batch {batch} x {n_w} windows of the mask")
@@ -170,8 +170,22 @@ def window_attention(
     def fold(t: torch.Tensor) -> torch.Tensor:  # (B * nW, heads, N, d) -> (B, nW * heads, N, d)
         return t.reshape(batch, n_w * heads, t.shape[2], t.shape[3])
 
-    out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=attn_mask)
+    out = _attention(fold(q), fold(k), fold(v), attn_mask)
     return out.reshape(bn, heads, n, out.shape[-1])
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax(q kᵀ/√d + mask) v: `F.scaled_dot_product_attention`, written out where that is slower.
+
+    Training on the CPU: the fused CPU kernel computes no gradient for an additive mask (here the
+    learned relative position bias), so SDPA falls back to its math path, which adds a NaN-safe
+    softmax (an `all`, an `isneginf` and a `where` per call); the same product written out takes
+    about half its time forward and backward. Its masks are finite (`_MASKED`), so no row is all -inf.
+    """
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (mask.requires_grad or q.requires_grad):
+        scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)) + mask
+        return torch.matmul(scores.softmax(dim=-1), v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class WindowAttention(nn.Module):

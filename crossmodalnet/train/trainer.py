@@ -34,7 +34,7 @@ from crossmodalnet.data.dataset import load_case
 from crossmodalnet.data.fingerprint import fingerprint
 from crossmodalnet.data.preprocess import PreparedCase, Preprocessor, fit_preprocessor
 from crossmodalnet.data.spec import DataSpec
-from crossmodalnet.models.inference import sliding_window_probabilities
+from crossmodalnet.models.inference import keep_largest_foreground, sliding_window_probabilities
 from crossmodalnet.models.registry import build_model
 from crossmodalnet.runs import RunFolder
 from crossmodalnet.train import distributed as ddp
@@ -47,7 +47,7 @@ from crossmodalnet.train.plan import Plan
 from crossmodalnet.train.report import STEP_TERMS, format_summary, metric_columns, plot_curves, score_columns
 
 __all__ = ["SegmentationTask", "prepare_training", "train", "train_from_cli", "validation_dice",
-           "case_dice", "warmup_cosine"]
+           "choose_postprocessing", "case_dice", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, total: int, warmup: int, scheduler: str = "cosine") -> float:
@@ -101,8 +101,7 @@ class SegmentationTask(Task):
 
     def validate(self, dist: ddp.DistInfo) -> dict[str, float] | None:
         scores = validation_dice(self.model, self.val_cases, self.config, self.device, self.spec, dist)
-        score = scores["val_region_mean"] if self.spec.regions else scores["val_dice_mean"]
-        return {**scores, "score": score}
+        return {**scores, "score": _score(scores, self.spec)}
 
     def figure(self, history: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Any:
         return plot_curves(history, steps, self.config.loss_balancing, self.spec)
@@ -136,25 +135,28 @@ def case_dice(indices: np.ndarray, label: np.ndarray, spec: DataSpec) -> np.ndar
 
 
 @torch.no_grad()
-def validation_dice(model: nn.Module, cases: list[PreparedCase], config: TrainConfig, device: torch.device,
-                    spec: DataSpec, dist: ddp.DistInfo | None = None) -> dict[str, float]:
-    """Dice per class and per region (mean over `cases`, prepared with labels) and their means, on
-    whole volumes, keyed by `report.score_columns`.
-
-    Sliding window with the config's roi, overlap and batch; the model is left in training mode.
-    Under DDP each process passes (and scores) its own share of the cases, and all get every score.
-    """
-    dist = dist or ddp.DistInfo(device=device)
+def _validation_tables(model: nn.Module, cases: list[PreparedCase], config: TrainConfig, device: torch.device,
+                       spec: DataSpec, dist: ddp.DistInfo, largest_component: bool = False,
+                       ) -> tuple[list[list[float]], list[list[float]] | None]:
+    """`case_dice` rows of every rank's cases (cases, K - 1 + R), and with `largest_component` the same
+    rows after `keep_largest_foreground` (else None); one sliding-window pass per case."""
     model.eval()
-    mine = []
+    raw, kept = [], []
     for case in cases:
         image = torch.from_numpy(case.stacked())[None]
         present = torch.tensor([case.present], dtype=torch.bool)
         probs = sliding_window_probabilities(model, image, present, config.patch_size, config.sw_overlap,
                                              config.sw_batch_size, device, activation=spec.activation)
-        mine.append(case_dice(spec.decide(probs[0].numpy()), case.label, spec).tolist())
+        indices = spec.decide(probs[0].numpy())
+        raw.append(case_dice(indices, case.label, spec).tolist())
+        if largest_component:
+            kept.append(case_dice(keep_largest_foreground(indices), case.label, spec).tolist())
     model.train()
-    every = gather_lists(mine, dist)
+    return gather_lists(raw, dist), gather_lists(kept, dist) if largest_component else None
+
+
+def _scores(every: list[list[float]], spec: DataSpec) -> dict[str, float]:
+    """Per-class and per-region means over cases of `case_dice` rows, keyed by `report.score_columns`."""
     k = spec.num_classes - 1
     if every:
         # (cases, K - 1 + R) -> (K - 1 + R,), NaN-aware; a column NaN in every case stays NaN.
@@ -174,6 +176,43 @@ def validation_dice(model: nn.Module, cases: list[PreparedCase], config: TrainCo
         out.update({f"val_region_{r.name}": float(v) for r, v in zip(spec.regions, per[k:], strict=True)})
     assert tuple(out) == names
     return out
+
+
+def _score(scores: dict[str, float], spec: DataSpec) -> float:
+    """The number that selects the checkpoint: the regions' mean Dice when the dataset has regions."""
+    return scores["val_region_mean"] if spec.regions else scores["val_dice_mean"]
+
+
+def validation_dice(model: nn.Module, cases: list[PreparedCase], config: TrainConfig, device: torch.device,
+                    spec: DataSpec, dist: ddp.DistInfo | None = None) -> dict[str, float]:
+    """Dice per class and per region (mean over `cases`, prepared with labels) and their means, on
+    whole volumes, keyed by `report.score_columns`.
+
+    Sliding window with the config's roi, overlap and batch; the model is left in training mode.
+    Under DDP each process passes (and scores) its own share of the cases, and all get every score.
+    """
+    raw, _ = _validation_tables(model, cases, config, device, spec, dist or ddp.DistInfo(device=device))
+    return _scores(raw, spec)
+
+
+def choose_postprocessing(model: nn.Module, cases: list[PreparedCase], config: TrainConfig, device: torch.device,
+                          spec: DataSpec, dist: ddp.DistInfo | None = None) -> dict[str, Any]:
+    """nnU-Net's postprocessing choice, made on the validation `cases`: keep only the largest foreground
+    component (`keep_largest_foreground`) if that raises the validation score (the regions' mean
+    Dice when the dataset has regions, else the classes'), else nothing. The record `predict` follows:
+
+        {"largest_component": bool, "cases": n, "score": raw, "score_largest_component": kept}
+
+    Without validation cases nothing is chosen (`largest_component` False, scores None). Under DDP
+    every rank passes its share and gets the same record.
+    """
+    raw, kept = _validation_tables(model, cases, config, device, spec, dist or ddp.DistInfo(device=device),
+                                   largest_component=True)
+    if not raw:
+        return {"largest_component": False, "cases": 0, "score": None, "score_largest_component": None}
+    before, after = _score(_scores(raw, spec), spec), _score(_scores(kept, spec), spec)
+    better = math.isfinite(after) and (not math.isfinite(before) or after > before)
+    return {"largest_component": bool(better), "cases": len(raw), "score": before, "score_largest_component": after}
 
 
 def _prepare(data_dir: str | os.PathLike, run: RunFolder, config: TrainConfig, resume: bool,
@@ -256,13 +295,32 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
     try:
         prepared = prepare_training(data_dir, out_dir, config, resume, dist)
         engine = prepared.fit()
+        choice = _postprocess(prepared)
         if dist.is_main:
             status = "finished" if engine.finished else "stopped at the time budget"
             print(f"training {status}: step {engine.step}/{prepared.settings.total_steps}, best val Dice "
-                  f"{engine.best:.4f}; run folder {prepared.run.path}")
+                  f"{engine.best:.4f}; {choice}; run folder {prepared.run.path}")
         return prepared.run.path
     finally:
         ddp.cleanup(dist)
+
+
+def _postprocess(prepared: PreparedRun) -> str:
+    """Choose the postprocessing with the best weights on the validation cases, record it in the run
+    (`RunFolder.write_postprocess`) and say what was chosen."""
+    task, run, dist = prepared.task, prepared.run, prepared.dist
+    ddp.barrier(dist)  # the best weights are written by the main process
+    if not run.has_weights():
+        return "no postprocessing (no validation)"
+    model, _ = run.load_model(dist.device)
+    record = choose_postprocessing(model, task.val_cases, task.config, dist.device, task.spec, dist)
+    if dist.is_main:
+        run.write_postprocess(record)
+    if record["score"] is None:
+        return "no postprocessing (no validation cases)"
+    what = "keeps the largest foreground component" if record["largest_component"] else "no postprocessing"
+    return (f"{what} (validation {record['score']:.4f}, with the largest component only "
+            f"{record['score_largest_component']:.4f})")
 
 
 def train_from_cli(args: argparse.Namespace) -> None:

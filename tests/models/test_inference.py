@@ -1,5 +1,6 @@
 """Sliding-window probabilities of whole volumes: image (B, M, D, H, W) with a presence row per sample."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,3 +42,24 @@ def test_bad_presence_is_refused():
         sliding_window_probabilities(model, image, torch.tensor([True, True]), (16, 16, 16))
     with pytest.raises(ValueError, match=r"image must be \(B, M, D, H, W\)"):
         sliding_window_probabilities(model, image[0], None, (16, 16, 16))
+
+
+def test_keep_largest_foreground_removes_far_islands_and_keeps_touching_structures():
+    from crossmodalnet.models.inference import keep_largest_foreground
+
+    label = np.zeros((12, 12, 6), dtype=np.uint8)
+    label[1:5, 1:5, 1:4] = 3  # 48 voxels of one class ...
+    label[5:7, 1:5, 1:4] = 5  # ... touching 24 of another: one component of 72
+    label[7, 5, 4] = 2  # touches the corner of class 5 only diagonally: part of it (26-connected)
+    label[10:12, 10:12, 0:2] = 3  # 8 voxels far away: removed
+    label[0, 11, 5] = 7  # one voxel far away: removed
+    out = keep_largest_foreground(label)
+    assert out.dtype == label.dtype and out.shape == label.shape and out is not label
+    expected = label.copy()
+    expected[10:12, 10:12, 0:2], expected[0, 11, 5] = 0, 0
+    np.testing.assert_array_equal(out, expected)
+    assert label[10, 10, 0] == 3  # the input is not changed
+    single = np.where(expected > 0, expected, 0)
+    np.testing.assert_array_equal(keep_largest_foreground(single), single)  # one component: unchanged
+    empty = np.zeros((4, 4, 4), dtype=np.int64)
+    np.testing.assert_array_equal(keep_largest_foreground(empty), empty)

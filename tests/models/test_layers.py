@@ -118,19 +118,25 @@ def _window_attention_repeated(q, k, v, bias, mask, batch):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
-@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("shift", [None, False, True], ids=["no_mask", "padding", "shifted"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_window_attention_broadcast_mask_equals_repeated_mask(shift, grad):
-    # 6 x 7 x 9 pads to 8 x 8 x 12 with window 4: a padding mask when unshifted, padding + Swin regions when shifted.
+    # 6 x 7 x 9 pads to 8 x 8 x 12 with window 4: a padding mask when unshifted, padding + Swin regions when
+    # shifted; 8 x 8 x 12 unshifted needs none. With grad (training on the CPU) the product is written out
+    # (`layers._attention`), and must equal SDPA's, gradients included.
     from crossmodalnet.models.layers import window_attention
 
     torch.manual_seed(0)
     batch, heads, ws, d = 3, 2, 4, 5
-    mask = window_mask((6, 7, 9), (8, 8, 12), ws, ws // 2 if shift else 0, torch.device("cpu"))
-    n_w, n = mask.shape[0], ws**3
-    assert mask.shape == (2 * 2 * 3, n, n) and (mask != 0).any()
-    q, k, v = (torch.randn(batch * n_w, heads, n, d, requires_grad=grad) for _ in range(3))
-    bias = torch.randn(heads, n, n, requires_grad=grad)
+    size = (8, 8, 12) if shift is None else (6, 7, 9)
+    mask = window_mask(size, (8, 8, 12), ws, ws // 2 if shift else 0, torch.device("cpu"))
+    n_w, n = 2 * 2 * 3, ws**3
+    assert (mask is None) == (shift is None)
+    assert mask is None or (mask.shape == (n_w, n, n) and (mask != 0).any())
+    # float64: a query row whose keys are all masked (a padding token, cropped later) sums -1e4 and the
+    # bias, which float32 rounds differently in the two formulas.
+    q, k, v = (torch.randn(batch * n_w, heads, n, d, dtype=torch.float64, requires_grad=grad) for _ in range(3))
+    bias = torch.randn(heads, n, n, dtype=torch.float64, requires_grad=grad)
     with torch.set_grad_enabled(grad):
         new = window_attention(q, k, v, bias, mask, batch)
         old = _window_attention_repeated(q, k, v, bias, mask, batch)

@@ -185,3 +185,45 @@ def test_a_time_budget_fits_the_schedule_to_the_steps_it_allows(monkeypatch):
     for step in range(20):
         plain.train_step(plain.task.batches.batch(step))
     assert plain.horizon == 1000 and plain.task.optimizers[0].param_groups[0]["lr"] == pytest.approx(1 - 20 / 1000)
+
+
+class _Threshold(nn.Module):
+    """Class 1 where channel 0 exceeds 0.5, else background: segments exactly what the image shows."""
+
+    def forward(self, image, present=None):
+        logits = torch.full((image.shape[0], 8, *image.shape[2:]), -10.0)
+        logits[:, 1:2] = 10 * (image[:, :1] - 0.5)
+        logits[:, 0:1] = -10 * (image[:, :1] - 0.5)
+        return logits
+
+
+def _case(image: np.ndarray, label: np.ndarray):
+    from crossmodalnet.data.io import Geometry
+    from crossmodalnet.data.preprocess import PreparedCase
+
+    return PreparedCase("c", [image, image], label, Geometry.from_spacing(image.shape, (1.0, 1.0, 1.0)),
+                        np.array([[0, 1], [1, 1], [2, 1]]), image.shape)
+
+
+def test_postprocessing_keeps_the_largest_component_only_where_validation_dice_rises():
+    from crossmodalnet.config import TrainConfig
+    from crossmodalnet.train.trainer import choose_postprocessing, validation_dice
+
+    image = np.zeros((16, 16, 16), dtype=np.float32)
+    image[2:10, 2:10, 2:10] = 1.0  # 512 voxels
+    image[13:15, 13:15, 13:15] = 1.0  # 8 voxels far away
+    cfg = TrainConfig(model=ModelConfig.from_size("unet", "tiny"), patch_size=(16, 16, 16), sw_batch_size=1)
+    island = (image > 0.5).astype(np.uint8)
+    island[13:15, 13:15, 13:15] = 0  # the far blob is a false positive
+    record = choose_postprocessing(_Threshold(), [_case(image, island)], cfg, torch.device("cpu"), MMWHS)
+    assert record["largest_component"] is True and record["cases"] == 1
+    assert record["score"] == pytest.approx(2 * 512 / (520 + 512)) and record["score_largest_component"] == 1.0
+    # The same score as validation: one pass computes both.
+    assert record["score"] == pytest.approx(validation_dice(_Threshold(), [_case(image, island)], cfg,
+                                                            torch.device("cpu"), MMWHS)["val_dice_mean"])
+    both = (image > 0.5).astype(np.uint8)  # the far blob is a real second piece: removing it would cost Dice
+    record = choose_postprocessing(_Threshold(), [_case(image, both)], cfg, torch.device("cpu"), MMWHS)
+    assert record["largest_component"] is False and record["score"] == 1.0
+    assert record["score_largest_component"] == pytest.approx(2 * 512 / (512 + 520))
+    empty = choose_postprocessing(_Threshold(), [], cfg, torch.device("cpu"), MMWHS)
+    assert empty == {"largest_component": False, "cases": 0, "score": None, "score_largest_component": None}

@@ -65,6 +65,11 @@ def test_run_folder_contents(tiny_dataset, tmp_path):
     assert [int(r["step"]) for r in steps] == [0, 1, 2, 3]
     assert float(steps[0]["lr"]) == pytest.approx(cfg.lr / 2)  # warm-up: step 1 of 2
     assert not (run / "last.tmp").exists() and not (run / "last.old").exists()
+    # The postprocessing was chosen after training with the best weights on the validation cases.
+    record = json.loads((run / "postprocess.json").read_text())
+    assert record["cases"] == 1 and record["score"] == pytest.approx(float(metrics[1]["val_dice_mean"]), abs=1e-6)
+    assert record["largest_component"] == (record["score_largest_component"] > record["score"])
+    assert RunFolder(run).read_postprocess() == record
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
