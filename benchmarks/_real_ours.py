@@ -210,6 +210,11 @@ def postprocess_finished(result: dict[str, Any]) -> dict[str, Any]:
     run.write_postprocess(record)
     out = {**result, "postprocess": record, "score_raw": result["score"]}
     if record["largest_component"]:
+        # The network's output and its scores stay, where new jobs keep them.
+        job_dir = Path(result["job_dir"])
+        for old, new in zip(_OUTPUTS["best", "auto"], _OUTPUTS["best", "none"], strict=True):
+            if (job_dir / old).is_dir() and not (job_dir / new).exists():
+                (job_dir / old).rename(job_dir / new)
         out["score"], _ = score_checkpoint(result, "best")
         if "score_last" in result:
             out["score_last"], _ = score_checkpoint(result, "last")

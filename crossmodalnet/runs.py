@@ -202,6 +202,10 @@ class RunFolder:
         """The postprocessing choice (`train.trainer.choose_postprocessing`'s record)."""
         return self._write_text(self.POSTPROCESS, json.dumps(record, indent=2))
 
+    def clear_postprocess(self) -> None:
+        """Forget the postprocessing choice (a resumed run makes it again with its own best weights)."""
+        (self.path / self.POSTPROCESS).unlink(missing_ok=True)
+
     def read_postprocess(self) -> dict[str, Any]:
         """The postprocessing choice; a run without one (trained before it existed, or adapted) has none:
         {"largest_component": False}."""

@@ -264,6 +264,9 @@ def test_score_last_adds_the_final_weights_score_to_finished_jobs(dataset: Path,
     assert result["postprocess"] == record and record["cases"] == 3
     assert record["largest_component"] == (record["score_largest_component"] > record["score"])
     assert result["score_raw"] == best and (result["score"] == best) == (not record["largest_component"])
+    # With the choice, the network's own predictions move to predictions_raw/ (as new jobs keep them).
+    assert (job_dir / "predictions_raw").is_dir() == record["largest_component"]
+    assert sorted(p.name for p in (job_dir / "predictions").iterdir()) == [f"{c}.nii.gz" for c in val_ids]
     assert "| unet | A+B | 1 |" in capsys.readouterr().out
     real.main([str(dataset), "--out", str(out), "--rows", "unet", "--folds", "0", "--postprocess-finished"])
     assert json.loads((job_dir / "result.json").read_text()) == result  # done once

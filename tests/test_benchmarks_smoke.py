@@ -24,6 +24,7 @@ import _report  # noqa: E402
 import _runner  # noqa: E402
 import _schedule  # noqa: E402
 import _scoring  # noqa: E402
+import attention  # noqa: E402
 import plans  # noqa: E402
 
 
@@ -215,6 +216,19 @@ def test_plans_benchmark_measures_the_planned_step(tiny_dataset) -> None:
     assert r["s_per_step"] > 0 and r["peak_mib"] > 0 and "why:" in r["plan"]
     row = plans._row({**r, "s_per_step_3d": 2.5})
     assert row.count("|") == 11 and "| 2.50 |" in row
+
+
+def test_attention_benchmark_times_both_attentions_and_restores_the_package(tiny_dataset, one_thread) -> None:
+    """benchmarks/attention.py: the planned step with SDPA and with the written-out attention."""
+    import crossmodalnet.models.layers as layers
+
+    written = layers._attention
+    r = attention.measure(str(tiny_dataset), steps=1, repeats=1, size="tiny")
+    assert r["channels"] == 2 and r["patch"] == [32, 32, 32] and r["batch"] >= 2
+    assert r["sdpa"] > 0 and r["written"] > 0
+    cells = [c.strip() for c in attention.row({**r, "sdpa": 0.5, "written": 0.25}).strip("|").split("|")]
+    assert cells[1:] == ["2", "32x32x32", str(r["batch"]), "0.500", "0.250", "2.00"]
+    assert layers._attention is written
 
 
 @pytest.mark.parametrize("name", ["unet", "crossmodalnet"])

@@ -261,6 +261,7 @@ def prepare_training(data_dir: str | os.PathLike, out_dir: str | os.PathLike, co
     config, spec, plan, preprocessor, train_cases, val_cases = _prepare(data_dir, run, config, resume, dist)
     if dist.is_main:  # every check passed: now the folder may be written (a resume keeps its files)
         run.create()
+        run.clear_postprocess()  # a resumed run may save better weights: its choice is made again at the end
         if not run.has_config():
             run.write_config(config)
         if not run.has_preprocess():
@@ -309,10 +310,14 @@ def _postprocess(prepared: PreparedRun) -> str:
     """Choose the postprocessing with the best weights on the validation cases, record it in the run
     (`RunFolder.write_postprocess`) and say what was chosen."""
     task, run, dist = prepared.task, prepared.run, prepared.dist
-    ddp.barrier(dist)  # the best weights are written by the main process
-    if not run.has_weights():
+    # Rank 0 reads the best weights (the run folder need only be on its machine) and hands them to every
+    # rank, which scores its share of the validation cases.
+    state = ddp.main_first(lambda: run.load_model("cpu")[0].state_dict() if run.has_weights() else None, dist)
+    if state is None:
         return "no postprocessing (no validation)"
-    model, _ = run.load_model(dist.device)
+    model = build_model(task.config.model.name, task.config.model)
+    model.load_state_dict(state)
+    model.to(dist.device)
     record = choose_postprocessing(model, task.val_cases, task.config, dist.device, task.spec, dist)
     if dist.is_main:
         run.write_postprocess(record)

@@ -1,7 +1,8 @@
 """Run by `torchrun --nproc_per_node=2` from test_ddp.py (not a test itself).
 
 Trains a tiny model with DDP through the same `prepare_training` that `crossmodalnet train` uses, then
-saves each rank's final weights and its first batch, so the test can compare the processes.
+chooses the postprocessing as `train` does, and saves each rank's final weights and its first batch, so
+the test can compare the processes.
 Usage: ddp_worker.py DATA OUT [MODEL]
 """
 
@@ -13,7 +14,7 @@ import torch
 from crossmodalnet.config import ModelConfig, TrainConfig
 from crossmodalnet.runs import save_weights
 from crossmodalnet.train import distributed as ddp
-from crossmodalnet.train.trainer import prepare_training
+from crossmodalnet.train.trainer import _postprocess, prepare_training
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
         training = prepare_training(data, out / "run", config, dist=info)
         torch.save(training.task.batches.batch(0)["image"], out / f"batch{info.rank}.pt")
         training.fit()
+        print(_postprocess(training), flush=True)  # every rank scores its share; rank 0 writes the choice
         save_weights(training.task.model, out / f"rank{info.rank}.safetensors")
         (out / f"world{info.rank}.txt").write_text(f"{info.world_size} {torch.distributed.get_backend()}")
     finally:

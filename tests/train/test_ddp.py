@@ -1,6 +1,7 @@
 """DistributedDataParallel on the CPU: two gloo processes under torchrun keep identical weights,
 draw different patches, and only rank 0 writes the run folder."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -40,3 +41,11 @@ def test_two_cpu_processes_keep_identical_weights(ellipsoid_data, tmp_path, name
     state = RunFolder(tmp_path / "run").load_checkpoint()
     assert state["step"] == 3 and len(state["history"]) == 1
     assert (tmp_path / "run" / "model.safetensors").is_file()  # rank 0 validated and saved the best
+    # The postprocessing: each rank scored its share of the one validation case (rank 1 none) with rank 0's
+    # best weights, and both got the same gathered record, whose score is the validation's.
+    record = RunFolder(tmp_path / "run").read_postprocess()
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        validated = float(next(csv.DictReader(f))["val_dice_mean"])
+    assert record["cases"] == 1 and record["score"] == pytest.approx(validated, abs=1e-6)
+    said = [line for line in result.stdout.splitlines() if "(validation " in line]
+    assert len(said) == 2 and said[0] == said[1]

@@ -69,7 +69,21 @@ def test_stop_mid_epoch_then_resume_gives_the_same_weights(ellipsoid_data, strai
     # A time budget that is over after the first step: stops at step 1 of 2 in epoch 1.
     train(ellipsoid_data, run, fast_config(epochs=3, iterations_per_epoch=2, val_every=3, max_minutes=1e-9))
     assert RunFolder(run).load_checkpoint()["step"] == 1
-    train(ellipsoid_data, run, CONFIG, resume=True)  # max_minutes may differ on resume
+    stopped = RunFolder(run).read_postprocess()  # chosen for the weights of the stop
+    assert stopped["cases"] >= 1
+    seen = {}
+    original = RunFolder.write_postprocess
+
+    def spy(self, record):
+        seen["at_write"] = self.read_postprocess()  # what a resumed run had until its own choice
+        return original(self, record)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RunFolder, "write_postprocess", spy)
+        train(ellipsoid_data, run, CONFIG, resume=True)  # max_minutes may differ on resume
+    # The resume forgot the stop's choice (its best weights may change) and chose again at its end.
+    assert seen["at_write"] == {"largest_component": False}
+    assert RunFolder(run).read_postprocess()["cases"] == stopped["cases"]
     # The stop validated once more (mid-epoch 1), which may pick another best: weights and logs agree.
     _assert_same_run(straight, run, same_validations=False)
 
