@@ -364,7 +364,8 @@ class TrainConfig(_Schema):
     scheduler: Literal["cosine", "constant"] = "cosine"  # cosine: to 0 at the last step
     grad_clip: Finite = 1.0  # max global gradient norm; <= 0 disables clipping
     # Mixed precision on CUDA: "auto" is bfloat16 where the GPU supports it, else float16 with a
-    # gradient scaler; "fp16" forces the latter, "fp32" turns it off. The CPU always trains in fp32.
+    # gradient scaler; "fp16" forces the latter, "fp32" turns it off. On the CPU "bf16" is bfloat16
+    # autocast and everything else fp32 (`train.engine.training_autocast`).
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     loss_balancing: bool = False  # Def. 4 over the Dice and CE terms
     balancing_alpha: Finite = 1.0  # may be negative (favours the larger loss)

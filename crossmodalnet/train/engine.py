@@ -69,9 +69,13 @@ def param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict
 def training_autocast(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a gradient scaler is needed) for a training `precision`.
 
-    Mixed precision on CUDA only: "auto" is bfloat16 where supported (float32's range: no scaler),
-    else float16 with a scaler; "bf16", "fp16" force one; "fp32" and any CPU run train in float32.
+    On CUDA "auto" is bfloat16 where supported (float32's range: no scaler), else float16 with a
+    scaler; "bf16", "fp16" force one; "fp32" trains in float32. On the CPU only "bf16" asks for mixed
+    precision (bfloat16 autocast: fast where the CPU computes bfloat16 natively, AMX or AVX-512 BF16);
+    every other precision trains in float32 there (CPU float16 kernels are slow and need a scaler).
     """
+    if device.type == "cpu" and precision == "bf16":
+        return torch.bfloat16, False
     if device.type != "cuda" or precision == "fp32":
         return None, False
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()

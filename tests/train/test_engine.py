@@ -113,9 +113,10 @@ def test_a_non_finite_loss_stops_fp32_but_fp16_skips_the_step():
     assert engine.step == 4
 
 
-def test_mixed_precision_is_cuda_only_and_bf16_first():
+def test_mixed_precision_bf16_first_on_cuda_and_only_when_asked_on_the_cpu():
     cpu = torch.device("cpu")
-    assert all(training_autocast(p, cpu) == (None, False) for p in ("auto", "bf16", "fp16", "fp32"))
+    assert all(training_autocast(p, cpu) == (None, False) for p in ("auto", "fp16", "fp32"))
+    assert training_autocast("bf16", cpu) == (torch.bfloat16, False)
     assert training_autocast("fp32", torch.device("cuda")) == (None, False)
     assert training_autocast("fp16", torch.device("cuda")) == (torch.float16, True)
     assert training_autocast("bf16", torch.device("cuda")) == (torch.bfloat16, False)
@@ -227,3 +228,16 @@ def test_postprocessing_keeps_the_largest_component_only_where_validation_dice_r
     assert record["score_largest_component"] == pytest.approx(2 * 512 / (512 + 520))
     empty = choose_postprocessing(_Threshold(), [], cfg, torch.device("cpu"), MMWHS)
     assert empty == {"largest_component": False, "cases": 0, "score": None, "score_largest_component": None}
+
+
+def test_bf16_on_the_cpu_computes_the_forward_in_bfloat16_and_keeps_float32_weights():
+    seen: list[torch.dtype] = []
+    for precision in ("fp32", "bf16"):
+        task = _ExplodingTask(bad_step=-1)
+        task.model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        engine = Engine(task, LoopSettings(total_steps=2, iterations_per_epoch=2, precision=precision, desc=""),
+                        dist=DistInfo())
+        before = task.model.weight.detach().clone()
+        engine.train_step(task.batches.batch(0))
+        assert task.model.weight.dtype == torch.float32 and not torch.equal(before, task.model.weight)
+    assert seen == [torch.float32, torch.bfloat16]
