@@ -38,7 +38,7 @@ def engine_step_times(config: TrainConfig, spec: DataSpec, steps: int = 3,
     model = build_model(config.model.name, config.model, fold=fold)
     task = SegmentationTask(config, model, RandomBatches(config, spec.num_classes), [], torch.device("cpu"), spec)
     engine = Engine(task, LoopSettings(total_steps=steps + 1, iterations_per_epoch=steps + 1,
-                                       grad_clip=config.grad_clip, desc=""))
+                                       grad_clip=config.grad_clip, precision=config.precision, desc=""))
     times = []
     for step in range(steps + 1):
         t = time.perf_counter()

@@ -26,6 +26,7 @@ import _schedule  # noqa: E402
 import _scoring  # noqa: E402
 import attention  # noqa: E402
 import plans  # noqa: E402
+import precision_train  # noqa: E402
 
 
 def _train_result(dices: list[float], **extra: object) -> dict:
@@ -229,6 +230,15 @@ def test_attention_benchmark_times_both_attentions_and_restores_the_package(tiny
     cells = [c.strip() for c in attention.row({**r, "sdpa": 0.5, "written": 0.25}).strip("|").split("|")]
     assert cells[1:] == ["2", "32x32x32", str(r["batch"]), "0.500", "0.250", "2.00"]
     assert layers._attention is written
+
+
+def test_precision_benchmark_times_both_precisions(tiny_dataset, one_thread) -> None:
+    """benchmarks/precision_train.py: the planned step in float32 and in bfloat16 autocast."""
+    r = precision_train.measure(str(tiny_dataset), "unet", steps=1, repeats=1, size="tiny")
+    assert r["model"] == "unet" and r["channels"] == 2 and r["patch"] == [32, 32, 32] and r["batch"] >= 2
+    assert r["fp32"] > 0 and r["bf16"] > 0
+    cells = [c.strip() for c in precision_train.row({**r, "fp32": 0.6, "bf16": 0.4}).strip("|").split("|")]
+    assert cells == ["unet", "2", "32x32x32", str(r["batch"]), "0.600", "0.400", "1.50"]
 
 
 @pytest.mark.parametrize("name", ["unet", "crossmodalnet"])
