@@ -24,9 +24,8 @@ import _report  # noqa: E402
 import _runner  # noqa: E402
 import _schedule  # noqa: E402
 import _scoring  # noqa: E402
-import attention  # noqa: E402
 import plans  # noqa: E402
-import precision_train  # noqa: E402
+import train_step  # noqa: E402
 
 
 def _train_result(dices: list[float], **extra: object) -> dict:
@@ -219,26 +218,21 @@ def test_plans_benchmark_measures_the_planned_step(tiny_dataset) -> None:
     assert row.count("|") == 11 and "| 2.50 |" in row
 
 
-def test_attention_benchmark_times_both_attentions_and_restores_the_package(tiny_dataset, one_thread) -> None:
-    """benchmarks/attention.py: the planned step with SDPA and with the written-out attention."""
+@pytest.mark.parametrize(("compare", "name", "labels"), [("attention", "crossmodalnet", ["SDPA", "written out"]),
+                                                         ("precision", "unet", ["fp32", "bf16"])])
+def test_train_step_benchmark_times_both_variants_and_restores_the_package(tiny_dataset, one_thread, compare, name,
+                                                                            labels) -> None:
+    """benchmarks/train_step.py: the planned step both ways, the package's attention left as it was."""
     import crossmodalnet.models.layers as layers
 
     written = layers._attention
-    r = attention.measure(str(tiny_dataset), steps=1, repeats=1, size="tiny")
-    assert r["channels"] == 2 and r["patch"] == [32, 32, 32] and r["batch"] >= 2
-    assert r["sdpa"] > 0 and r["written"] > 0
-    cells = [c.strip() for c in attention.row({**r, "sdpa": 0.5, "written": 0.25}).strip("|").split("|")]
-    assert cells[1:] == ["2", "32x32x32", str(r["batch"]), "0.500", "0.250", "2.00"]
+    r = train_step.measure(str(tiny_dataset), name, compare, steps=1, repeats=1, size="tiny")
+    assert r["model"] == name and r["channels"] == 2 and r["patch"] == [32, 32, 32] and r["batch"] >= 2
+    assert list(r["times"]) == labels and all(t > 0 for t in r["times"].values())
+    timed = {**r, "times": dict(zip(labels, [0.6, 0.4], strict=True))}
+    cells = [c.strip() for c in train_step.row(timed).strip("|").split("|")]
+    assert cells[1:] == [name, "2", "32x32x32", str(r["batch"]), "0.600", "0.400", "1.50"]
     assert layers._attention is written
-
-
-def test_precision_benchmark_times_both_precisions(tiny_dataset, one_thread) -> None:
-    """benchmarks/precision_train.py: the planned step in float32 and in bfloat16 autocast."""
-    r = precision_train.measure(str(tiny_dataset), "unet", steps=1, repeats=1, size="tiny")
-    assert r["model"] == "unet" and r["channels"] == 2 and r["patch"] == [32, 32, 32] and r["batch"] >= 2
-    assert r["fp32"] > 0 and r["bf16"] > 0
-    cells = [c.strip() for c in precision_train.row({**r, "fp32": 0.6, "bf16": 0.4}).strip("|").split("|")]
-    assert cells == ["unet", "2", "32x32x32", str(r["batch"]), "0.600", "0.400", "1.50"]
 
 
 @pytest.mark.parametrize("name", ["unet", "crossmodalnet"])
