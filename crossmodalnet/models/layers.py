@@ -179,8 +179,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 
     Training on the CPU: the fused CPU kernel computes no gradient for an additive mask (here the
     learned relative position bias), so SDPA falls back to its math path, which adds a NaN-safe
-    softmax (an `all`, an `isneginf` and a `where` per call); the same product written out takes
-    about half its time forward and backward. Its masks are finite (`_MASKED`), so no row is all -inf.
+    softmax (an `all`, an `isneginf` and a `where` per call); the same product written out is
+    faster forward and backward (docs/benchmarks.md, "Performance work"). Its masks are finite
+    (`_MASKED`), so no row is all -inf.
     """
     if q.device.type == "cpu" and torch.is_grad_enabled() and (mask.requires_grad or q.requires_grad):
         scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)) + mask
