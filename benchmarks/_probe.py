@@ -1,6 +1,6 @@
 """One training step of the package's engine timed on a fixed random batch (the step, not the data):
 the probe that sizes time-budget schedules (`_train_job.py`, `_real_ours.py`) and the planned-step
-benchmark (`plans.py`)."""
+benchmarks (`plans.py`, `train_step.py`), with the configuration `train` would plan for a dataset."""
 
 from __future__ import annotations
 
@@ -8,13 +8,28 @@ import time
 
 import torch
 
-from crossmodalnet.config import TrainConfig
+from crossmodalnet.config import ModelConfig, TrainConfig, replace
+from crossmodalnet.data.dataset import read_spec
 from crossmodalnet.data.spec import DataSpec
 from crossmodalnet.models.registry import build_model
 from crossmodalnet.train.engine import Engine, LoopSettings
+from crossmodalnet.train.plan import Plan, apply_plan
+from crossmodalnet.train.preflight import plan_dataset
 from crossmodalnet.train.trainer import SegmentationTask
 
-__all__ = ["RandomBatches", "engine_step_times"]
+__all__ = ["RandomBatches", "engine_step_times", "planned_config"]
+
+
+def planned_config(data: str, name: str, size: str) -> tuple[TrainConfig, DataSpec, Plan]:
+    """The default configuration of model `name` at `size` with the plan `train` makes for dataset
+    `data` on the CPU and the model's channels and outputs from the dataset; the spec and the plan."""
+    spec = read_spec(data)
+    model = ModelConfig.from_size(name, size, modalities=spec.num_channels, out_channels=spec.num_outputs)
+    _, plan = plan_dataset(data, model, "cpu")
+    config = apply_plan(TrainConfig(model=model), plan)
+    config = replace(config, model=replace(config.model.for_data(spec.registered), modalities=spec.num_channels,
+                                           out_channels=spec.num_outputs))
+    return config, spec, plan
 
 
 class RandomBatches:

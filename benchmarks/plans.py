@@ -24,12 +24,9 @@ import statistics
 import subprocess
 import sys
 
-from _probe import engine_step_times
+from _probe import engine_step_times, planned_config
 
-from crossmodalnet.config import ModelConfig, TrainConfig, replace
-from crossmodalnet.data.dataset import read_spec
-from crossmodalnet.train.plan import apply_plan
-from crossmodalnet.train.preflight import plan_dataset
+from crossmodalnet.config import replace
 
 HEADER = ("| dataset | model | channels | target spacing (mm) | patch | batch | strides | s / step "
           "| s / step, 3D convs | peak RSS (MiB) |\n|---|---|---:|---|---|---:|---|---:|---:|---:|")
@@ -38,12 +35,7 @@ HEADER = ("| dataset | model | channels | target spacing (mm) | patch | batch | 
 def measure(data: str, model: str, size: str, steps: int, fold: bool = True) -> dict:
     """Plan, build (2D plans' convolutions folded unless `fold` is False), time `steps` engine steps;
     runs in its own process (peak RSS is per process)."""
-    spec = read_spec(data)
-    model_config = ModelConfig.from_size(model, size, modalities=spec.num_channels, out_channels=spec.num_outputs)
-    _, plan = plan_dataset(data, model_config, "cpu")
-    config = apply_plan(TrainConfig(model=model_config), plan)
-    config = replace(config, model=replace(config.model.for_data(spec.registered), modalities=spec.num_channels,
-                                           out_channels=spec.num_outputs))
+    config, spec, plan = planned_config(data, model, size)
     times, _ = engine_step_times(replace(config, seed=0), spec, steps, fold=fold)
     return {"dataset": data, "model": f"{model}/{size}", "channels": spec.num_channels,
             "spacing": [None if s is None else round(s, 2) for s in plan.target_spacing],

@@ -26,13 +26,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _probe import engine_step_times
+from _probe import engine_step_times, planned_config
 
 import crossmodalnet.models.layers as layers
-from crossmodalnet.config import ModelConfig, TrainConfig, replace
-from crossmodalnet.data.dataset import read_spec
-from crossmodalnet.train.plan import apply_plan
-from crossmodalnet.train.preflight import plan_dataset
+from crossmodalnet.config import TrainConfig, replace
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -56,12 +53,8 @@ def _variants(compare: str) -> dict[str, Callable[[TrainConfig], TrainConfig]]:
 def measure(data: str, name: str, compare: str, steps: int, repeats: int, size: str = "small") -> dict:
     """Model `name`'s planned step both ways of `compare`, alternated: median seconds per step by label
     (`times`), the data's channels, the patch and the batch. The package is left as it was."""
-    spec = read_spec(data)
-    model = ModelConfig.from_size(name, size, modalities=spec.num_channels, out_channels=spec.num_outputs)
-    _, plan = plan_dataset(data, model, "cpu")
-    config = apply_plan(TrainConfig(model=model), plan)
-    config = replace(config, seed=0, model=replace(config.model.for_data(spec.registered),
-                                                   modalities=spec.num_channels, out_channels=spec.num_outputs))
+    config, spec, _ = planned_config(data, name, size)
+    config = replace(config, seed=0)
     variants, attention = _variants(compare), layers._attention
     times: dict[str, list[float]] = {label: [] for label in variants}
     try:
